@@ -1,0 +1,290 @@
+"""Finding a Gemma 4 checkpoint and reading it lazily, one tensor (or one block of rows) at a time.
+
+The reader parses each safetensors header itself and checks it against the file before trusting it (dtype known,
+offsets inside the file, no overlaps, sizes equal to shape x dtype), then memory-maps the file: a tensor is only read
+when asked for, and a large tensor can be read in row chunks, so peak memory follows the chunk, not the model.
+Pickle checkpoints (.bin/.pt/.pth) are refused, never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError, CheckpointNotFoundError
+from .arch import Gemma4Arch, read_arch
+from .tensors import TensorSpec, detect_text_prefix, expected_text_tensors, is_tower
+
+# safetensors dtype -> (numpy dtype used to view the bytes, bytes per element). bf16 is viewed as uint16 and widened
+# to float32 by a shift (numpy has no bfloat16).
+DTYPES: dict[str, tuple[np.dtype, int]] = {
+    "F64": (np.dtype("<f8"), 8),
+    "F32": (np.dtype("<f4"), 4),
+    "F16": (np.dtype("<f2"), 2),
+    "BF16": (np.dtype("<u2"), 2),
+    "I64": (np.dtype("<i8"), 8),
+    "I32": (np.dtype("<i4"), 4),
+    "I16": (np.dtype("<i2"), 2),
+    "I8": (np.dtype("i1"), 1),
+    "U8": (np.dtype("u1"), 1),
+    "BOOL": (np.dtype("?"), 1),
+}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX_NAME = "model.safetensors.index.json"
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors format caps headers at 100 MB
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
+    return (u16.astype(np.uint32) << 16).view(np.float32)
+
+
+def _parse_header(path: Path) -> dict[str, TensorInfo]:
+    size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+    with open(path, "rb") as f:
+        (hlen,) = struct.unpack("<Q", f.read(8))
+        if hlen > MAX_HEADER or 8 + hlen > size:
+            raise CheckpointError(f"{path}: corrupt safetensors header (declares {hlen} header bytes, file has {size})")
+        raw = f.read(hlen)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not an object)")
+    base = 8 + hlen
+    data_len = size - base
+    infos: dict[str, TensorInfo] = {}
+    spans = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry") from None
+        if dtype not in DTYPES:
+            raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
+        if any(d < 0 for d in shape):
+            raise CheckpointError(f"{path}: tensor '{name}' has a negative dimension {shape}")
+        want = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype][1] if shape else DTYPES[dtype][1]
+        if not (0 <= begin <= end) or end - begin != want:
+            raise CheckpointError(
+                f"{path}: tensor '{name}' spans bytes {begin}..{end} but {dtype}{list(shape)} needs {want}"
+            )
+        if end > data_len:
+            raise CheckpointError(
+                f"{path}: truncated: tensor '{name}' ends at byte {end} of the data, the file holds {data_len}"
+            )
+        spans.append((begin, end, name))
+        infos[name] = TensorInfo(name, dtype, shape, path, base + begin, end - begin)
+    spans.sort()
+    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: tensors '{n0}' and '{n1}' overlap in the file")
+    return infos
+
+
+class Checkpoint:
+    """A local Gemma 4 checkpoint directory: config, tokenizer files and lazily read safetensors shards."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise CheckpointNotFoundError(f"{self.dir}: no such checkpoint directory")
+        self.arch: Gemma4Arch = read_arch(self.dir)
+        self.files = self._find_shards()
+        self.tensors: dict[str, TensorInfo] = {}
+        for f in self.files:
+            for name, info in _parse_header(f).items():
+                if name in self.tensors:
+                    raise CheckpointError(f"{f}: tensor '{name}' also appears in {self.tensors[name].file.name}")
+                self.tensors[name] = info
+        self._check_index()
+        self.text_prefix = detect_text_prefix(set(self.tensors))
+        self.expected: list[TensorSpec] = expected_text_tensors(self.arch, self.text_prefix)
+        self._check_against_config()
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    # ---- discovery -------------------------------------------------------------------------------------------
+    def _find_shards(self) -> list[Path]:
+        index = self.dir / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
+            names = sorted(set(weight_map.values()))
+            missing = [n for n in names if not (self.dir / n).is_file()]
+            if missing:
+                raise CheckpointError(f"{index}: lists shard(s) not present: {', '.join(missing)}")
+            self._weight_map = weight_map
+            return [self.dir / n for n in names]
+        self._weight_map = None
+        files = sorted(self.dir.glob("*.safetensors"))
+        if files:
+            return files
+        pickles = sorted(p.name for p in self.dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{self.dir}: only pickle weights here ({', '.join(pickles)}); gemma4-export never loads pickle "
+                "files (they can run code). Convert them to safetensors first."
+            )
+        raise CheckpointError(f"{self.dir}: no *.safetensors weights here")
+
+    def _check_index(self) -> None:
+        if not self._weight_map:
+            return
+        for name, shard in self._weight_map.items():
+            info = self.tensors.get(name)
+            if info is None or info.file.name != shard:
+                raise CheckpointError(f"{self.dir / INDEX_NAME}: says '{name}' is in {shard}, but it is not there")
+        extra = set(self.tensors) - set(self._weight_map)
+        if extra:
+            raise CheckpointError(f"{self.dir / INDEX_NAME}: does not list {sorted(extra)[:5]}")
+
+    def _check_against_config(self) -> None:
+        problems = []
+        for spec in self.expected:
+            info = self.tensors.get(spec.name)
+            if info is None:
+                problems.append(f"missing tensor '{spec.name}' (expected shape {list(spec.shape)})")
+            elif info.shape != spec.shape:
+                problems.append(
+                    f"{info.file.name}: tensor '{spec.name}' has shape {list(info.shape)}, "
+                    f"the config implies {list(spec.shape)}"
+                )
+            elif info.dtype not in FLOAT_DTYPES:
+                problems.append(f"{info.file.name}: tensor '{spec.name}' has non-float dtype {info.dtype}")
+        known = {s.name for s in self.expected}
+        for name in self.tensors:
+            if name.startswith(self.text_prefix) and name not in known and not is_tower(name):
+                if name.endswith("lm_head.weight"):
+                    continue
+                problems.append(f"unexpected text tensor '{name}' ({self.tensors[name].file.name})")
+        if problems:
+            head = "\n  ".join(problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise CheckpointError(f"{self.dir}: checkpoint does not match its config.json:\n  {head}{more}")
+
+    # ---- reading ---------------------------------------------------------------------------------------------
+    def _view(self, info: TensorInfo) -> np.ndarray:
+        m = self._maps.get(info.file)
+        if m is None:
+            with open(info.file, "rb") as f:
+                m = self._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        np_dtype, _ = DTYPES[info.dtype]
+        return np.frombuffer(m, dtype=np_dtype, count=info.numel, offset=info.start).reshape(info.shape)
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored elements, memory-mapped and read-only (bf16 as uint16 bit patterns)."""
+        return self._view(self._info(name))
+
+    def read_f32(self, name: str) -> np.ndarray:
+        return to_f32(self.raw(name), self._info(name).dtype)
+
+    def iter_rows_f32(self, name: str, max_bytes: int = 64 << 20) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 block) over the tensor's leading axis, each block at most ~max_bytes as float32."""
+        info = self._info(name)
+        view = self._view(info).reshape(-1, info.shape[-1]) if len(info.shape) > 1 else self._view(info)[None]
+        rows_per = max(1, max_bytes // (4 * view.shape[1]))
+        for r in range(0, view.shape[0], rows_per):
+            yield r, to_f32(view[r : r + rows_per], info.dtype)
+
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.dir}: no tensor '{name}'") from None
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def tower_tensors(self) -> list[TensorInfo]:
+        return [i for n, i in self.tensors.items() if is_tower(n)]
+
+
+def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return bf16_to_f32(a)
+    return a.astype(np.float32)
+
+
+# ---- resolution ------------------------------------------------------------------------------------------------
+
+_WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model"]
+
+
+def resolve_checkpoint(variant=None, model_dir: str | Path | None = None, download: bool = True) -> Path:
+    """The local directory of a checkpoint: --model-dir, the package (tiny-*), the Hugging Face cache, or the hub."""
+    if model_dir is not None:
+        p = Path(model_dir).expanduser()
+        if not p.is_dir():
+            raise CheckpointNotFoundError(f"--model-dir {p}: no such directory")
+        return p
+    if variant is None:
+        raise CheckpointNotFoundError("give a --variant or a --model-dir")
+    if variant.tiny:
+        return variant.local_dir
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(variant.hub_id, allow_patterns=_WEIGHT_PATTERNS, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    hint = (
+        f"the weights of {variant.name} ({variant.hub_id}) are not in the Hugging Face cache. Get them with "
+        f"`hf download {variant.hub_id}` (after accepting the license on huggingface.co and `hf auth login`), "
+        "or pass --model-dir PATH to a local copy. The tiny-* variants ship with gemma4-export and work offline."
+    )
+    if offline or not download:
+        raise CheckpointNotFoundError(hint)
+    try:
+        return Path(snapshot_download(variant.hub_id, allow_patterns=_WEIGHT_PATTERNS))
+    except Exception as e:  # network, auth, gated repo: all end in the same advice
+        raise CheckpointNotFoundError(f"{hint}\n  (download failed: {type(e).__name__}: {e})") from None
+
+
+def weights_present(variant) -> bool:
+    """Whether a variant's weights are on this machine without a download."""
+    if variant.tiny:
+        return (variant.local_dir / "config.json").is_file()
+    try:
+        resolve_checkpoint(variant, download=False)
+        return True
+    except CheckpointNotFoundError:
+        return False

@@ -1,0 +1,85 @@
+"""What a command works on: a registered variant (shipped config, weights optional) or a checkpoint directory.
+
+`tensor_specs()` lists every tensor with its role: from the checkpoint when weights are at hand (so the plan shows
+the file's own rows), else from the shipped config alone (towers listed by building the multimodal class on
+PyTorch's meta device, which allocates nothing).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache, cached_property
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, Gemma4ExportError
+from .arch import Gemma4Arch, load_config, parse_config
+from .checkpoint import Checkpoint, resolve_checkpoint
+from .tensors import Role, TensorSpec, expected_text_tensors, is_tower
+from .variants import Variant, get_variant
+
+
+@dataclass
+class ModelSource:
+    name: str
+    config: dict[str, Any]
+    arch: Gemma4Arch
+    variant: Variant | None = None
+    directory: Path | None = None  # local checkpoint directory, when weights are used
+
+    @classmethod
+    def open(cls, variant: str | None = None, model_dir: str | Path | None = None, need_weights: bool = False,
+             download: bool = True) -> ModelSource:
+        if variant is None and model_dir is None:
+            raise Gemma4ExportError("give --variant NAME or --model-dir PATH")
+        var = get_variant(variant) if variant else None
+        if model_dir is not None or (var is not None and (var.tiny or need_weights)):
+            d = resolve_checkpoint(var, model_dir, download=download)
+            cfg = load_config(d)
+            return cls(var.name if var else d.name, cfg, parse_config(cfg, str(d / "config.json")), var, d)
+        return cls(var.name, var.config(), var.arch(), var, None)
+
+    @cached_property
+    def checkpoint(self) -> Checkpoint:
+        if self.directory is None:
+            d = resolve_checkpoint(self.variant)
+            self.directory = d
+        return Checkpoint(self.directory)
+
+    def tensor_specs(self) -> list[TensorSpec]:
+        if self.directory is not None:
+            ck = self.checkpoint
+            text = list(ck.expected)
+            towers = [TensorSpec(i.name, i.shape, Role.TOWER) for i in ck.tower_tensors]
+            return text + sorted(towers, key=lambda s: s.name)
+        return expected_text_tensors(self.arch) + config_tower_specs(self.config)
+
+
+def config_tower_specs(config: dict[str, Any]) -> list[TensorSpec]:
+    """The tower tensors of a multimodal config, named and shaped as transformers builds them (meta device)."""
+    if not any(config.get(k) for k in ("vision_config", "audio_config")):
+        return []
+    return list(_tower_specs(json.dumps(config, sort_keys=True)))
+
+
+@cache
+def _tower_specs(config_json: str) -> tuple[TensorSpec, ...]:
+    config = json.loads(config_json)
+    import torch
+    import transformers
+
+    arch_name = (config.get("architectures") or [""])[0]
+    cls = getattr(transformers, arch_name, None)
+    if cls is None:
+        raise ConfigError(f"transformers {transformers.__version__} has no class {arch_name}")
+    try:
+        cfg = transformers.AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            model = cls(cfg)
+    except Exception as e:
+        raise ConfigError(f"cannot build {arch_name} from its config to list tower tensors: {e}") from None
+    return tuple(sorted(
+        (TensorSpec(n, tuple(t.shape), Role.TOWER) for n, t in model.state_dict().items() if is_tower(n)),
+        key=lambda s: s.name,
+    ))

@@ -1,0 +1,178 @@
+"""The per-tensor quantization plan: which type each tensor gets and why, before anything is written.
+
+Every target writes exactly its plan, and tests read artifacts back to check that they do.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import QuantError
+from ..exporter.arch import Gemma4Arch
+from ..exporter.tensors import Role, TensorSpec
+from .rules import Ctx, Preset, decide, get_preset
+from .types import DROP, FALLBACK, StorageType, storage_type
+
+
+@dataclass(frozen=True)
+class Override:
+    pattern: str
+    type: str
+    regex: re.Pattern = field(compare=False, repr=False)
+
+    @classmethod
+    def parse(cls, text: str) -> Override:
+        if "=" not in text:
+            raise QuantError(f"--tensor-type {text!r}: expected PATTERN=TYPE (for example 'attn_v=Q8_0')")
+        pattern, _, type_name = text.rpartition("=")
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise QuantError(f"--tensor-type {text!r}: bad pattern ({e})") from None
+        return cls(pattern, type_name.strip(), rx)
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    name: str
+    shape: tuple[int, ...]
+    role: str
+    type: str  # a storage type name, or DROP
+    bytes: int
+    reason: str
+    rule: str
+    layer: int | None = None
+
+    @property
+    def dropped(self) -> bool:
+        return self.type == DROP
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Plan:
+    variant: str
+    preset: str
+    target: str
+    entries: list[PlanEntry]
+    ple_type: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def kept(self) -> list[PlanEntry]:
+        return [e for e in self.entries if not e.dropped]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.bytes for e in self.kept)
+
+    @property
+    def parameters(self) -> int:
+        return sum(e.numel for e in self.kept)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.total_bytes * 8 / max(1, self.parameters)
+
+    def by_name(self) -> dict[str, PlanEntry]:
+        return {e.name: e for e in self.entries}
+
+    def type_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e in self.entries:
+            out[e.type] = out.get(e.type, 0) + 1
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "variant": self.variant,
+            "target": self.target,
+            "preset": self.preset,
+            "ple_type": self.ple_type,
+            "overrides": self.overrides,
+            "parameters": self.parameters,
+            "total_bytes": self.total_bytes,
+            "bits_per_weight": round(self.bits_per_weight, 4),
+            "dropped": sum(1 for e in self.entries if e.dropped),
+            "tensors": [
+                {k: (list(v) if k == "shape" else v) for k, v in asdict(e).items() if k not in ("rule", "layer")}
+                for e in self.entries
+            ],
+        }
+
+
+def _fallback(t: StorageType, row: int, types: dict[str, StorageType]) -> StorageType | None:
+    """The type to use when `t` cannot hold rows of this length (see types.FALLBACK), returned so that the plan
+    says so; None when `t` fits."""
+    if t.holds_rows(row):
+        return None
+    alt = types.get(FALLBACK.get(t.name, ""))
+    if alt is not None and alt.holds_rows(row):
+        return alt
+    for name in ("F16", "F32"):
+        if name in types:
+            return types[name]
+    raise QuantError(f"no type of this target can hold rows of length {row}")
+
+
+def build_plan(
+    arch: Gemma4Arch,
+    specs: list[TensorSpec],
+    preset: str | Preset,
+    variant: str = "",
+    overrides: list[str] | None = None,
+    ple_type: str | None = None,
+) -> Plan:
+    p = preset if isinstance(preset, Preset) else get_preset(preset)
+    types = p.types
+    if ple_type is not None:
+        if not arch.has_ple:
+            raise QuantError(f"--ple-type given, but {variant or 'this model'} has no per-layer embedding table")
+        ple_type = storage_type(ple_type, types).name
+    ovs = [Override.parse(o) for o in overrides or []]
+    for o in ovs:
+        storage_type(o.type, types)
+    used = [False] * len(ovs)
+    entries: list[PlanEntry] = []
+    for spec in specs:
+        tname, rule, reason = decide(Ctx(spec, arch, p, ple_type))
+        for k, o in enumerate(ovs):
+            if o.regex.search(spec.name):
+                if tname == DROP:
+                    continue  # an override never resurrects a dropped tensor; unused overrides are an error below
+                used[k] = True
+                t = storage_type(o.type, types)
+                if len(spec.shape) < 2 and not t.is_float:
+                    raise QuantError(f"--tensor-type {o.pattern}={o.type}: '{spec.name}' is 1-D; only float types fit")
+                if spec.role in (Role.ROUTER_PROJ,) and not t.is_float:
+                    raise QuantError(f"--tensor-type {o.pattern}={o.type}: the MoE router stays at full precision")
+                if not t.holds_rows(spec.row_length):
+                    raise QuantError(
+                        f"--tensor-type {o.pattern}={o.type}: '{spec.name}' has rows of {spec.row_length}, "
+                        f"not a multiple of {t.name}'s block of {t.block}"
+                    )
+                tname, rule, reason = t.name, "override", f"override {o.pattern}={o.type} from the command line"
+                break
+        if tname == DROP:
+            entries.append(PlanEntry(spec.name, spec.shape, spec.role.value, DROP, 0, reason, rule, spec.layer))
+            continue
+        t = types[tname]
+        alt = _fallback(t, spec.row_length, types)
+        if alt is not None:
+            reason = f"{reason}; {t.name} needs rows in multiples of {t.block}, rows here are {spec.row_length}: {alt.name}"
+            t, rule = alt, f"{rule}+fallback"
+        entries.append(PlanEntry(spec.name, spec.shape, spec.role.value, t.name, t.nbytes(spec.numel), reason, rule,
+                                 spec.layer))
+    unused = [ovs[k].pattern for k in range(len(ovs)) if not used[k]]
+    if unused:
+        raise QuantError(f"--tensor-type pattern(s) matched no kept tensor: {', '.join(unused)}")
+    return Plan(variant, p.name, p.target, entries, ple_type, [f"{o.pattern}={o.type}" for o in ovs])
+

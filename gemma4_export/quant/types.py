@@ -1,0 +1,60 @@
+"""Storage types the targets can write, with their block geometry (elements per block, bytes per block).
+
+GGUF types are named as ggml names them. A type with a block size above 1 needs rows whose length is a multiple
+of it; the plan checks this for every tensor instead of letting a runtime fall back silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import QuantError
+
+
+@dataclass(frozen=True)
+class StorageType:
+    name: str
+    block: int  # elements per block
+    block_bytes: int  # bytes per block
+    is_float: bool
+
+    def nbytes(self, numel: int) -> int:
+        return numel // self.block * self.block_bytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.block_bytes * 8 / self.block
+
+    def holds_rows(self, row_length: int) -> bool:
+        return row_length % self.block == 0
+
+
+GGUF_TYPES: dict[str, StorageType] = {
+    t.name: t
+    for t in (
+        StorageType("F32", 1, 4, True),
+        StorageType("F16", 1, 2, True),
+        StorageType("BF16", 1, 2, True),
+        StorageType("Q8_0", 32, 34, False),
+        StorageType("Q6_K", 256, 210, False),
+        StorageType("Q5_K", 256, 176, False),
+        StorageType("Q4_K", 256, 144, False),
+        StorageType("Q5_0", 32, 22, False),
+        StorageType("Q5_1", 32, 24, False),
+        StorageType("Q4_0", 32, 18, False),
+        StorageType("Q3_K", 256, 110, False),
+        StorageType("Q2_K", 256, 84, False),
+    )
+}
+DROP = "DROP"
+
+# What a type becomes when a tensor's rows are not a multiple of its block: the 32-block type of about the same
+# bits, as llama.cpp's quantizer does (llama-quant.cpp, tensor_type_fallback); F16 when even that does not fit.
+FALLBACK = {"Q6_K": "Q8_0", "Q5_K": "Q5_1", "Q4_K": "Q5_0", "Q3_K": "Q4_0", "Q2_K": "Q4_0"}
+
+
+def storage_type(name: str, table: dict[str, StorageType] = GGUF_TYPES) -> StorageType:
+    key = name.strip().upper()
+    if key not in table:
+        raise QuantError(f"unknown tensor type {name!r}; known types: {', '.join(table)}")
+    return table[key]

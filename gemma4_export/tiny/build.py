@@ -1,0 +1,458 @@
+"""Build the shipped tiny Gemma 4 checkpoints: corpus, tokenizer, configs, training, and the on-disk layout.
+
+    python -m gemma4_export.tiny.build            # rebuild all four into gemma4_export/tiny/checkpoints
+    python -m gemma4_export.tiny.build --only tiny-e2b --steps 300
+
+Every tiny model is built from transformers' own Gemma 4 classes (so it loads in transformers unchanged), trained
+on a fixed slice of Python's standard-library sources that ships with the package (tiny/corpus), then saved the way
+the hub checkpoints are: the multimodal class with `model.language_model.` names, small random vision/audio towers,
+tied embeddings, bf16 safetensors, the unused k/v weights of KV-shared layers kept in the file, a hub-form
+config.json, tokenizer files with Gemma 4's special tokens and chat template. Seeds are fixed and training is
+single-threaded per step order, so a rebuild on the same versions gives the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import gzip
+import json
+import math
+import random
+import sysconfig
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+CORPUS_DIR = HERE / "corpus"
+OUT_DIR = HERE / "checkpoints"
+VOCAB_SIZE = 1024
+S, F = "sliding_attention", "full_attention"
+
+# ---- corpus ----------------------------------------------------------------------------------------------------
+
+TRAIN_MODULES = (
+    "_collections_abc", "argparse", "base64", "bisect", "calendar", "cmd", "codecs", "colorsys", "contextlib", "copy",
+    "csv", "dataclasses", "difflib", "enum", "fileinput", "fnmatch", "fractions", "functools", "genericpath",
+    "getopt", "glob", "gzip", "hashlib", "heapq", "hmac", "keyword", "linecache", "numbers", "operator", "optparse",
+    "os", "posixpath", "pprint", "queue", "random", "reprlib", "sched", "secrets", "selectors", "shlex", "shutil",
+    "statistics", "string", "struct", "tempfile", "textwrap", "threading", "tokenize", "types", "uuid", "warnings",
+    "weakref",
+)
+HELDOUT_MODULES = ("abc", "bz2", "lzma", "graphlib", "timeit", "stat", "token", "nturl2path", "this", "wave")
+
+
+def make_corpus() -> None:
+    """Write the corpus files from this Python's standard library (run once; the result is committed)."""
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    CORPUS_DIR.mkdir(parents=True, exist_ok=True)
+    for name, mods in (("train", TRAIN_MODULES), ("heldout", HELDOUT_MODULES)):
+        parts = [f"# file: {m}.py\n" + (lib / f"{m}.py").read_text(encoding="utf-8") for m in mods]
+        with gzip.GzipFile(CORPUS_DIR / f"{name}.txt.gz", "wb", mtime=0) as f:
+            f.write("\n".join(parts).encode("utf-8"))
+
+
+def read_corpus(name: str) -> str:
+    with gzip.open(CORPUS_DIR / f"{name}.txt.gz", "rb") as f:
+        return f.read().decode("utf-8")
+
+
+def chat_samples(text: str, limit: int = 4000) -> list[list[dict[str, str]]]:
+    """Conversations made from the corpus: the user gives a function's signature and docstring summary, the model
+    answers with the function's source. They teach the tiny models Gemma 4's turn format."""
+    out = []
+    for chunk in text.split("# file: ")[1:]:
+        try:
+            tree = ast.parse(chunk.split("\n", 1)[1])
+        except SyntaxError:
+            continue
+        src = chunk.split("\n", 1)[1]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.body:
+                seg = ast.get_source_segment(src, node)
+                if not seg or len(seg) > 900:
+                    continue
+                doc = (ast.get_docstring(node) or "").strip().split("\n")[0]
+                ask = f"Write the Python function {node.name}." + (f" {doc}" if doc else "")
+                out.append([{"role": "user", "content": ask}, {"role": "assistant", "content": seg}])
+    random.Random(0).shuffle(out)
+    return out[:limit]
+
+
+# ---- tokenizer -------------------------------------------------------------------------------------------------
+
+# Gemma 4's special tokens at their published ids; the rest of ids 0..107 are <unused*> as in the real vocabulary.
+SPECIAL_IDS = {
+    0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>",
+    46: "<|tool>", 47: "<tool|>", 48: "<|tool_call>", 49: "<tool_call|>", 50: "<|tool_response>",
+    51: "<tool_response|>", 52: '<|"|>', 98: "<|think|>", 100: "<|channel>", 101: "<channel|>",
+    105: "<|turn>", 106: "<turn|>",
+}
+NEWLINE_ID = 107
+# Multimodal markers sit at the end of the tiny vocabulary (ids 255999.. in the real one), same order.
+MM_TOKENS = ("<|image>", "<|audio>", "<|image|>", "<|audio|>", "<image|>", "<audio|>", "<|video|>")
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "<|turn>{{ role }}\n{{ message['content'] | trim }}<turn|>\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|turn>model\n{%- endif -%}"
+)
+
+
+def train_tokenizer(text: str):
+    """A BPE with byte fallback in Gemma 4's shape: spaces become '▁', merges never cross a newline, bytes outside
+    the learned alphabet fall back to <0xNN> tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    fixed = [SPECIAL_IDS.get(i, f"<unused{i}>") for i in range(NEWLINE_ID)] + ["\n"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    n_learned = VOCAB_SIZE - len(fixed) - len(byte_tokens) - len(MM_TOKENS)
+
+    probe = Tokenizer(models.BPE(unk_token="<unk>"))
+    probe.normalizer = normalizers.Replace(" ", "▁")
+    probe.pre_tokenizer = pre_tokenizers.Split(Regex("\n+"), behavior="removed")
+    alphabet = [chr(c) for c in range(33, 127)] + ["▁"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=n_learned, initial_alphabet=alphabet, limit_alphabet=len(alphabet), special_tokens=[],
+        show_progress=False,
+    )
+    probe.train_from_iterator([text], trainer=trainer)
+    learned = json.loads(probe.to_str())["model"]
+    pieces = sorted(learned["vocab"], key=learned["vocab"].get)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+
+    vocab: dict[str, int] = {}
+    for tok in fixed + byte_tokens + pieces + list(MM_TOKENS):
+        if tok not in vocab:
+            vocab[tok] = len(vocab)
+    assert len(vocab) <= VOCAB_SIZE, len(vocab)
+    k = 0
+    while len(vocab) < VOCAB_SIZE:  # pad to the exact size if the trainer stopped early
+        vocab.setdefault(f"<unused_pad{k}>", len(vocab))
+        k += 1
+    # keep the multimodal markers as the last ids
+    for j, t in enumerate(MM_TOKENS):
+        vocab.pop(t)
+    items = sorted(vocab.items(), key=lambda kv: kv[1])
+    vocab = {t: i for i, (t, _) in enumerate(items)}
+    for t in MM_TOKENS:
+        vocab[t] = len(vocab)
+    assert len(vocab) == VOCAB_SIZE
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("\n+"), behavior="isolated")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    from tokenizers import AddedToken
+
+    control = [t for t in fixed if t.startswith("<") and t != "\n"] + list(MM_TOKENS)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    return tok
+
+
+def write_tokenizer(tok, out: Path, instruction_tuned: bool = True) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    cfg = {
+        "tokenizer_class": "GemmaTokenizer",
+        "add_bos_token": False,  # the chat template adds <bos>, as in Gemma 4's published tokenizer_config
+        "add_eos_token": False,
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "mask_token": "<mask>",
+        "model_max_length": 8192,
+        "padding_side": "left",
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    gen = {"bos_token_id": 2, "pad_token_id": 0, "eos_token_id": [1, 106, 50] if instruction_tuned else 1,
+           "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+# ---- configs ---------------------------------------------------------------------------------------------------
+
+ROPE = {S: {"rope_type": "default", "rope_theta": 10000.0},
+        F: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0}}
+
+
+def _mm_ids(vocab: int) -> dict[str, int]:
+    ids = {t: vocab - len(MM_TOKENS) + i for i, t in enumerate(MM_TOKENS)}
+    return {"boi_token_id": ids["<|image>"], "boa_token_id": ids["<|audio>"], "image_token_id": ids["<|image|>"],
+            "audio_token_id": ids["<|audio|>"], "eoi_token_id": ids["<image|>"], "eoa_token_index": ids["<audio|>"],
+            "video_token_id": ids["<|video|>"]}
+
+
+def _text(**kw) -> dict[str, Any]:
+    t = dict(
+        model_type="gemma4_text", vocab_size=VOCAB_SIZE, hidden_size=256, intermediate_size=256, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, global_head_dim=128, num_global_key_value_heads=None,
+        attention_k_eq_v=False, sliding_window=64, max_position_embeddings=8192, num_kv_shared_layers=0,
+        use_double_wide_mlp=False, rope_parameters=ROPE, final_logit_softcapping=30.0, rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+        pad_token_id=0, attention_bias=False, attention_dropout=0.0, use_bidirectional_attention=None,
+        hidden_size_per_layer_input=0, vocab_size_per_layer_input=VOCAB_SIZE, enable_moe_block=False,
+        num_experts=None, top_k_experts=None, moe_intermediate_size=None, dtype="bfloat16",
+    )
+    t.update(kw)
+    t["num_hidden_layers"] = len(t["layer_types"])
+    return t
+
+
+TINY_VISION = dict(model_type="gemma4_vision", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=2, num_key_value_heads=2, head_dim=32, patch_size=16, pooling_kernel_size=3,
+                   position_embedding_size=256, use_clipped_linears=True, standardize=False)
+TINY_AUDIO = dict(model_type="gemma4_audio", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  subsampling_conv_channels=[16, 8], output_proj_dims=64)
+
+
+def tiny_configs() -> dict[str, dict[str, Any]]:
+    """Each tiny variant keeps its family's features at the smallest sizes where every quantizable row length is
+    still a multiple of 256."""
+    mm = _mm_ids(VOCAB_SIZE)
+    common = dict(tie_word_embeddings=True, dtype="bfloat16", transformers_version="5.5.0", **mm)
+    sswa = [S] * 5 + [F]
+    return {
+        # E2B: PLE, KV sharing (layers 5-9 reuse 3 and 4), double-wide MLP on the shared layers, 4:1 pattern.
+        "tiny-e2b": dict(
+            architectures=["Gemma4ForConditionalGeneration"], model_type="gemma4",
+            text_config=_text(layer_types=([S] * 4 + [F]) * 2, num_key_value_heads=1, num_kv_shared_layers=5,
+                              use_double_wide_mlp=True, hidden_size_per_layer_input=256),
+            vision_config=TINY_VISION, audio_config=TINY_AUDIO, **common),
+        # 12B: the unified class (encoder-free vision/audio embedders), K==V with separate global KV heads.
+        "tiny-12b": dict(
+            architectures=["Gemma4UnifiedForConditionalGeneration"], model_type="gemma4_unified",
+            text_config={k: v for k, v in _text(
+                model_type="gemma4_unified_text", layer_types=sswa, num_global_key_value_heads=1,
+                attention_k_eq_v=True, use_bidirectional_attention="vision").items()
+                if k not in ("hidden_size_per_layer_input", "vocab_size_per_layer_input", "enable_moe_block",
+                             "num_experts", "top_k_experts", "moe_intermediate_size")},
+            vision_config=dict(model_type="gemma4_unified_vision", mm_embed_dim=64, mm_posemb_size=64,
+                               output_proj_dims=64),
+            audio_config=dict(model_type="gemma4_unified_audio", audio_embed_dim=64), **common),
+        # 26B-A4B: MoE (4 experts, top 2) beside a dense MLP, K==V, separate global KV heads; vision tower only.
+        "tiny-26b-a4b": dict(
+            architectures=["Gemma4ForConditionalGeneration"], model_type="gemma4",
+            text_config=_text(layer_types=sswa, num_global_key_value_heads=1, attention_k_eq_v=True,
+                              enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=256,
+                              use_bidirectional_attention="vision"),
+            vision_config=TINY_VISION, **common),
+        # 31B: dense, K==V.
+        "tiny-31b": dict(
+            architectures=["Gemma4ForConditionalGeneration"], model_type="gemma4",
+            text_config=_text(layer_types=sswa, num_global_key_value_heads=1, attention_k_eq_v=True,
+                              use_bidirectional_attention="vision"),
+            vision_config=TINY_VISION, **common),
+    }
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+
+
+def encode_corpus(tok, text: str, chats: list) -> np.ndarray:
+    """One token stream: source files separated by <eos>, with rendered conversations interleaved."""
+    from jinja2 import Template
+
+    tmpl = Template(CHAT_TEMPLATE)
+    files = text.split("# file: ")[1:]
+    docs = ["# file: " + f for f in files]
+    docs += [tmpl.render(messages=c, bos_token="<bos>", add_generation_prompt=False) for c in chats]
+    random.Random(1).shuffle(docs)
+    ids: list[int] = []
+    for d in docs:
+        if not d.startswith("<bos>"):
+            ids.append(2)
+        ids.extend(tok.encode(d, add_special_tokens=False).ids)
+        ids.append(1)
+    return np.asarray(ids, dtype=np.int64)
+
+
+def build_model(config: dict[str, Any], seed: int):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cls = getattr(transformers, config["architectures"][0])
+    model = cls(transformers.AutoConfig.for_model(**config))
+    model.float()
+    return model
+
+
+def text_logits(model, ids):
+    """Logits of the text decoder alone (towers untouched)."""
+    return model(input_ids=ids).logits
+
+
+def train(model, stream: np.ndarray, steps: int, seq: int, batch: int, lr: float, seed: int, log=print) -> float:
+    import torch
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    params = [p for n, p in model.named_parameters() if "language_model" in n]
+    for n, p in model.named_parameters():
+        p.requires_grad_("language_model" in n)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    model.train()
+    ema = None
+    t0 = time.time()
+    for step in range(steps):
+        starts = rng.integers(0, len(stream) - seq - 1, size=batch)
+        x = torch.from_numpy(np.stack([stream[s : s + seq + 1] for s in starts]))
+        logits = text_logits(model, x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"  step {step:5d}  loss {loss.item():.3f}  ema {ema:.3f}  {time.time() - t0:6.0f}s")
+    model.eval()
+    return float(ema)
+
+
+def evaluate(model, tok, heldout: np.ndarray, seq: int = 256, windows: int = 16) -> dict[str, Any]:
+    """Held-out loss and mean top-1 probability, and greedy continuations of a few prompts (run twice, to show
+    they repeat)."""
+    import torch
+
+    model.eval()
+    losses, top1p, agree = [], [], []
+    with torch.no_grad():
+        step = max(1, (len(heldout) - seq - 1) // windows)
+        for s in range(0, step * windows, step):
+            x = torch.from_numpy(heldout[s : s + seq + 1][None])
+            logits = text_logits(model, x[:, :-1]).float()
+            probs = logits.softmax(-1)
+            losses.append(torch.nn.functional.cross_entropy(logits[0], x[0, 1:]).item())
+            top1p.append(probs.max(-1).values.mean().item())
+            agree.append((probs.argmax(-1) == x[:, 1:]).float().mean().item())
+        prompts = ["def __init__(self", "import os\nimport sys\n\n\ndef ", "    for i in range(",
+                   "<bos><|turn>user\nWrite the Python function isdir.<turn|>\n<|turn>model\n"]
+        samples = []
+        for p in prompts:
+            outs = []
+            for _ in range(2):
+                ids = [2] + tok.encode(p, add_special_tokens=False).ids if not p.startswith("<bos>") else \
+                    tok.encode(p, add_special_tokens=False).ids
+                x = torch.tensor([ids])
+                for _ in range(40):
+                    nxt = text_logits(model, x)[0, -1].argmax().item()
+                    x = torch.cat([x, torch.tensor([[nxt]])], 1)
+                outs.append(tok.decode(x[0, len(ids):].tolist(), skip_special_tokens=False))
+            samples.append({"prompt": p, "continuation": outs[0], "repeatable": outs[0] == outs[1]})
+    return {
+        "heldout_loss": float(np.mean(losses)),
+        "heldout_mean_top1_prob": float(np.mean(top1p)),
+        "heldout_top1_accuracy": float(np.mean(agree)),
+        "samples": samples,
+    }
+
+
+# ---- saving ----------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(model, config: dict[str, Any], out: Path, shards: int, seed: int) -> None:
+    """Save as the hub does: bf16 safetensors (sharded with an index when shards > 1), no lm_head (tied), the
+    KV-shared layers' unused k_proj/v_proj/k_norm present, hub-form config.json."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ..exporter.arch import parse_config
+    from ..exporter.tensors import Role, expected_text_tensors
+
+    sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()
+          if not k.startswith("lm_head")}
+    arch = parse_config(config)
+    g = torch.Generator().manual_seed(seed + 7)
+    for spec in expected_text_tensors(arch):
+        if spec.role == Role.KV_SHARED_UNUSED and spec.name not in sd:
+            if spec.name.endswith("k_norm.weight"):
+                sd[spec.name] = torch.ones(spec.shape, dtype=torch.bfloat16)
+            else:
+                sd[spec.name] = (torch.randn(spec.shape, generator=g) * 0.02).to(torch.bfloat16)
+    missing = [s.name for s in expected_text_tensors(arch) if s.name not in sd]
+    assert not missing, missing
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.safetensors"):
+        old.unlink()
+    (out / "model.safetensors.index.json").unlink(missing_ok=True)
+    names = sorted(sd)
+    meta = {"format": "pt"}
+    if shards == 1:
+        save_file({n: sd[n] for n in names}, str(out / "model.safetensors"), metadata=meta)
+    else:
+        per = math.ceil(len(names) / shards)
+        weight_map = {}
+        total = 0
+        for i in range(shards):
+            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = names[i * per : (i + 1) * per]
+            save_file({n: sd[n] for n in part}, str(out / fname), metadata=meta)
+            weight_map.update({n: fname for n in part})
+            total += sum(sd[n].numel() * 2 for n in part)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def build(names: list[str], steps: int, seq: int, batch: int, seed: int = 0, log=print) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    text = read_corpus("train")
+    tok = train_tokenizer(text)
+    chats = chat_samples(text)
+    stream = encode_corpus(tok, text, chats)
+    held = np.asarray(tok.encode(read_corpus("heldout"), add_special_tokens=False).ids, dtype=np.int64)
+    log(f"corpus: {len(text):,} chars, {len(chats)} conversations, {len(stream):,} tokens; held-out {len(held):,}")
+    report: dict[str, Any] = {}
+    configs = tiny_configs()
+    for name in names:
+        cfg = configs[name]
+        log(f"{name}: training {steps} steps of {batch}x{seq} tokens")
+        model = build_model(cfg, seed)
+        t0 = time.time()
+        final = train(model, stream, steps, seq, batch, lr=3e-3, seed=seed, log=log)
+        ev = evaluate(model, tok, held)
+        out = OUT_DIR / name
+        save_checkpoint(model, cfg, out, shards=2 if name == "tiny-26b-a4b" else 1, seed=seed)
+        write_tokenizer(tok, out)
+        n_params = sum(p.numel() for n, p in model.named_parameters() if "language_model" in n)
+        report[name] = {"steps": steps, "seq": seq, "batch": batch, "train_loss_ema": final,
+                        "train_seconds": round(time.time() - t0, 1), "text_parameters": n_params, **ev}
+        (out / "training.json").write_text(json.dumps(report[name], indent=2) + "\n")
+        log(f"{name}: loss {final:.3f}, held-out loss {ev['heldout_loss']:.3f}, "
+            f"mean top-1 prob {ev['heldout_mean_top1_prob']:.3f}, top-1 acc {ev['heldout_top1_accuracy']:.3f}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", action="append", choices=sorted(tiny_configs()), help="build just these")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--corpus", action="store_true", help="re-extract the corpus from this Python's stdlib first")
+    a = ap.parse_args(argv)
+    if a.corpus or not (CORPUS_DIR / "train.txt.gz").exists():
+        make_corpus()
+    build(a.only or list(tiny_configs()), a.steps, a.seq, a.batch, a.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Tests never touch the network: the hub and transformers are put offline before anything imports them."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from gemma4_export.exporter.variants import TINY, VARIANTS  # noqa: E402
+
+REAL = [n for n, v in VARIANTS.items() if not v.tiny and not v.instruction_tuned]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", help="rewrite the golden plan files")
+
+
+@pytest.fixture
+def update_golden(request):
+    return request.config.getoption("--update-golden")
+
+
+@pytest.fixture(params=TINY)
+def tiny(request):
+    return request.param
