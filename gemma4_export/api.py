@@ -14,8 +14,9 @@ def make_plan(
     quant: str = "q4_k_m",
     overrides: list[str] | None = None,
     ple_type: str | None = None,
+    target: str = "gguf",
 ) -> Plan:
     """The per-tensor plan: from the shipped config for a published variant (no weights needed), from the weights
     for a tiny variant or a --model-dir checkpoint (so the plan lists the file's own tensors)."""
     src = ModelSource.open(variant, model_dir)
-    return build_plan(src.arch, src.tensor_specs(), quant, src.name, overrides, ple_type)
+    return build_plan(src.arch, src.tensor_specs(), quant, src.name, overrides, ple_type, target)

@@ -85,7 +85,8 @@ def variants(
 def plan(
     variant: VariantOpt = None,
     model_dir: ModelDirOpt = None,
-    quant: Annotated[str, typer.Option("--quant", "-q", help="Preset: f32 bf16 f16 q8_0 q6_k q5_k_m q4_k_m q4_0.")] = "q4_k_m",
+    quant: Annotated[str, typer.Option("--quant", "-q", help="Preset of the target (gguf: f32 bf16 f16 q8_0 q6_k q5_k_m q4_k_m q4_0).")] = "q4_k_m",
+    target: Annotated[str, typer.Option("--target", "-t", help="gguf, mlx or onnx: whose presets and types.")] = "gguf",
     tensor_type: TensorTypeOpt = None,
     ple_type: PleTypeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
@@ -101,12 +102,74 @@ def plan(
     from .api import make_plan
     from .report import plan_summary, plan_table
 
-    p = make_plan(variant, model_dir, quant, tensor_type, ple_type)
+    p = make_plan(variant, model_dir, quant, tensor_type, ple_type, target)
     if as_json:
         sys.stdout.write(json.dumps(p.to_json()) + "\n")
         return
     out.print(plan_table(p, all_rows))
     out.print(plan_summary(p))
+
+
+@app.command()
+def gguf(
+    variant: VariantOpt = None,
+    model_dir: ModelDirOpt = None,
+    quant: Annotated[str, typer.Option("--quant", "-q", help="Preset: f32 bf16 f16 q8_0 q6_k q5_k_m q4_k_m q4_0.")] = "q4_k_m",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("."),
+    tensor_type: TensorTypeOpt = None,
+    ple_type: PleTypeOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact.")] = False,
+    validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Validate in llama.cpp after export.")] = True,
+    device: Annotated[str, typer.Option("--device", help="Validation device: cpu, cuda, mps (GPU offload).")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Quantizer threads (default: all cores).")] = None,
+) -> None:
+    """Export a GGUF for llama.cpp (writes <variant>-<quant>.gguf), then validate it against the fp32 model.
+
+    Examples:
+      gemma4-export gguf --variant tiny-e2b --quant q4_k_m --out out/
+      gemma4-export gguf --variant e2b-it --quant q5_k_m --ple-type q8_0
+      gemma4-export gguf --model-dir ./my-gemma4 --quant q8_0 --no-validate
+    """
+    from .progress import RichReporter
+    from .report import human_bytes, plan_summary
+    from .targets.gguf import export_gguf
+
+    rep = RichReporter(err)
+    r = export_gguf(variant, model_dir, quant, out, tensor_type, ple_type, force, rep, threads)
+    secs = ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items())
+    out.mkdir(parents=True, exist_ok=True)
+    err.print(plan_summary(r.plan), highlight=False)
+    err.print(f"wrote {r.path} ({human_bytes(r.bytes)}; {secs})", highlight=False)
+    if validate:
+        _validate_and_exit(r.path, variant, model_dir, device)
+
+
+def _validate_and_exit(artifact: Path, variant, model_dir, device: str) -> None:
+    from .progress import RichReporter
+    from .validate.harness import ValidationFailed, validate_artifact
+
+    report = validate_artifact(artifact, variant, model_dir, device, RichReporter(err))
+    from rich.markdown import Markdown
+
+    out.print(Markdown(report.to_markdown()))
+    if not report.passed:
+        raise ValidationFailed(f"{artifact.name} failed validation: " + "; ".join(report.failures))
+
+
+@app.command()
+def validate(
+    artifact: Annotated[Path, typer.Argument(help="A GGUF file written by gemma4-export.")],
+    variant: VariantOpt = None,
+    model_dir: ModelDirOpt = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or mps (reference and runtime).")] = "cpu",
+) -> None:
+    """Run an artifact in its own runtime and compare it with transformers in fp32 on the same tokens.
+
+    Writes ARTIFACT.validation.json and .md beside it; exits 1 when any threshold fails.
+
+    Example: gemma4-export validate out/tiny-e2b-q4_k_m.gguf
+    """
+    _validate_and_exit(artifact, variant, model_dir, device)
 
 
 def main() -> None:

@@ -6,11 +6,11 @@ import pytest
 from gemma4_export.api import make_plan
 from gemma4_export.errors import QuantError
 from gemma4_export.exporter.tensors import MATRIX_ROLES
-from gemma4_export.quant.rules import PRESETS, use_more_bits
+from gemma4_export.quant.rules import PRESETS, presets_of, use_more_bits
 from conftest import REAL
 
 GOLDEN = Path(__file__).parent / "golden" / "plan"
-GGUF_PRESETS = [p for p, v in PRESETS.items() if v.target == "gguf"]
+GGUF_PRESETS = presets_of("gguf")
 
 
 def golden_text(plan) -> str:
@@ -54,10 +54,12 @@ def test_gemma4_rules_hold(variant, preset):
             assert e.type == "F32", e
         if e.role in ("tower", "kv_shared_unused"):
             assert e.type == "DROP" and e.bytes == 0, e
-        if e.role in ("ple_model_proj", "ple_gate", "ple_proj"):
+        if e.role in ("ple_gate", "ple_proj"):
             assert e.type == {"f32": "F32", "bf16": "BF16", "f16": "F16"}.get(preset, "Q8_0"), e
+        if e.role == "ple_model_proj":
+            assert e.type == {"f32": "F32", "f16": "F16"}.get(preset, "BF16"), e
         if e.role == "ple_table":
-            assert e.type == PRESETS[preset].ple_table
+            assert e.type == PRESETS[("gguf", preset)].ple_table
     kept = plan.kept
     assert all(e.bytes > 0 for e in kept)
     assert plan.total_bytes == sum(e.bytes for e in kept)
@@ -107,7 +109,7 @@ def test_tensor_type_override():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(quant="q3_xs"), "unknown  ?preset 'q3_xs'"),
+        (dict(quant="q3_xs"), "unknown gguf preset 'q3_xs'"),
         (dict(overrides=["q_proj=Q9_9"]), "unknown tensor type 'Q9_9'"),
         (dict(overrides=["no_such_tensor=Q8_0"]), "matched no kept tensor"),
         (dict(overrides=["q_proj"]), "expected PATTERN=TYPE"),

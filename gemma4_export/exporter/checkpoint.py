@@ -1,15 +1,14 @@
 """Finding a Gemma 4 checkpoint and reading it lazily, one tensor (or one block of rows) at a time.
 
 The reader parses each safetensors header itself and checks it against the file before trusting it (dtype known,
-offsets inside the file, no overlaps, sizes equal to shape x dtype), then memory-maps the file: a tensor is only read
-when asked for, and a large tensor can be read in row chunks, so peak memory follows the chunk, not the model.
+offsets inside the file, no overlaps, sizes equal to shape x dtype). A tensor is only read when asked for, with a
+positioned read, and a large tensor can be read in blocks of rows, so peak memory follows the block, not the model.
 Pickle checkpoints (.bin/.pt/.pth) are refused, never loaded.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -127,7 +126,7 @@ class Checkpoint:
         self.text_prefix = detect_text_prefix(set(self.tensors))
         self.expected: list[TensorSpec] = expected_text_tensors(self.arch, self.text_prefix)
         self._check_against_config()
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._files: dict[Path, object] = {}
 
     # ---- discovery -------------------------------------------------------------------------------------------
     def _find_shards(self) -> list[Path]:
@@ -191,28 +190,39 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir}: checkpoint does not match its config.json:\n  {head}{more}")
 
     # ---- reading ---------------------------------------------------------------------------------------------
-    def _view(self, info: TensorInfo) -> np.ndarray:
-        m = self._maps.get(info.file)
-        if m is None:
-            with open(info.file, "rb") as f:
-                m = self._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        np_dtype, _ = DTYPES[info.dtype]
-        return np.frombuffer(m, dtype=np_dtype, count=info.numel, offset=info.start).reshape(info.shape)
+    # Plain positioned reads (no mmap): what is in memory is exactly the block asked for, so peak memory follows
+    # the largest block, and pages of tensors already written are not kept resident.
+    def _read(self, info: TensorInfo, first: int, count: int) -> np.ndarray:
+        np_dtype, size = DTYPES[info.dtype]
+        f = self._files.get(info.file)
+        if f is None:
+            f = self._files[info.file] = open(info.file, "rb")
+        buf = os.pread(f.fileno(), count * size, info.start + first * size)
+        if len(buf) != count * size:
+            raise CheckpointError(f"{info.file}: short read in tensor '{info.name}' (file changed or truncated)")
+        return np.frombuffer(buf, dtype=np_dtype)
 
     def raw(self, name: str) -> np.ndarray:
-        """The stored elements, memory-mapped and read-only (bf16 as uint16 bit patterns)."""
-        return self._view(self._info(name))
+        """The stored elements of one tensor, read into memory (bf16 as uint16 bit patterns)."""
+        info = self._info(name)
+        return self._read(info, 0, info.numel).reshape(info.shape)
 
     def read_f32(self, name: str) -> np.ndarray:
         return to_f32(self.raw(name), self._info(name).dtype)
 
-    def iter_rows_f32(self, name: str, max_bytes: int = 64 << 20) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, float32 block) over the tensor's leading axis, each block at most ~max_bytes as float32."""
+    def iter_rows(self, name: str, max_bytes: int = 64 << 20) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, block of stored rows) over the tensor flattened to 2-D (rows x last dim), each block at most
+        ~max_bytes (at least one row). Stored dtype, as `raw`."""
         info = self._info(name)
-        view = self._view(info).reshape(-1, info.shape[-1]) if len(info.shape) > 1 else self._view(info)[None]
-        rows_per = max(1, max_bytes // (4 * view.shape[1]))
-        for r in range(0, view.shape[0], rows_per):
-            yield r, to_f32(view[r : r + rows_per], info.dtype)
+        row = info.shape[-1] if info.shape else 1
+        n_rows = info.numel // row if row else 0
+        per = max(1, max_bytes // (row * DTYPES[info.dtype][1]))
+        for r in range(0, n_rows, per):
+            k = min(per, n_rows - r)
+            yield r, self._read(info, r * row, k * row).reshape(k, row)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._info(name)
 
     def _info(self, name: str) -> TensorInfo:
         try:
@@ -221,9 +231,9 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir}: no tensor '{name}'") from None
 
     def close(self) -> None:
-        for m in self._maps.values():
-            m.close()
-        self._maps.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
     def __enter__(self) -> Checkpoint:
         return self

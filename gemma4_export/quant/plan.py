@@ -130,8 +130,9 @@ def build_plan(
     variant: str = "",
     overrides: list[str] | None = None,
     ple_type: str | None = None,
+    target: str = "gguf",
 ) -> Plan:
-    p = preset if isinstance(preset, Preset) else get_preset(preset)
+    p = preset if isinstance(preset, Preset) else get_preset(preset, target)
     types = p.types
     if ple_type is not None:
         if not arch.has_ple:

@@ -14,19 +14,22 @@ from dataclasses import dataclass
 from ..errors import QuantError
 from ..exporter.arch import Gemma4Arch
 from ..exporter.tensors import Role, TensorSpec
-from .types import DROP, GGUF_TYPES, StorageType
+from .types import DROP, GGUF_TYPES, MLX_TYPES, ONNX_TYPES, StorageType
 
 
 @dataclass(frozen=True)
 class Preset:
+    """The types one preset offers the rules. Slots, not roles: a rule picks the slot that fits a tensor."""
+
     name: str
     target: str
     base: str  # every matrix not named by another rule
     embed: str  # the token embedding; tied, so it is also the output head
     ple_table: str  # default for the PLE table (override with ple_type)
-    high: str  # what "kept high" means in this preset: PLE projections
-    full: str  # full precision: norms, layer scalars, router
-    more_bits: str | None = None  # K-quant mixes: attn_v / ffn_down on the layers llama.cpp gives more bits
+    high: str  # what "kept high" means in this preset: the PLE gate and projection
+    ple_model_proj: str  # the PLE model projection (llama.cpp never quantizes it; others keep it high)
+    full: str  # full precision: norms, layer scalars, the MoE router
+    more_bits: str | None = None  # K-quant style mixes: values and down projections on the layers given more bits
     description: str = ""
 
     @property
@@ -34,31 +37,61 @@ class Preset:
         return TARGET_TYPES[self.target]
 
 
-TARGET_TYPES: dict[str, dict[str, StorageType]] = {"gguf": GGUF_TYPES}
+TARGET_TYPES: dict[str, dict[str, StorageType]] = {"gguf": GGUF_TYPES, "onnx": ONNX_TYPES, "mlx": MLX_TYPES}
+
+
+def _gguf(name, base, embed, ple_table, high, ple_proj, more_bits=None, description=""):
+    return Preset(name, "gguf", base, embed, ple_table, high, ple_proj, "F32", more_bits, description)
+
+
+def _onnx(name, base, embed, ple_table, high, ple_proj, full="FP32", description=""):
+    return Preset(name, "onnx", base, embed, ple_table, high, ple_proj, full, None, description)
+
+
+def _mlx(name, bits, embed_bits, high_bits, more_bits=None, group=64, description=""):
+    q = lambda b: "BF16" if b is None else f"Q{b}G{group}"  # noqa: E731
+    return Preset(name, "mlx", q(bits), q(embed_bits), q(bits), q(high_bits), q(high_bits), "BF16",
+                  q(more_bits) if more_bits else None, description)
+
 
 # GGUF presets, named as llama.cpp users know them. The token embedding of a K-quant or Q4_0 file gets Q6_K, as
 # llama.cpp's own quantizer gives the output head (Gemma's embedding is tied, so it is the output head).
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in (
-        Preset("f32", "gguf", "F32", "F32", "F32", "F32", "F32", description="everything at 32-bit float"),
-        Preset("bf16", "gguf", "BF16", "BF16", "BF16", "BF16", "F32", description="bfloat16 matrices, as trained"),
-        Preset("f16", "gguf", "F16", "F16", "F16", "F16", "F32", description="float16 matrices"),
-        Preset("q8_0", "gguf", "Q8_0", "Q8_0", "Q8_0", "Q8_0", "F32", description="8-bit blocks of 32"),
-        Preset("q6_k", "gguf", "Q6_K", "Q6_K", "Q6_K", "Q8_0", "F32", description="6-bit K-quant"),
-        Preset("q5_k_m", "gguf", "Q5_K", "Q6_K", "Q5_K", "Q8_0", "F32", "Q6_K", "5-bit K-quant mix"),
-        Preset("q4_k_m", "gguf", "Q4_K", "Q6_K", "Q4_K", "Q8_0", "F32", "Q6_K", "4-bit K-quant mix"),
-        Preset("q4_0", "gguf", "Q4_0", "Q6_K", "Q4_0", "Q8_0", "F32", description="4-bit blocks of 32"),
-    )
-}
+_ALL = (
+    _gguf("f32", "F32", "F32", "F32", "F32", "F32", description="everything at 32-bit float"),
+    _gguf("bf16", "BF16", "BF16", "BF16", "BF16", "BF16", description="bfloat16 matrices, as trained"),
+    _gguf("f16", "F16", "F16", "F16", "F16", "F16", description="float16 matrices"),
+    _gguf("q8_0", "Q8_0", "Q8_0", "Q8_0", "Q8_0", "BF16", description="8-bit blocks of 32"),
+    _gguf("q6_k", "Q6_K", "Q6_K", "Q6_K", "Q8_0", "BF16", description="6-bit K-quant"),
+    _gguf("q5_k_m", "Q5_K", "Q6_K", "Q5_K", "Q8_0", "BF16", "Q6_K", "5-bit K-quant mix"),
+    _gguf("q4_k_m", "Q4_K", "Q6_K", "Q4_K", "Q8_0", "BF16", "Q6_K", "4-bit K-quant mix"),
+    _gguf("q4_0", "Q4_0", "Q6_K", "Q4_0", "Q8_0", "BF16", description="4-bit blocks of 32"),
+    # ONNX: float weights, or block-wise MatMulNBits / GatherBlockQuantized (blocks of 32) for int8 and int4.
+    _onnx("fp32", "FP32", "FP32", "FP32", "FP32", "FP32", description="32-bit float"),
+    _onnx("fp16", "FP16", "FP16", "FP16", "FP16", "FP16", description="float16 weights, float32 compute"),
+    _onnx("int8", "INT8", "INT8", "INT8", "INT8", "INT8", description="8-bit blocks of 32"),
+    _onnx("int4", "INT4", "INT8", "INT4", "INT8", "INT8", description="4-bit blocks of 32, 8-bit head"),
+    # MLX affine quantization as mlx-lm names it (group size 64 here; --group-size makes others).
+    _mlx("bf16", None, None, None, description="bfloat16, as trained"),
+    _mlx("8bit", 8, 8, 8, description="8-bit affine"),
+    _mlx("6bit", 6, 6, 8, description="6-bit affine, 8-bit PLE projections"),
+    _mlx("4bit", 4, 6, 8, description="4-bit affine, 6-bit tied embedding/head, 8-bit PLE projections"),
+    _mlx("mixed", 4, 6, 8, more_bits=6, description="4-bit with 6-bit values/down projections on the layers a "
+                                                     "K-quant mix favours, 6-bit head, 8-bit PLE projections"),
+)
+PRESETS: dict[tuple[str, str], Preset] = {(p.target, p.name): p for p in _ALL}
+TARGETS = ("gguf", "onnx", "mlx")
 
 
-def get_preset(name: str, target: str | None = None) -> Preset:
-    key = name.strip().lower()
-    if key not in PRESETS or (target and PRESETS[key].target != target):
-        names = [p for p, v in PRESETS.items() if target is None or v.target == target]
-        raise QuantError(f"unknown {target or ''} preset {name!r}".replace("  ", " ") + f"; choose from {', '.join(names)}")
+def get_preset(name: str, target: str = "gguf") -> Preset:
+    key = (target, name.strip().lower())
+    if key not in PRESETS:
+        names = [n for t, n in PRESETS if t == target]
+        raise QuantError(f"unknown {target} preset {name!r}; choose from {', '.join(names)}")
     return PRESETS[key]
+
+
+def presets_of(target: str) -> list[str]:
+    return [n for t, n in PRESETS if t == target]
 
 
 def use_more_bits(layer: int, n_layers: int) -> bool:
@@ -110,8 +143,10 @@ RULES: tuple[Rule, ...] = (
     Rule("ple-table", frozenset({Role.PLE_TABLE}), lambda c: c.ple_type or c.preset.ple_table,
          "PLE table: explicit setting (--ple-type); default follows the preset's base type, since it is the largest "
          "tensor (46% of E2B) and is read by row lookup, not accumulated in a matmul"),
-    Rule("ple-projection", frozenset({Role.PLE_MODEL_PROJ, Role.PLE_GATE, Role.PLE_PROJ}), lambda c: c.preset.high,
-         "PLE projection: kept high, its output feeds every layer's residual stream"),
+    Rule("ple-model-projection", frozenset({Role.PLE_MODEL_PROJ}), lambda c: c.preset.ple_model_proj,
+         "PLE model projection: kept at 16 bits or more; it feeds every layer, and llama.cpp never quantizes it"),
+    Rule("ple-projection", frozenset({Role.PLE_GATE, Role.PLE_PROJ}), lambda c: c.preset.high,
+         "PLE gate/projection: kept high, their output feeds every layer's residual stream"),
     Rule("token-embedding", frozenset({Role.TOKEN_EMBD}), lambda c: c.preset.embed,
          "token embedding: tied, so it is also the output head; given the output head's type"),
     Rule("more-bits", frozenset({Role.ATTN_V, Role.ATTN_K, Role.MLP_DOWN, Role.EXPERT_DOWN}), _more_bits,

@@ -46,6 +46,23 @@ GGUF_TYPES: dict[str, StorageType] = {
         StorageType("Q2_K", 256, 84, False),
     )
 }
+ONNX_TYPES: dict[str, StorageType] = {
+    t.name: t
+    for t in (
+        StorageType("FP32", 1, 4, True),
+        StorageType("FP16", 1, 2, True),
+        # MatMulNBits / GatherBlockQuantized, blocks of 32 along the input dimension, symmetric, float32 scales.
+        StorageType("INT8", 32, 32 + 4, False),
+        StorageType("INT4", 32, 16 + 4, False),
+    )
+}
+# MLX affine quantization: `bits` per weight plus a bf16 scale and bias per group.
+MLX_TYPES: dict[str, StorageType] = {
+    "F32": StorageType("F32", 1, 4, True),
+    "BF16": StorageType("BF16", 1, 2, True),
+    "F16": StorageType("F16", 1, 2, True),
+    **{f"Q{b}G{g}": StorageType(f"Q{b}G{g}", g, g * b // 8 + 4, False) for b in (4, 6, 8) for g in (32, 64, 128)},
+}
 DROP = "DROP"
 
 # What a type becomes when a tensor's rows are not a multiple of its block: the 32-block type of about the same

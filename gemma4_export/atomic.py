@@ -1,0 +1,76 @@
+"""Atomic outputs: an artifact is written under a temporary name beside its final one and renamed at the end, so an
+interrupted, failed or out-of-space export never leaves a half-written file under the final name."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import Gemma4ExportError
+
+
+class OutputError(Gemma4ExportError):
+    pass
+
+
+class Staging:
+    """Temporary paths in the output directory; every one is removed at the end unless it was published."""
+
+    def __init__(self, final: Path):
+        self.final = final
+        self.paths: list[Path] = []
+        self.path = self.temp("partial")
+
+    def temp(self, tag: str) -> Path:
+        p = self.final.parent / f".{self.final.name}.{os.getpid()}.{tag}"
+        self.paths.append(p)
+        return p
+
+
+def free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
+
+
+@contextmanager
+def atomic_file(final: str | Path, force: bool = False, need_bytes: int = 0) -> Iterator[Staging]:
+    """Yields a Staging whose `.path` the caller writes; on success it is fsynced and renamed to `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not force:
+        raise OutputError(f"{final} exists; pass --force to replace it")
+    have = free_bytes(final.parent)
+    if need_bytes and have < need_bytes:
+        raise OutputError(
+            f"not enough disk space in {final.parent}: the export needs about {need_bytes / 1e9:.2f} GB, "
+            f"{have / 1e9:.2f} GB are free"
+        )
+    st = Staging(final)
+    try:
+        yield st
+        with open(st.path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(st.path, final)
+        _fsync_dir(final.parent)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OutputError(f"disk full while writing {final.name}; nothing was written under {final}") from None
+        raise
+    finally:
+        for p in st.paths:
+            if p.exists():
+                p.unlink()
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,382 @@
+"""GGUF target: Gemma 4 text decoder for llama.cpp.
+
+Two streaming passes. Convert: each checkpoint tensor is read in blocks of rows, renamed to llama.cpp's Gemma 4 name
+and written once, in its final type for float presets, or in its source float type for quantized presets (plus F32
+for everything the plan keeps at full precision). Quantize: llama.cpp's own quantizer (llama_model_quantize through
+llama-cpp-python) rewrites the file with one explicit type override per tensor, taken from the plan, and a bounded
+buffer. The result is read back and every tensor's type checked against the plan before the file is renamed into
+place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES, GGUFValueType, Keys, LlamaFileType
+
+from .. import __version__, llama_log
+from ..atomic import atomic_file
+from ..errors import Gemma4ExportError
+from ..exporter.arch import Gemma4Arch
+from ..exporter.checkpoint import Checkpoint
+from ..exporter.source import ModelSource
+from ..exporter.tokenizer import TokenizerInfo, read_tokenizer
+from ..progress import Reporter, Silent
+from ..quant.plan import Plan, PlanEntry, build_plan
+from .gguf_file import GGUFWriter, read_gguf
+
+ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.GEMMA4]  # "gemma4"
+
+# Checkpoint name (under the text prefix) -> llama.cpp tensor (gguf-py's names, so they follow llama.cpp's).
+# An unmapped text tensor is an error, never skipped.
+_NAME_TABLE: tuple[tuple[str, MODEL_TENSOR, str], ...] = (
+    (r"embed_tokens\.weight", MODEL_TENSOR.TOKEN_EMBD, "weight"),
+    (r"embed_tokens_per_layer\.weight", MODEL_TENSOR.PER_LAYER_TOKEN_EMBD, "weight"),
+    (r"per_layer_model_projection\.weight", MODEL_TENSOR.PER_LAYER_MODEL_PROJ, "weight"),
+    (r"per_layer_projection_norm\.weight", MODEL_TENSOR.PER_LAYER_PROJ_NORM, "weight"),
+    (r"norm\.weight", MODEL_TENSOR.OUTPUT_NORM, "weight"),
+    (r"layers\.(\d+)\.input_layernorm\.weight", MODEL_TENSOR.ATTN_NORM, "weight"),
+    (r"layers\.(\d+)\.post_attention_layernorm\.weight", MODEL_TENSOR.ATTN_POST_NORM, "weight"),
+    (r"layers\.(\d+)\.pre_feedforward_layernorm\.weight", MODEL_TENSOR.FFN_PRE_NORM, "weight"),
+    (r"layers\.(\d+)\.post_feedforward_layernorm\.weight", MODEL_TENSOR.FFN_POST_NORM, "weight"),
+    (r"layers\.(\d+)\.pre_feedforward_layernorm_2\.weight", MODEL_TENSOR.FFN_PRE_NORM_2, "weight"),
+    (r"layers\.(\d+)\.post_feedforward_layernorm_1\.weight", MODEL_TENSOR.FFN_POST_NORM_1, "weight"),
+    (r"layers\.(\d+)\.post_feedforward_layernorm_2\.weight", MODEL_TENSOR.FFN_POST_NORM_2, "weight"),
+    (r"layers\.(\d+)\.self_attn\.q_proj\.weight", MODEL_TENSOR.ATTN_Q, "weight"),
+    (r"layers\.(\d+)\.self_attn\.k_proj\.weight", MODEL_TENSOR.ATTN_K, "weight"),
+    (r"layers\.(\d+)\.self_attn\.v_proj\.weight", MODEL_TENSOR.ATTN_V, "weight"),
+    (r"layers\.(\d+)\.self_attn\.o_proj\.weight", MODEL_TENSOR.ATTN_OUT, "weight"),
+    (r"layers\.(\d+)\.self_attn\.q_norm\.weight", MODEL_TENSOR.ATTN_Q_NORM, "weight"),
+    (r"layers\.(\d+)\.self_attn\.k_norm\.weight", MODEL_TENSOR.ATTN_K_NORM, "weight"),
+    (r"layers\.(\d+)\.mlp\.gate_proj\.weight", MODEL_TENSOR.FFN_GATE, "weight"),
+    (r"layers\.(\d+)\.mlp\.up_proj\.weight", MODEL_TENSOR.FFN_UP, "weight"),
+    (r"layers\.(\d+)\.mlp\.down_proj\.weight", MODEL_TENSOR.FFN_DOWN, "weight"),
+    # MoE: the router's matrix, its input scale, and the per-expert output scale (applied after ffn_down_exps).
+    (r"layers\.(\d+)\.router\.proj\.weight", MODEL_TENSOR.FFN_GATE_INP, "weight"),
+    (r"layers\.(\d+)\.router\.scale", MODEL_TENSOR.FFN_GATE_INP, "scale"),
+    (r"layers\.(\d+)\.router\.per_expert_scale", MODEL_TENSOR.FFN_DOWN_EXP, "scale"),
+    (r"layers\.(\d+)\.experts\.gate_up_proj", MODEL_TENSOR.FFN_GATE_UP_EXP, "weight"),
+    (r"layers\.(\d+)\.experts\.down_proj", MODEL_TENSOR.FFN_DOWN_EXP, "weight"),
+    (r"layers\.(\d+)\.per_layer_input_gate\.weight", MODEL_TENSOR.PER_LAYER_INP_GATE, "weight"),
+    (r"layers\.(\d+)\.per_layer_projection\.weight", MODEL_TENSOR.PER_LAYER_PROJ, "weight"),
+    (r"layers\.(\d+)\.post_per_layer_input_norm\.weight", MODEL_TENSOR.PER_LAYER_POST_NORM, "weight"),
+    (r"layers\.(\d+)\.layer_scalar", MODEL_TENSOR.LAYER_OUT_SCALE, "weight"),
+)
+_COMPILED = tuple((re.compile(p + "$"), t, s) for p, t, s in _NAME_TABLE)
+ROPE_FREQS = TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight"
+
+# Preset -> llama.cpp file type (general.file_type), as llama-quantize names them.
+FILE_TYPES = {
+    "f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
+    "q8_0": LlamaFileType.MOSTLY_Q8_0, "q6_k": LlamaFileType.MOSTLY_Q6_K, "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
+    "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M, "q4_0": LlamaFileType.MOSTLY_Q4_0,
+}
+FLOAT_TYPES = {"F32", "F16", "BF16"}
+
+
+class ExportError(Gemma4ExportError):
+    pass
+
+
+def gguf_name(name: str, prefix: str) -> str:
+    rel = name[len(prefix):] if name.startswith(prefix) else name
+    for rx, tensor, suffix in _COMPILED:
+        m = rx.match(rel)
+        if m:
+            base = TENSOR_NAMES[tensor].format(bid=int(m.group(1)) if m.groups() else 0)
+            return f"{base}.{suffix}"
+    raise ExportError(f"no GGUF name for tensor '{name}': it is not a known Gemma 4 text tensor")
+
+
+# ---- metadata --------------------------------------------------------------------------------------------------
+
+
+def _rope_freqs(a: Gemma4Arch) -> np.ndarray:
+    """Proportional RoPE on full layers rotates only the first partial_rotary_factor of each half of the head, with
+    frequencies over the whole head dim. ggml's NeoX RoPE rotates the first n_rot dims, so llama.cpp takes n_rot =
+    the head dim and a frequency-factor tensor: 1 for the rotated pairs, 1e30 (no rotation) for the rest."""
+    r = a.rope_full
+    half = a.global_head_dim // 2
+    if r.rope_type == "proportional":
+        n_rot = int(a.global_head_dim * r.partial_rotary_factor / 2)
+    elif r.rope_type == "default" and r.partial_rotary_factor == 1.0:
+        n_rot = half
+    else:
+        raise ExportError(f"full-attention RoPE type {r.rope_type!r} (factor {r.partial_rotary_factor}) has no "
+                          "llama.cpp Gemma 4 form")
+    return np.array([1.0] * n_rot + [1e30] * (half - n_rot), dtype=np.float32)
+
+
+def write_metadata(w: GGUFWriter, a: Gemma4Arch, tok: TokenizerInfo, src: ModelSource, preset: str,
+                   license_: str | None) -> None:
+    k = lambda key: key.format(arch=ARCH)  # noqa: E731
+    w.string(Keys.General.ARCHITECTURE, ARCH)
+    w.string(Keys.General.TYPE, "model")
+    w.string(Keys.General.NAME, src.name)
+    if src.variant is not None and src.variant.hub_id:
+        w.string(Keys.General.SOURCE_REPO_URL, f"https://huggingface.co/{src.variant.hub_id}")
+    if src.directory is not None:
+        w.string(Keys.General.SOURCE_URL, src.directory.resolve().as_uri())
+    if license_:
+        w.string(Keys.General.LICENSE, license_)
+    w.string(Keys.General.QUANTIZED_BY, f"gemma4-export {__version__}")
+    w.u32(Keys.General.FILE_TYPE, int(FILE_TYPES[preset]))
+    w.string("gemma4_export.version", __version__)
+    w.string("gemma4_export.preset", preset)
+
+    w.u32(k(Keys.LLM.CONTEXT_LENGTH), a.max_position_embeddings)
+    w.u32(k(Keys.LLM.EMBEDDING_LENGTH), a.hidden_size)
+    w.u32(k(Keys.LLM.BLOCK_COUNT), a.num_layers)
+    widths = [a.mlp_width(i) for i in range(a.num_layers)]
+    if len(set(widths)) == 1:
+        w.u32(k(Keys.LLM.FEED_FORWARD_LENGTH), widths[0])
+    else:  # double-wide MLP on the KV-shared layers
+        w.array(k(Keys.LLM.FEED_FORWARD_LENGTH), widths, GGUFValueType.INT32)
+    w.u32(k(Keys.Attention.HEAD_COUNT), a.num_heads)
+    kv = [a.layer_kv_heads(i) for i in range(a.num_layers)]
+    if len(set(kv)) == 1:
+        w.u32(k(Keys.Attention.HEAD_COUNT_KV), kv[0])
+    else:  # separate global KV heads on full layers
+        w.array(k(Keys.Attention.HEAD_COUNT_KV), kv, GGUFValueType.INT32)
+    w.u32(k(Keys.Attention.KEY_LENGTH), a.global_head_dim)
+    w.u32(k(Keys.Attention.VALUE_LENGTH), a.global_head_dim)
+    w.u32(k(Keys.Attention.KEY_LENGTH_SWA), a.head_dim)
+    w.u32(k(Keys.Attention.VALUE_LENGTH_SWA), a.head_dim)
+    w.f32(k(Keys.Attention.LAYERNORM_RMS_EPS), a.rms_norm_eps)
+    w.u32(k(Keys.Attention.SLIDING_WINDOW), a.sliding_window)
+    w.array(k(Keys.Attention.SLIDING_WINDOW_PATTERN), list(a.sliding_pattern), GGUFValueType.BOOL)
+    w.u32(k(Keys.Attention.SHARED_KV_LAYERS), a.num_kv_shared_layers)
+    w.u32(k(Keys.LLM.EMBD_LENGTH_PER_LAYER_INP), a.ple_dim)
+    # Always written: llama.cpp assumes 30.0 when the key is missing, so a model without softcapping says 0.
+    w.f32(k(Keys.LLM.FINAL_LOGIT_SOFTCAPPING), a.final_logit_softcapping or 0.0)
+    w.f32(k(Keys.Rope.FREQ_BASE), a.rope_full.theta)
+    w.f32(k(Keys.Rope.FREQ_BASE_SWA), a.rope_sliding.theta)
+    w.u32(k(Keys.Rope.DIMENSION_COUNT), a.global_head_dim)  # with rope_freqs, see _rope_freqs
+    w.u32(k(Keys.Rope.DIMENSION_COUNT_SWA), int(a.head_dim * a.rope_sliding.partial_rotary_factor))
+    if a.moe:
+        w.u32(k(Keys.LLM.EXPERT_COUNT), a.moe.num_experts)
+        w.u32(k(Keys.LLM.EXPERT_USED_COUNT), a.moe.top_k)
+        w.u32(k(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH), a.moe.intermediate_size)
+
+    w.string(Keys.Tokenizer.MODEL, "gemma4")
+    w.array(Keys.Tokenizer.LIST, tok.tokens, GGUFValueType.STRING)
+    w.array(Keys.Tokenizer.SCORES, [-1000.0] * tok.vocab_size, GGUFValueType.FLOAT32)
+    w.array(Keys.Tokenizer.TOKEN_TYPE, tok.types, GGUFValueType.INT32)
+    w.array(Keys.Tokenizer.MERGES, tok.merges, GGUFValueType.STRING)
+    w.u32(Keys.Tokenizer.BOS_ID, tok.bos_id)
+    w.u32(Keys.Tokenizer.EOS_ID, tok.eos_id)
+    w.u32(Keys.Tokenizer.UNK_ID, tok.unk_id)
+    w.u32(Keys.Tokenizer.PAD_ID, tok.pad_id)
+    if tok.mask_id is not None:
+        w.u32(Keys.Tokenizer.MASK_ID, tok.mask_id)
+    w.boolean(Keys.Tokenizer.ADD_BOS, tok.add_bos)
+    w.boolean(Keys.Tokenizer.ADD_EOS, False)
+    w.boolean(Keys.Tokenizer.ADD_PREFIX, False)
+    if tok.chat_template:
+        w.string(Keys.Tokenizer.CHAT_TEMPLATE, tok.chat_template)
+
+
+def read_license(directory: Path | None) -> str | None:
+    """The `license:` of a hub model card's front matter, when the checkpoint has one."""
+    if directory is None or not (directory / "README.md").is_file():
+        return None
+    text = (directory / "README.md").read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    m = re.search(r"^license:\s*(\S+)\s*$", text.split("---", 2)[1], re.M)
+    return m.group(1).strip("'\"") if m else None
+
+
+# ---- conversion ------------------------------------------------------------------------------------------------
+
+
+def _bf16_bits(f32: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, round to nearest even (NaN kept NaN)."""
+    u = np.ascontiguousarray(f32, dtype=np.float32).view(np.uint32)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(f32)
+    if nan.any():
+        r[nan] = 0x7FC0
+    return r
+
+
+def _encode(block: np.ndarray, src_dtype: str, out_type: str) -> np.ndarray:
+    """One block of rows from the checkpoint's stored dtype to the intermediate/final float type."""
+    if src_dtype == "BF16" and out_type == "BF16":
+        return block  # bit-exact copy
+    from ..exporter.checkpoint import to_f32
+
+    f = to_f32(block, src_dtype)
+    if out_type == "F32":
+        return f
+    if out_type == "F16":
+        return f.astype(np.float16)
+    if out_type == "BF16":
+        return _bf16_bits(f)
+    raise ExportError(f"cannot write {out_type} directly")
+
+
+@dataclass
+class GGUFExport:
+    path: Path
+    plan: Plan
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes: int = 0
+
+
+def _staged_type(e: PlanEntry, src_dtype: str) -> str:
+    """The type a tensor has in the converted file: its final type if float, else its source float type."""
+    if e.type in FLOAT_TYPES:
+        return e.type
+    return {"BF16": "BF16", "F16": "F16"}.get(src_dtype, "F32")
+
+
+def convert(ck: Checkpoint, src: ModelSource, plan: Plan, out: Path, staged: bool, reporter: Reporter,
+            block_bytes: int = 64 << 20) -> dict[str, str]:
+    """Write the float GGUF. Returns {gguf name: plan type} for the kept tensors."""
+    a = src.arch
+    tok = read_tokenizer(ck.dir, a.vocab_size)
+    w = GGUFWriter()
+    write_metadata(w, a, tok, src, plan.preset, read_license(ck.dir))
+    if tok.vocab_size != a.vocab_size:
+        raise ExportError(f"tokenizer has {tok.vocab_size} tokens for {a.vocab_size} embedding rows")
+    generated: dict[str, np.ndarray] = {}
+    sources: dict[str, PlanEntry] = {}
+    wanted: dict[str, str] = {}
+    if any(a.is_full(i) for i in range(a.num_layers)):
+        generated[ROPE_FREQS] = _rope_freqs(a)
+        w.add_tensor(ROPE_FREQS, generated[ROPE_FREQS].shape, "F32")
+        wanted[ROPE_FREQS] = "F32"
+    for e in plan.kept:
+        info = ck.info(e.name)
+        name = gguf_name(e.name, ck.text_prefix)
+        w.add_tensor(name, info.shape, _staged_type(e, info.dtype) if staged else e.type)
+        sources[name] = e
+        wanted[name] = e.type
+    total = sum(t.nbytes for t in w.tensors)
+
+    def blocks_for(entry) -> Iterator[np.ndarray]:
+        if entry.name in generated:
+            task.advance(entry.nbytes)
+            yield generated[entry.name]
+            return
+        e = sources[entry.name]
+        src_dtype = ck.info(e.name).dtype
+        for _, block in ck.iter_rows(e.name, block_bytes):
+            enc = _encode(block, src_dtype, entry.type)
+            task.advance(enc.nbytes)
+            yield enc
+
+    with reporter.task(f"convert {src.name}", total) as task, open(out, "wb") as f:
+        w.write(f, blocks_for)
+    return wanted
+
+
+# ---- quantization through llama.cpp ----------------------------------------------------------------------------
+
+
+def quantize(src_path: Path, dst_path: Path, plan: Plan, names: dict[str, str], reporter: Reporter,
+             threads: int | None = None, max_buf: int = 256 << 20) -> None:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ExportError("quantized GGUF presets need llama-cpp-python: pip install 'gemma4-export[gguf]'") from None
+    llama_log.capture()
+    llama_log.clear()
+    from gguf import GGMLQuantizationType
+
+    overrides = [(n, t) for n, t in names.items() if t not in FLOAT_TYPES]
+    patterns = [ctypes.create_string_buffer(f"^{re.escape(n)}$".encode()) for n, _ in overrides]
+    arr = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+    for i, ((_, t), p) in enumerate(zip(overrides, patterns)):
+        arr[i].pattern = ctypes.cast(p, ctypes.c_char_p)
+        arr[i].type = int(GGMLQuantizationType[t])
+    arr[len(overrides)].pattern = None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = threads or os.cpu_count() or 1
+    params.ftype = int(FILE_TYPES[plan.preset])
+    params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    params.max_buf_size = max_buf
+    result: dict[str, int | BaseException] = {}
+
+    def run():
+        try:
+            result["rc"] = llama_cpp.llama_model_quantize(str(src_path).encode(), str(dst_path).encode(),
+                                                          ctypes.byref(params))
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            result["rc"] = e
+
+    th = threading.Thread(target=run, daemon=True, name="llama-quantize")
+    with reporter.task(f"quantize {plan.preset} (llama.cpp)", plan.total_bytes) as task:
+        th.start()
+        while th.is_alive():
+            th.join(0.2)
+            if dst_path.exists():
+                task.update(min(dst_path.stat().st_size, plan.total_bytes))
+    rc = result.get("rc")
+    if isinstance(rc, BaseException):
+        raise rc
+    if rc != 0:
+        raise ExportError(f"llama.cpp's quantizer failed (code {rc}) on {src_path.name}; its last log lines:\n"
+                          + llama_log.recent())
+
+
+def check_types(path: Path, wanted: dict[str, str]) -> None:
+    """Every tensor in the file has exactly the plan's type, and the file has exactly the planned tensors."""
+    g = read_gguf(path, arrays=False)
+    got = {n: t.type for n, t in g.tensors.items()}
+    problems = [f"{n}: plan {wanted[n]}, file {got.get(n, 'missing')}" for n in wanted if got.get(n) != wanted[n]]
+    problems += [f"{n}: in the file but not in the plan" for n in got if n not in wanted]
+    if problems:
+        raise ExportError(f"{path.name} does not match its plan:\n  " + "\n  ".join(problems[:20]))
+
+
+# ---- the whole job ---------------------------------------------------------------------------------------------
+
+
+def export_gguf(
+    variant: str | None = None,
+    model_dir: str | Path | None = None,
+    quant: str = "q4_k_m",
+    out_dir: str | Path = ".",
+    overrides: list[str] | None = None,
+    ple_type: str | None = None,
+    force: bool = False,
+    reporter: Reporter | None = None,
+    threads: int | None = None,
+) -> GGUFExport:
+    reporter = reporter or Silent()
+    src = ModelSource.open(variant, model_dir, need_weights=True)
+    ck = src.checkpoint
+    plan = build_plan(src.arch, src.tensor_specs(), quant, src.name, overrides, ple_type)
+    final = Path(out_dir) / f"{src.name}-{plan.preset}.gguf"
+    quantized = any(e.type not in FLOAT_TYPES for e in plan.kept)
+    staged_bytes = sum(ck.info(e.name).nbytes if e.type not in FLOAT_TYPES else e.bytes for e in plan.kept)
+    need = plan.total_bytes + (staged_bytes if quantized else 0) + (64 << 20)
+    result = GGUFExport(final, plan)
+    with atomic_file(final, force=force, need_bytes=need) as st:
+        t0 = time.perf_counter()
+        if quantized:
+            staged = st.temp("f.gguf")
+            names = convert(ck, src, plan, staged, True, reporter)
+            result.seconds["convert"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            quantize(staged, st.path, plan, names, reporter, threads)
+            staged.unlink()
+            result.seconds["quantize"] = time.perf_counter() - t1
+        else:
+            names = convert(ck, src, plan, st.path, False, reporter)
+            result.seconds["convert"] = time.perf_counter() - t0
+        check_types(st.path, names)
+        result.bytes = st.path.stat().st_size
+    ck.close()
+    result.seconds["total"] = time.perf_counter() - t0
+    return result

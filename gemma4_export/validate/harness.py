@@ -1,0 +1,326 @@
+"""Validation: run an artifact in its own runtime and compare it with transformers in float32 on the same tokens.
+
+The harness is the same for every target: a runner gives logits for a token sequence, greedy tokens through its own
+decode path, and (where the runtime has one) its own tokenization. Metrics, thresholds and the report are shared.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import Gemma4ExportError
+from ..exporter.arch import Gemma4Arch
+from ..exporter.source import ModelSource
+from ..progress import Reporter, Silent
+from .metrics import GenerationMetrics, LogitMetrics, TokenStats, compare_generations, summarize
+from .texts import PARITY_TEXTS, PROMPTS, heldout_text
+from .thresholds import Thresholds, thresholds_for
+
+
+class Runner(Protocol):
+    name: str
+
+    def describe(self) -> dict: ...
+
+    def logits(self, ids: list[int]) -> np.ndarray: ...
+
+    def greedy(self, ids: list[int], n: int) -> list[int]: ...
+
+
+class ValidationFailed(Gemma4ExportError):
+    exit_code = 1
+
+
+@dataclass
+class EvalSpec:
+    window: int
+    windows: int
+    prompts: int = len(PROMPTS)
+    new_tokens: int = 64
+
+    @classmethod
+    def for_arch(cls, a: Gemma4Arch, windows: int | None = None, prompts: int | None = None,
+                 new_tokens: int = 64) -> EvalSpec:
+        # Long enough to run well past the sliding window (and so through the KV-shared layers' donor caches).
+        window = min(max(256, 2 * a.sliding_window), a.max_position_embeddings)
+        return cls(window, windows or (8 if window <= 256 else 4), prompts or len(PROMPTS), new_tokens)
+
+
+@dataclass
+class Report:
+    artifact: str
+    target: str
+    preset: str
+    model: str
+    artifact_bytes: int
+    bits_per_weight: float | None
+    reference: dict
+    runtime: dict
+    spec: dict
+    logits: LogitMetrics | None = None
+    generation: GenerationMetrics | None = None
+    tokenizer: dict | None = None
+    thresholds: Thresholds | None = None
+    failures: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+    def to_markdown(self) -> str:
+        lg, gm = self.logits, self.generation
+        rows = [
+            ("artifact", f"`{Path(self.artifact).name}` ({self.artifact_bytes:,} bytes"
+                         + (f", {self.bits_per_weight:.2f} bpw)" if self.bits_per_weight else ")")),
+            ("model", self.model), ("target / preset", f"{self.target} / {self.preset}"),
+            ("reference", ", ".join(f"{k}={v}" for k, v in self.reference.items())),
+            ("runtime", ", ".join(f"{k}={v}" for k, v in self.runtime.items())),
+        ]
+        if lg:
+            rows += [
+                ("scored tokens", f"{lg.tokens} ({self.spec['windows']} windows of {self.spec['window']})"),
+                ("KLD mean / p99 / p99.9 / max", f"{lg.kld_mean:.6f} / {lg.kld_p99:.6f} / {lg.kld_p999:.6f} / "
+                                                 f"{lg.kld_max:.6f}"),
+                ("top-1 agreement", f"{lg.top1_agreement:.4f}"),
+                ("RMS Δp (true token)", f"{lg.rms_dp:.5f}"),
+                ("PPL reference / artifact / ratio", f"{lg.ppl_ref:.4f} / {lg.ppl_artifact:.4f} / {lg.ppl_ratio:.5f}"),
+            ]
+            if lg.max_logit_diff is not None:
+                rows.append(("max |logit difference|", f"{lg.max_logit_diff:.2e}"))
+        if gm:
+            rows += [("greedy generation", f"{gm.prompts} prompts x {gm.new_tokens} tokens: exact match "
+                                           f"{gm.exact_match_rate:.3f}, mean first divergence "
+                                           f"{gm.mean_first_divergence:.1f}")]
+        if self.tokenizer:
+            rows.append(("tokenizer parity", f"{self.tokenizer['texts'] - len(self.tokenizer['mismatches'])}/"
+                                             f"{self.tokenizer['texts']} texts identical"))
+        rows.append(("result", "PASS" if self.passed else "FAIL"))
+        out = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+        if self.failures:
+            out += ["", "Failures:", ""] + [f"- {f}" for f in self.failures]
+        if self.thresholds:
+            t = self.thresholds
+            out += ["", f"Thresholds ({self.target} {self.preset}): KLD mean <= {t.kld_mean}, KLD p99.9 <= "
+                        f"{t.kld_p999}, top-1 >= {t.top1}, PPL ratio <= {t.ppl_ratio}, greedy exact >= "
+                        f"{t.gen_exact}, mean first divergence >= {t.gen_first_div}"
+                        + (f", max logit diff <= {t.max_logit_diff}" if t.max_logit_diff is not None else "")]
+        return "# Validation report\n\n" + "\n".join(out) + "\n"
+
+    def write(self, directory: Path | None = None) -> tuple[Path, Path]:
+        base = Path(self.artifact)
+        d = directory or (base.parent if base.is_file() else base)
+        stem = base.name
+        j, m = d / f"{stem}.validation.json", d / f"{stem}.validation.md"
+        j.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        m.write_text(self.to_markdown())
+        return j, m
+
+
+def check(report: Report, t: Thresholds) -> list[str]:
+    f = []
+    lg, gm, tk = report.logits, report.generation, report.tokenizer
+    if tk and tk["mismatches"]:
+        for mm in tk["mismatches"]:
+            f.append(f"tokenizer differs on {mm['text']!r}: reference {mm['reference'][:12]}..., "
+                     f"runtime {mm['runtime'][:12]}...")
+    if lg:
+        if lg.kld_mean > t.kld_mean:
+            f.append(f"mean KLD {lg.kld_mean:.6f} > {t.kld_mean}")
+        if lg.kld_p999 > t.kld_p999:
+            f.append(f"p99.9 KLD {lg.kld_p999:.6f} > {t.kld_p999}")
+        if lg.top1_agreement < t.top1:
+            f.append(f"top-1 agreement {lg.top1_agreement:.4f} < {t.top1}")
+        if lg.ppl_ratio > t.ppl_ratio:
+            f.append(f"PPL ratio {lg.ppl_ratio:.5f} > {t.ppl_ratio}")
+        if t.max_logit_diff is not None and (lg.max_logit_diff is None or lg.max_logit_diff > t.max_logit_diff):
+            f.append(f"max |logit difference| {lg.max_logit_diff} > {t.max_logit_diff}")
+    if gm:
+        if gm.exact_match_rate < t.gen_exact:
+            f.append(f"greedy exact-match rate {gm.exact_match_rate:.3f} < {t.gen_exact}")
+        if gm.mean_first_divergence < t.gen_first_div:
+            f.append(f"mean first divergence {gm.mean_first_divergence:.1f} < {t.gen_first_div}")
+    return f
+
+
+def run_validation(runner: Runner, ref, arch: Gemma4Arch, spec: EvalSpec, reporter: Reporter,
+                   tokenize: bool = True, eos_ids: tuple[int, ...] = ()) -> tuple[LogitMetrics, GenerationMetrics,
+                                                                                 dict | None, dict[str, float]]:
+    secs: dict[str, float] = {}
+    t0 = time.perf_counter()
+    tok_report = None
+    if tokenize and hasattr(runner, "tokenize"):
+        texts = list(PARITY_TEXTS) + [ref.chat_prompt(p) for p in PROMPTS[:2]] + [heldout_text()[:4000]]
+        mismatches = []
+        for text in texts:
+            a, b = ref.tokenize(text), runner.tokenize(text)
+            if a != b:
+                mismatches.append({"text": text[:80], "reference": a, "runtime": b})
+        tok_report = {"texts": len(texts), "mismatches": mismatches}
+    secs["tokenizer"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ids = ref.tokenize(heldout_text())
+    body = spec.window - 1
+    if len(ids) < spec.windows * body:
+        raise Gemma4ExportError(f"held-out text gives {len(ids)} tokens, {spec.windows}x{body} needed")
+    stats = TokenStats.empty()
+    max_diff = 0.0
+    bos = arch.bos_token_id
+    with reporter.task("compare logits", spec.windows, unit="windows") as task:
+        stride = len(ids) // spec.windows
+        for w in range(spec.windows):
+            seq = [bos] + ids[w * stride : w * stride + body]
+            r, a = ref.logits(seq), runner.logits(seq)
+            half = len(seq) // 2  # score the second half, as llama-perplexity does
+            stats.add(r[half:-1], a[half:-1], np.asarray(seq[half + 1 :]))
+            max_diff = max(max_diff, float(np.abs(r - a).max()))
+            task.advance(1)
+    lm = summarize(stats, max_diff)
+    secs["logits"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    refs, arts, texts = [], [], []
+    with reporter.task("greedy generation", spec.prompts, unit="prompts") as task:
+        for p in PROMPTS[: spec.prompts]:
+            prompt = ref.tokenize(ref.chat_prompt(p))
+            r = _until_eos(ref.greedy(prompt, spec.new_tokens), eos_ids)
+            a = _until_eos(runner.greedy(prompt, spec.new_tokens), eos_ids)
+            refs.append(r)
+            arts.append(a)
+            texts.append((p, ref.decode(r), ref.decode(a)))
+            task.advance(1)
+    gm = compare_generations(refs, arts, spec.new_tokens, texts)
+    secs["generation"] = time.perf_counter() - t0
+    return lm, gm, tok_report, secs
+
+
+def _until_eos(tokens: list[int], eos_ids: tuple[int, ...]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[: i + 1]
+    return tokens
+
+
+# Each target's runtime module (gemma4_export.validate.<module>) provides:
+#   artifact_info(path) -> ArtifactInfo   (preset and source, read from the artifact itself; raises on malformed ones)
+#   make_runner(path, spec, device, preset) -> Runner
+RUNTIME_MODULES = {"gguf": "llamacpp", "onnx": "onnxrt", "mlx": "mlxrt"}
+
+
+@dataclass
+class ArtifactInfo:
+    preset: str
+    metadata: dict
+
+
+def runtime_module(target: str):
+    import importlib
+
+    try:
+        return importlib.import_module(f"{__package__}.{RUNTIME_MODULES[target]}")
+    except (KeyError, ModuleNotFoundError) as e:
+        raise Gemma4ExportError(f"validation of {target} artifacts is not available ({e})") from None
+
+
+def detect_target(artifact: Path) -> str:
+    if not artifact.exists():
+        raise Gemma4ExportError(f"{artifact}: no such artifact")
+    if artifact.is_file() and artifact.suffix == ".gguf":
+        return "gguf"
+    if (artifact.is_file() and artifact.suffix == ".onnx") or (artifact.is_dir() and any(artifact.glob("*.onnx"))):
+        return "onnx"
+    if artifact.is_dir() and (artifact / "config.json").is_file() and any(artifact.glob("*.safetensors")):
+        return "mlx"
+    raise Gemma4ExportError(f"{artifact}: not a GGUF file, an ONNX model or an MLX directory")
+
+
+def artifact_bytes(artifact: Path) -> int:
+    """Size on disk: the file, or every file of an artifact directory."""
+    if artifact.is_file():
+        return artifact.stat().st_size
+    return sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
+
+
+def _source_of(meta: dict, artifact: Path) -> tuple[str | None, Path | None]:
+    """The checkpoint an artifact was exported from, as its metadata records it: a registered variant's name, or
+    the local directory it came from."""
+    from urllib.parse import unquote, urlparse
+
+    from ..exporter.variants import VARIANTS
+
+    name = meta.get("general.name")
+    if name in VARIANTS:
+        return name, None
+    url = meta.get("general.source.url", "")
+    if url.startswith("file://"):
+        d = Path(unquote(urlparse(url).path))
+        if d.is_dir():
+            return None, d
+    raise Gemma4ExportError(f"{artifact}: cannot tell which checkpoint it came from; pass --variant or --model-dir")
+
+
+def validate_artifact(
+    artifact: str | Path,
+    variant: str | None = None,
+    model_dir: str | Path | None = None,
+    device: str = "cpu",
+    reporter: Reporter | None = None,
+    windows: int | None = None,
+    prompts: int | None = None,
+    new_tokens: int = 64,
+    write: bool = True,
+    reference=None,
+) -> Report:
+    """Validate one artifact; `reference` (a validate.reference.Reference of the same checkpoint) may be shared
+    between calls so that its logits and generations are computed once."""
+    reporter = reporter or Silent()
+    artifact = Path(artifact)
+    target = detect_target(artifact)
+    t_all = time.perf_counter()
+    rt = runtime_module(target)
+    info = rt.artifact_info(artifact)
+    preset = info.preset
+    if variant is None and model_dir is None:
+        variant, model_dir = _source_of(info.metadata, artifact)
+    src = ModelSource.open(variant, model_dir, need_weights=True)
+    spec = EvalSpec.for_arch(src.arch, windows, prompts, new_tokens)
+    t = thresholds_for(target, preset)
+
+    from ..exporter.tokenizer import read_tokenizer
+    from .reference import Reference
+
+    t0 = time.perf_counter()
+    ref = reference if reference is not None else Reference(src.directory, device)
+    runner = rt.make_runner(artifact, spec, device, preset)
+    load_s = time.perf_counter() - t0
+    eos = read_tokenizer(src.directory, src.arch.vocab_size).eos_ids
+    lm, gm, tok, secs = run_validation(runner, ref, src.arch, spec, reporter, eos_ids=eos)
+    from ..exporter.tensors import expected_text_tensors
+
+    params = sum(s.numel for s in expected_text_tensors(src.arch) if s.role.value not in ("kv_shared_unused",))
+    size = artifact_bytes(artifact)
+    rep = Report(
+        artifact=str(artifact), target=target, preset=preset, model=src.name,
+        artifact_bytes=size, bits_per_weight=size * 8 / params,
+        reference=ref.describe(), runtime=runner.describe(), spec=asdict(spec), logits=lm, generation=gm,
+        tokenizer=tok, thresholds=t, seconds={"load": load_s, **secs},
+    )
+    rep.failures = check(rep, t)
+    rep.seconds["total"] = time.perf_counter() - t_all
+    if hasattr(runner, "close"):
+        runner.close()
+    if write:
+        rep.write()
+    return rep

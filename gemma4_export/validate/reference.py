@@ -1,0 +1,93 @@
+"""The reference: the checkpoint in transformers, in float32, on the same token ids the artifact sees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import Gemma4ExportError
+from ..exporter.arch import load_config
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise Gemma4ExportError("--device cuda: torch sees no CUDA device")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise Gemma4ExportError("--device mps: torch sees no Metal device")
+    return device
+
+
+class Reference:
+    """transformers' own Gemma 4 class, loaded from safetensors only, never with remote code."""
+
+    def __init__(self, directory: str | Path, device: str = "cpu"):
+        import torch
+        import transformers
+
+        self.dir = Path(directory)
+        cfg = load_config(self.dir)
+        cls = getattr(transformers, (cfg.get("architectures") or ["Gemma4ForConditionalGeneration"])[0])
+        self.device = pick_device(device)
+        self.model = cls.from_pretrained(self.dir, dtype=torch.float32, use_safetensors=True).to(self.device).eval()
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.dir)
+        self._torch = torch
+        # The reference's answers do not depend on the artifact: validating several artifacts of one model with the
+        # same Reference computes them once.
+        self._memo: dict[tuple, object] = {}
+
+    def describe(self) -> dict:
+        import transformers
+
+        return {"runtime": f"transformers {transformers.__version__}", "dtype": "float32", "device": self.device}
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        key = ("logits", tuple(ids))
+        if key not in self._memo:
+            self._memo[key] = self._logits(ids)
+        return self._memo[key]
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        key = ("greedy", tuple(ids), n)
+        if key not in self._memo:
+            self._memo[key] = self._greedy(ids, n)
+        return list(self._memo[key])
+
+    def _logits(self, ids: list[int]) -> np.ndarray:
+        t = self._torch
+        with t.no_grad():
+            x = t.tensor([ids], device=self.device)
+            return self.model(input_ids=x).logits[0].float().cpu().numpy()
+
+    def _greedy(self, ids: list[int], n: int) -> list[int]:
+        """n new tokens by argmax, decoding one token at a time through the KV cache."""
+        t = self._torch
+        out: list[int] = []
+        with t.no_grad():
+            r = self.model(input_ids=t.tensor([ids], device=self.device), use_cache=True)
+            for _ in range(n):
+                nxt = int(r.logits[0, -1].argmax())
+                out.append(nxt)
+                if len(out) == n:
+                    break
+                r = self.model(input_ids=t.tensor([[nxt]], device=self.device), past_key_values=r.past_key_values,
+                               use_cache=True)
+        return out
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def chat_prompt(self, user: str) -> str:
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                  add_generation_prompt=True)

@@ -1,0 +1,149 @@
+"""Benchmark: GGUF export speed and peak memory on a synthetic checkpoint with E2B's real widths.
+
+    python scripts/bench_gguf.py [--layers 6] [--work /tmp/gemma4-bench] [--keep]
+
+Builds (once) a bf16 checkpoint with E2B's hidden size 1536, vocabulary 262144, per-layer embeddings of 256 per
+layer, intermediate 6144, 8 heads of 256 (512 on full layers) and a few layers (about 2 GB), then times, each in a
+fresh process that reports its own peak resident memory:
+  - a plain copy of the checkpoint file (the floor for any conversion),
+  - `gemma4-export gguf --quant bf16 --no-validate`,
+  - `gemma4-export gguf --quant q4_k_m --no-validate`.
+Not a test: it prints numbers, it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+S, F = "sliding_attention", "full_attention"
+
+# A child process that runs one job and prints its peak RSS (ru_maxrss, KiB on Linux) as the last line.
+_CHILD = """
+import resource, sys, runpy
+sys.argv = {argv!r}
+try:
+    {body}
+finally:
+    print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+"""
+
+
+def make_checkpoint(d: Path, layers: int) -> Path:
+    from safetensors.numpy import save_file
+
+    if (d / "model.safetensors").is_file():
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    h, v, ple, inter = 1536, 262144, 256, 6144
+    types = ([S] * 4 + [F]) * (layers // 5) + [S] * (layers % 5)
+    types[-1] = F
+    rng = np.random.default_rng(0)
+
+    def w(*shape):
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+
+    def bf16(a):
+        return (a.view(np.uint32) >> 16).astype(np.uint16)
+
+    p = "model.language_model."
+    t = {f"{p}embed_tokens.weight": w(v, h), f"{p}embed_tokens_per_layer.weight": w(v, layers * ple),
+         f"{p}per_layer_model_projection.weight": w(layers * ple, h),
+         f"{p}per_layer_projection_norm.weight": np.ones(ple, np.float32), f"{p}norm.weight": np.ones(h, np.float32)}
+    for i, lt in enumerate(types):
+        hd = 512 if lt == F else 256
+        lp = f"{p}layers.{i}."
+        t.update({
+            f"{lp}input_layernorm.weight": np.ones(h, np.float32),
+            f"{lp}post_attention_layernorm.weight": np.ones(h, np.float32),
+            f"{lp}pre_feedforward_layernorm.weight": np.ones(h, np.float32),
+            f"{lp}post_feedforward_layernorm.weight": np.ones(h, np.float32),
+            f"{lp}self_attn.q_proj.weight": w(8 * hd, h), f"{lp}self_attn.k_proj.weight": w(hd, h),
+            f"{lp}self_attn.v_proj.weight": w(hd, h), f"{lp}self_attn.o_proj.weight": w(h, 8 * hd),
+            f"{lp}self_attn.q_norm.weight": np.ones(hd, np.float32),
+            f"{lp}self_attn.k_norm.weight": np.ones(hd, np.float32),
+            f"{lp}mlp.gate_proj.weight": w(inter, h), f"{lp}mlp.up_proj.weight": w(inter, h),
+            f"{lp}mlp.down_proj.weight": w(h, inter),
+            f"{lp}per_layer_input_gate.weight": w(ple, h), f"{lp}per_layer_projection.weight": w(h, ple),
+            f"{lp}post_per_layer_input_norm.weight": np.ones(h, np.float32),
+            f"{lp}layer_scalar": np.ones(1, np.float32),
+        })
+    # safetensors.numpy has no bfloat16: write uint16 bit patterns, then relabel the dtype in the header.
+    arrays = {k: bf16(a) for k, a in t.items()}
+    del t
+    tmp = d / "model.tmp"
+    save_file(arrays, str(tmp))
+    raw = tmp.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    for k, meta in header.items():
+        if k != "__metadata__":
+            meta["dtype"] = "BF16"
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(d / "model.safetensors", "wb") as f:
+        f.write(len(hb).to_bytes(8, "little") + hb)
+        f.write(memoryview(raw)[8 + n :])
+    tmp.unlink()
+    cfg = json.loads((ROOT / "gemma4_export/exporter/configs/e2b.json").read_text())
+    tc = cfg["text_config"]
+    tc.update(num_hidden_layers=layers, layer_types=types, num_kv_shared_layers=0, use_double_wide_mlp=False)
+    cfg.pop("vision_config", None)
+    cfg.pop("audio_config", None)
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    tiny = ROOT / "gemma4_export/tiny/checkpoints/tiny-e2b"
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(tiny / f, d / f)
+    return d
+
+
+def run(label: str, body: str, argv: list[str]) -> dict:
+    code = _CHILD.format(argv=argv, body=body)
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    secs = time.perf_counter() - t0
+    if r.returncode:
+        raise SystemExit(f"{label} failed:\n{r.stderr[-3000:]}")
+    peak = int(r.stdout.strip().splitlines()[-1].split()[1]) * 1024
+    return {"job": label, "seconds": round(secs, 2), "peak_rss_mb": round(peak / 2**20)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/gemma4-bench"))
+    ap.add_argument("--keep", action="store_true", help="keep the outputs")
+    a = ap.parse_args()
+    ck = make_checkpoint(a.work / "checkpoint", a.layers)
+    size = (ck / "model.safetensors").stat().st_size
+    out = a.work / "out"
+    out.mkdir(exist_ok=True)
+    rows = [run("plain copy", "import shutil; shutil.copyfile(sys.argv[1], sys.argv[2])",
+                ["copy", str(ck / "model.safetensors"), str(out / "copy.safetensors")])]
+    (out / "copy.safetensors").unlink()
+    cli = "runpy.run_module('gemma4_export.cli', run_name='__main__')"
+    for q in ("bf16", "q4_k_m"):
+        rows.append(run(f"gemma4-export gguf {q}", cli, ["gemma4-export", "gguf", "--model-dir", str(ck), "--quant", q,
+                                                          "--out", str(out), "--no-validate", "--force"]))
+        rows[-1]["output_mb"] = round((out / f"checkpoint-{q}.gguf").stat().st_size / 1e6)
+    print(f"checkpoint: {size / 1e9:.2f} GB bf16, {a.layers} layers, E2B widths; {os.cpu_count()} cores")
+    print(f"{'job':28s} {'seconds':>8s} {'peak RSS MB':>12s} {'output MB':>10s}")
+    for r in rows:
+        print(f"{r['job']:28s} {r['seconds']:8.2f} {r['peak_rss_mb']:12d} {r.get('output_mb', ''):>10}")
+    base = rows[0]["seconds"]
+    print(f"bf16 export / plain copy: {rows[1]['seconds'] / base:.2f}x")
+    if not a.keep:
+        shutil.rmtree(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""The lazy reader on every tiny checkpoint, the Hugging Face cache, and every kind of bad input."""
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from gemma4_export.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from gemma4_export.exporter.checkpoint import Checkpoint, resolve_checkpoint, to_f32
+from gemma4_export.exporter.tensors import Role
+from gemma4_export.exporter.variants import get_variant
+
+
+def test_reads_every_tensor_exactly(tiny):
+    """Every tensor, read lazily, equals what the safetensors library itself loads, bit for bit."""
+    d = get_variant(tiny).local_dir
+    with Checkpoint(d) as ck:
+        assert ck.text_prefix == "model.language_model."
+        for f in ck.files:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    want = st.get_tensor(name)
+                    got = ck.raw(name)
+                    if want.dtype == torch.bfloat16:
+                        assert np.array_equal(got, want.view(torch.uint16).numpy()), name
+                    else:
+                        assert np.array_equal(got, want.numpy()), name
+
+
+def test_layout_matches_the_hub(tiny):
+    d = get_variant(tiny).local_dir
+    with Checkpoint(d) as ck:
+        names = set(ck.tensors)
+        assert not any("lm_head" in n for n in names), "tied embeddings: no lm_head in the file"
+        assert ck.tower_tensors, "small towers are present, so text export must skip them for real"
+        assert {i.dtype for i in ck.tensors.values()} == {"BF16"}
+        a = ck.arch
+        if a.num_kv_shared_layers:
+            unused = [s for s in ck.expected if s.role == Role.KV_SHARED_UNUSED]
+            assert len(unused) == 3 * a.num_kv_shared_layers and all(s.name in names for s in unused)
+        # every quantizable row length is a multiple of 256, as on the real models
+        from gemma4_export.exporter.tensors import MATRIX_ROLES
+
+        for s in ck.expected:
+            if s.role in MATRIX_ROLES:
+                assert s.row_length % 256 == 0, s
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        assert (d / f).is_file()
+
+
+def test_one_checkpoint_is_sharded():
+    d = get_variant("tiny-26b-a4b").local_dir
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 2
+    with Checkpoint(d) as ck:
+        assert len(ck.files) == 2
+
+
+def test_row_blocks_reassemble_the_tensor():
+    d = get_variant("tiny-e2b").local_dir
+    with Checkpoint(d) as ck:
+        name = "model.language_model.embed_tokens_per_layer.weight"
+        info = ck.info(name)
+        blocks = list(ck.iter_rows(name, max_bytes=100_000))
+        assert len(blocks) > 10 and all(b.nbytes <= max(100_000, info.shape[-1] * 2) for _, b in blocks)
+        assert np.array_equal(np.concatenate([b for _, b in blocks]), ck.raw(name))
+        f = to_f32(blocks[0][1], "BF16")
+        assert f.dtype == np.float32 and np.isfinite(f).all()
+
+
+# ---- the Hugging Face cache -------------------------------------------------------------------------------------
+
+
+def _fake_cache(tmp_path: Path, repo: str, src: Path) -> Path:
+    """A hub-cache layout (models--org--name/snapshots/<rev>/ + refs/main) holding a copy of `src`."""
+    root = tmp_path / "hub"
+    repo_dir = root / ("models--" + repo.replace("/", "--"))
+    snap = repo_dir / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(src, snap)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text("0123456789abcdef0123456789abcdef01234567")
+    return root
+
+
+def test_resolves_from_the_hf_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as c
+
+    root = _fake_cache(tmp_path, "google/gemma-4-E2B", get_variant("tiny-e2b").local_dir)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(root))
+    p = resolve_checkpoint(get_variant("e2b"))
+    assert p.is_dir() and (p / "config.json").is_file() and "snapshots" in str(p)
+
+
+def test_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(CheckpointNotFoundError, match=r"hf download google/gemma-4-31B.*tiny-\* variants"):
+        resolve_checkpoint(get_variant("31b"))
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ckdir(tmp_path):
+    d = tmp_path / "ck"
+    shutil.copytree(get_variant("tiny-31b").local_dir, d)
+    return d
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="no such"):
+        Checkpoint(tmp_path / "nope")
+
+
+def test_no_config(ckdir):
+    (ckdir / "config.json").unlink()
+    with pytest.raises(ConfigError, match="no config.json"):
+        Checkpoint(ckdir)
+
+
+def test_not_gemma4(ckdir):
+    cfg = json.loads((ckdir / "config.json").read_text())
+    cfg.update(architectures=["LlamaForCausalLM"], model_type="llama")
+    (ckdir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="not a Gemma 4 checkpoint"):
+        Checkpoint(ckdir)
+
+
+def test_pickle_is_refused(ckdir):
+    (ckdir / "model.safetensors").unlink()
+    (ckdir / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(CheckpointError, match="never loads pickle"):
+        Checkpoint(ckdir)
+
+
+def test_truncated_file(ckdir):
+    f = ckdir / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: truncated: tensor '.*' ends at"):
+        Checkpoint(ckdir)
+
+
+def test_garbage_header(ckdir):
+    f = ckdir / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:20] = b"\xff" * 12
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        Checkpoint(ckdir)
+
+
+def test_absurd_header_length(ckdir):
+    f = ckdir / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(struct.pack("<Q", 1 << 60) + data[8:])
+    with pytest.raises(CheckpointError, match="declares"):
+        Checkpoint(ckdir)
+
+
+def _rewrite(f: Path, mutate):
+    """Rewrite a safetensors file's header through `mutate(header_dict)`, keeping the data."""
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    mutate(header)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    f.write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n :])
+
+
+def test_missing_tensor_is_named(ckdir):
+    name = "model.language_model.layers.2.mlp.up_proj.weight"
+    _rewrite(ckdir / "model.safetensors", lambda h: h.pop(name))
+    with pytest.raises(CheckpointError, match=f"missing tensor '{name}'"):
+        Checkpoint(ckdir)
+
+
+def test_wrong_shape_is_named(ckdir):
+    name = "model.language_model.layers.5.self_attn.q_proj.weight"  # full layer: 4 heads x 128 = 512 rows
+
+    def m(h):
+        h[name]["shape"] = list(reversed(h[name]["shape"]))
+
+    _rewrite(ckdir / "model.safetensors", m)
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{name}' has shape \[256, 512\], "
+                                              rf"the config implies \[512, 256\]"):
+        Checkpoint(ckdir)
+
+
+def test_overlapping_tensors(ckdir):
+    a = "model.language_model.layers.0.input_layernorm.weight"
+    b = "model.language_model.layers.0.post_attention_layernorm.weight"
+
+    def m(h):
+        h[b]["data_offsets"] = h[a]["data_offsets"]
+
+    _rewrite(ckdir / "model.safetensors", m)
+    with pytest.raises(CheckpointError, match="overlap"):
+        Checkpoint(ckdir)
+
+
+def test_index_names_a_missing_shard(tmp_path):
+    d = tmp_path / "moe"
+    shutil.copytree(get_variant("tiny-26b-a4b").local_dir, d)
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="shard.*not present: model-00002-of-00002.safetensors"):
+        Checkpoint(d)
+
+
+def test_config_shape_mismatch_from_config_side(ckdir):
+    cfg = json.loads((ckdir / "config.json").read_text())
+    cfg["text_config"]["intermediate_size"] = 768
+    (ckdir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not match its config.json"):
+        Checkpoint(ckdir)
