@@ -15,8 +15,9 @@ def make_plan(
     overrides: list[str] | None = None,
     ple_type: str | None = None,
     target: str = "gguf",
+    group_size: int | None = None,
 ) -> Plan:
     """The per-tensor plan: from the shipped config for a published variant (no weights needed), from the weights
     for a tiny variant or a --model-dir checkpoint (so the plan lists the file's own tensors)."""
     src = ModelSource.open(variant, model_dir)
-    return build_plan(src.arch, src.tensor_specs(), quant, src.name, overrides, ple_type, target)
+    return build_plan(src.arch, src.tensor_specs(), quant, src.name, overrides, ple_type, target, group_size)

@@ -87,6 +87,7 @@ def plan(
     model_dir: ModelDirOpt = None,
     quant: Annotated[str, typer.Option("--quant", "-q", help="Preset of the target (gguf: f32 bf16 f16 q8_0 q6_k q5_k_m q4_k_m q4_0).")] = "q4_k_m",
     target: Annotated[str, typer.Option("--target", "-t", help="gguf, mlx or onnx: whose presets and types.")] = "gguf",
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="MLX quantization group: 32, 64, 128.")] = None,
     tensor_type: TensorTypeOpt = None,
     ple_type: PleTypeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
@@ -102,7 +103,7 @@ def plan(
     from .api import make_plan
     from .report import plan_summary, plan_table
 
-    p = make_plan(variant, model_dir, quant, tensor_type, ple_type, target)
+    p = make_plan(variant, model_dir, quant, tensor_type, ple_type, target, group_size)
     if as_json:
         sys.stdout.write(json.dumps(p.to_json()) + "\n")
         return
@@ -144,6 +145,36 @@ def gguf(
         _validate_and_exit(r.path, variant, model_dir, device)
 
 
+@app.command()
+def mlx(
+    variant: VariantOpt = None,
+    model_dir: ModelDirOpt = None,
+    quant: Annotated[str, typer.Option("--quant", "-q", help="Preset: bf16 8bit 6bit 4bit mixed.")] = "4bit",
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="Quantization group: 32, 64 or 128.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("."),
+    tensor_type: TensorTypeOpt = None,
+    ple_type: PleTypeOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact.")] = False,
+    validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Validate in mlx-lm after export.")] = True,
+    device: Annotated[str, typer.Option("--device", help="Validation device: cpu, or gpu (Metal).")] = "cpu",
+) -> None:
+    """Export an MLX directory for mlx-lm (<variant>-mlx-<quant>/), then validate it against the fp32 model.
+
+    Examples:
+      gemma4-export mlx --variant tiny-e2b --quant 4bit --out out/
+      gemma4-export mlx --variant e4b-it --quant mixed --group-size 32 --device gpu
+    """
+    from .progress import RichReporter
+    from .report import human_bytes, plan_summary
+    from .targets.mlx import export_mlx
+
+    r = export_mlx(variant, model_dir, quant, group_size, out, tensor_type, ple_type, force, RichReporter(err))
+    err.print(plan_summary(r.plan), highlight=False)
+    err.print(f"wrote {r.path} ({human_bytes(r.bytes)}; {r.seconds['total']:.1f}s)", highlight=False)
+    if validate:
+        _validate_and_exit(r.path, variant, model_dir, device)
+
+
 def _validate_and_exit(artifact: Path, variant, model_dir, device: str) -> None:
     from .progress import RichReporter
     from .validate.harness import ValidationFailed, validate_artifact
@@ -158,7 +189,7 @@ def _validate_and_exit(artifact: Path, variant, model_dir, device: str) -> None:
 
 @app.command()
 def validate(
-    artifact: Annotated[Path, typer.Argument(help="A GGUF file written by gemma4-export.")],
+    artifact: Annotated[Path, typer.Argument(help="A GGUF file or MLX directory written by gemma4-export.")],
     variant: VariantOpt = None,
     model_dir: ModelDirOpt = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or mps (reference and runtime).")] = "cpu",

@@ -122,8 +122,15 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--work", type=Path, default=Path("/tmp/gemma4-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
+    ap.add_argument("--make", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    ck = make_checkpoint(a.work / "checkpoint", a.layers)
+    if a.make:
+        make_checkpoint(a.make, a.layers)
+        return
+    ck = a.work / "checkpoint"
+    if not (ck / "model.safetensors").is_file():
+        # In a child: a forked process inherits its parent's peak RSS, so the big arrays must not live here.
+        subprocess.run([sys.executable, __file__, "--make", str(ck), "--layers", str(a.layers)], check=True)
     size = (ck / "model.safetensors").stat().st_size
     out = a.work / "out"
     out.mkdir(exist_ok=True)

@@ -24,6 +24,10 @@ def export(target: str, variant: str, preset: str, out: Path) -> Path:
         from gemma4_export.targets.gguf import export_gguf
 
         return export_gguf(variant, quant=preset, out_dir=out, force=True).path
+    if target == "mlx":
+        from gemma4_export.targets.mlx import export_mlx
+
+        return export_mlx(variant, quant=preset, out_dir=out, force=True).path
     raise SystemExit(f"no exporter for {target}")
 
 

@@ -221,6 +221,12 @@ class Checkpoint:
             k = min(per, n_rows - r)
             yield r, self._read(info, r * row, k * row).reshape(k, row)
 
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the tensor flattened to 2-D (rows x last dim), stored dtype."""
+        info = self._info(name)
+        row = info.shape[-1]
+        return self._read(info, start * row, (stop - start) * row).reshape(stop - start, row)
+
     def info(self, name: str) -> TensorInfo:
         return self._info(name)
 

@@ -109,6 +109,10 @@ class Plan:
         }
 
 
+# Largest single tensor a target's runtime can hold.
+MAX_TENSOR_BYTES = {"mlx": 4 * 2**30}
+
+
 def _fallback(t: StorageType, row: int, types: dict[str, StorageType]) -> StorageType | None:
     """The type to use when `t` cannot hold rows of this length (see types.FALLBACK), returned so that the plan
     says so; None when `t` fits."""
@@ -131,8 +135,9 @@ def build_plan(
     overrides: list[str] | None = None,
     ple_type: str | None = None,
     target: str = "gguf",
+    group_size: int | None = None,
 ) -> Plan:
-    p = preset if isinstance(preset, Preset) else get_preset(preset, target)
+    p = preset if isinstance(preset, Preset) else get_preset(preset, target, group_size)
     types = p.types
     if ple_type is not None:
         if not arch.has_ple:
@@ -170,6 +175,13 @@ def build_plan(
         if alt is not None:
             reason = f"{reason}; {t.name} needs rows in multiples of {t.block}, rows here are {spec.row_length}: {alt.name}"
             t, rule = alt, f"{rule}+fallback"
+        limit = MAX_TENSOR_BYTES.get(p.target)
+        if limit and t.nbytes(spec.numel) > limit and rule != "override":
+            # Metal allocates each tensor as one buffer, and a buffer cannot exceed 4 GB: E2B/E4B's PLE table in bf16
+            # (4.7 / 5.6 GB) must be quantized to load on Apple GPUs.
+            small = types[p.high] if not types[p.high].is_float else types[f"Q8G{group_size or 64}"]
+            reason = f"{reason}; {t.name} would be {t.nbytes(spec.numel) / 2**30:.1f} GiB, over Metal's 4 GiB buffer: {small.name}"
+            t, rule = small, f"{rule}+metal-limit"
         entries.append(PlanEntry(spec.name, spec.shape, spec.role.value, t.name, t.nbytes(spec.numel), reason, rule,
                                  spec.layer))
     unused = [ovs[k].pattern for k in range(len(ovs)) if not used[k]]

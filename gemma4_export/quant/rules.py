@@ -82,12 +82,24 @@ PRESETS: dict[tuple[str, str], Preset] = {(p.target, p.name): p for p in _ALL}
 TARGETS = ("gguf", "onnx", "mlx")
 
 
-def get_preset(name: str, target: str = "gguf") -> Preset:
+MLX_GROUP_SIZES = (32, 64, 128)
+
+
+def get_preset(name: str, target: str = "gguf", group_size: int | None = None) -> Preset:
     key = (target, name.strip().lower())
     if key not in PRESETS:
         names = [n for t, n in PRESETS if t == target]
         raise QuantError(f"unknown {target} preset {name!r}; choose from {', '.join(names)}")
-    return PRESETS[key]
+    p = PRESETS[key]
+    if group_size is None or group_size == 64:
+        return p
+    if target != "mlx":
+        raise QuantError(f"--group-size applies to MLX presets only ({target} types have fixed blocks)")
+    if group_size not in MLX_GROUP_SIZES:
+        raise QuantError(f"--group-size {group_size}: MLX affine quantization takes 32, 64 or 128")
+    g = lambda t: t.replace("G64", f"G{group_size}") if t else t  # noqa: E731
+    return Preset(p.name, p.target, g(p.base), g(p.embed), g(p.ple_table), g(p.high), g(p.ple_model_proj), p.full,
+                  g(p.more_bits), p.description)
 
 
 def presets_of(target: str) -> list[str]:

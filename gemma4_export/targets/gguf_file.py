@@ -8,7 +8,9 @@ naming what is wrong, never a hang or an allocation of absurd size.
 
 from __future__ import annotations
 
+import errno
 import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +77,40 @@ def _enc_value(vtype: GGUFValueType, value: Any, sub: GGUFValueType | None = Non
     return struct.pack(_SCALARS[vtype], value)
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """Bytes to copy unchanged from another file (in-kernel where the OS can), instead of through memory."""
+
+    path: Path
+    offset: int
+    nbytes: int
+
+
+def _write_all(f, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = f.write(view)
+        view = view[n:]
+
+
+def _copy_range(src: FileRange, f) -> None:
+    with open(src.path, "rb", buffering=0) as s:
+        left, off = src.nbytes, src.offset
+        try:
+            while left:
+                n = os.copy_file_range(s.fileno(), f.fileno(), left, off)
+                if n == 0:
+                    raise OSError(f"{src.path}: unexpected end of file")
+                left, off = left - n, off + n
+        except (AttributeError, OSError) as e:
+            if isinstance(e, OSError) and e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            while left:  # no in-kernel copy here: go through a bounded buffer
+                chunk = os.pread(s.fileno(), min(left, 64 << 20), off)
+                _write_all(f, chunk)
+                left, off = left - len(chunk), off + len(chunk)
+
+
 @dataclass
 class _TensorEntry:
     name: str
@@ -134,17 +170,22 @@ class GGUFWriter:
         return head + b"\0" * _pad(len(head))
 
     def write(self, f: BinaryIO, blocks_for) -> None:
-        """`blocks_for(entry)` yields the tensor's bytes (numpy arrays or bytes) in order."""
-        f.write(self.header_bytes())
+        """`blocks_for(entry)` yields the tensor's bytes in order: numpy arrays, bytes, or FileRanges to copy.
+        `f` should be unbuffered (open(path, "wb", buffering=0)): ranges are copied at the descriptor's position."""
+        _write_all(f, self.header_bytes())
         for t in self.tensors:
             written = 0
             for block in blocks_for(t):
-                b = block.tobytes() if isinstance(block, np.ndarray) else bytes(block)
-                f.write(b)
-                written += len(b)
+                if isinstance(block, FileRange):
+                    _copy_range(block, f)
+                    written += block.nbytes
+                    continue
+                b = np.ascontiguousarray(block) if isinstance(block, np.ndarray) else block
+                _write_all(f, b)
+                written += b.nbytes if isinstance(b, np.ndarray) else len(b)
             if written != t.nbytes:
                 raise RuntimeError(f"{t.name}: wrote {written} bytes, expected {t.nbytes}")
-            f.write(b"\0" * _pad(t.nbytes))
+            _write_all(f, b"\0" * _pad(t.nbytes))
 
 
 # ---- reading ---------------------------------------------------------------------------------------------------

@@ -42,6 +42,12 @@ THRESHOLDS: dict[tuple[str, str], Thresholds] = {
     ("gguf", "q5_k_m"): Thresholds(8e-3, 0.45, 0.89, 1.012, 0.125, 14),
     ("gguf", "q4_k_m"): Thresholds(1.5e-2, 0.5, 0.86, 1.017, 0.0, 9),
     ("gguf", "q4_0"): Thresholds(2.1e-2, 0.7, 0.83, 1.014, 0.0, 6),
+    # provisional, replaced by calibration below
+    ("mlx", "bf16"): Thresholds(1, 1, 0, 2, 0, 0),
+    ("mlx", "8bit"): Thresholds(1, 1, 0, 2, 0, 0),
+    ("mlx", "6bit"): Thresholds(1, 1, 0, 2, 0, 0),
+    ("mlx", "4bit"): Thresholds(1, 1, 0, 2, 0, 0),
+    ("mlx", "mixed"): Thresholds(1, 1, 0, 2, 0, 0),
 }
 
 

@@ -1,0 +1,297 @@
+"""MLX target: a directory that `mlx_lm.load` reads with no patching.
+
+Weights are named as mlx-lm's Gemma 4 model holds them after its own `sanitize` (`language_model.model.*`, the MoE
+experts split into `switch_glu.{gate,up,down}_proj`), quantized with MLX's own `mx.quantize` (affine, per group) as
+the plan says, and streamed: the safetensors header is computed from the plan first, then each tensor is quantized
+in blocks of rows and written at its offset. config.json names the type of every quantizable module in its
+`quantization` section (mlx-lm's per-module overrides), so `mlx_lm.load` builds exactly the plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .. import __version__
+from ..errors import Gemma4ExportError
+from ..exporter.checkpoint import Checkpoint, to_f32
+from ..exporter.source import ModelSource
+from ..progress import Reporter, Silent
+from ..quant.plan import Plan, PlanEntry, build_plan
+from ..quant.types import MLX_TYPES
+
+MAX_SHARD_BYTES = 5 * 10**9  # mlx-lm's shard size
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                   "special_tokens_map.json", "tokenizer.model")
+
+
+class MLXExportError(Gemma4ExportError):
+    pass
+
+
+def _bits_group(type_name: str) -> tuple[int, int] | None:
+    """("Q4G64") -> (4, 64); None for float types."""
+    if MLX_TYPES[type_name].is_float:
+        return None
+    b, g = type_name[1:].split("G")
+    return int(b), int(g)
+
+
+@dataclass
+class _Out:
+    """One tensor of the output files."""
+
+    name: str
+    dtype: str  # safetensors dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    shard: int = 0
+    offset: int = 0  # inside its shard's data section
+
+
+@dataclass
+class _Job:
+    """How one output module is produced from the checkpoint: which source rows, and into which outputs."""
+
+    entry: PlanEntry
+    path: str  # mlx module/parameter path without the .weight suffix
+    source_rows: list[tuple[int, int]]  # row ranges of the flattened source tensor, in output order
+    shape: tuple[int, ...]  # output (float) shape
+    outs: list[_Out] = field(default_factory=list)
+
+
+def mlx_paths(rel: str, entry: PlanEntry) -> list[tuple[str, list[tuple[int, int]], tuple[int, ...]]]:
+    """(mlx parameter path, source row ranges, output shape) for a text tensor named `rel` under the text prefix.
+    The fused expert gate_up [E, 2I, H] becomes gate and up [E, I, H] (mlx-lm's SwitchGLU)."""
+    base = "language_model.model." + rel
+    if rel.endswith(".experts.gate_up_proj"):
+        e, two_i, h = entry.shape
+        i = two_i // 2
+        stem = base.removesuffix(".gate_up_proj") + ".switch_glu."
+        gate = [(x * two_i, x * two_i + i) for x in range(e)]
+        up = [(x * two_i + i, (x + 1) * two_i) for x in range(e)]
+        return [(stem + "gate_proj.weight", gate, (e, i, h)), (stem + "up_proj.weight", up, (e, i, h))]
+    if rel.endswith(".experts.down_proj"):
+        e, h, i = entry.shape
+        return [(base.removesuffix(".down_proj") + ".switch_glu.down_proj.weight", [(0, e * h)], (e, h, i))]
+    rows = int(np.prod(entry.shape[:-1])) if len(entry.shape) > 1 else 1
+    return [(base, [(0, rows)], entry.shape)]
+
+
+def _outputs(path: str, shape: tuple[int, ...], type_name: str) -> list[_Out]:
+    bg = _bits_group(type_name)
+    if bg is None:
+        size = {"BF16": 2, "F16": 2, "F32": 4}[type_name]
+        return [_Out(path, type_name, shape, int(np.prod(shape)) * size)]
+    bits, group = bg
+    stem = path.removesuffix(".weight")
+    lead, cols = shape[:-1], shape[-1]
+    n = int(np.prod(lead))
+    return [
+        _Out(f"{stem}.weight", "U32", (*lead, cols * bits // 32), n * cols * bits // 8),
+        _Out(f"{stem}.scales", "BF16", (*lead, cols // group), n * cols // group * 2),
+        _Out(f"{stem}.biases", "BF16", (*lead, cols // group), n * cols // group * 2),
+    ]
+
+
+def mlx_config(src_config: dict[str, Any], arch, plan: Plan, quant_paths: dict[str, Any],
+               source_dir: Path | None = None) -> dict[str, Any]:
+    """config.json that current mlx-lm reads fully: every field it defaults to E2B's values is written explicitly,
+    and global head dim / global KV heads sit at the top level even when the source used per_layer_config."""
+    cfg = copy.deepcopy(src_config)
+    tc = cfg.setdefault("text_config", {})
+    tc.pop("per_layer_config", None)
+    tc.update(
+        global_head_dim=arch.global_head_dim,
+        num_global_key_value_heads=arch.num_global_kv_heads if arch.k_eq_v else None,
+        num_kv_shared_layers=arch.num_kv_shared_layers,
+        use_double_wide_mlp=arch.double_wide_mlp,
+        hidden_size_per_layer_input=arch.ple_dim,
+        vocab_size_per_layer_input=arch.vocab_size_per_layer_input,
+        final_logit_softcapping=arch.final_logit_softcapping,
+        layer_types=list(arch.layer_types),
+        attention_k_eq_v=arch.k_eq_v,
+        enable_moe_block=arch.is_moe,
+        tie_word_embeddings=arch.tie_word_embeddings,
+    )
+    if arch.moe:
+        tc.update(num_experts=arch.moe.num_experts, top_k_experts=arch.moe.top_k,
+                  moe_intermediate_size=arch.moe.intermediate_size)
+    cfg["vocab_size"] = arch.vocab_size
+    for k in ("vision_config", "audio_config"):
+        cfg.pop(k, None)  # text-only artifact: the towers are not in it
+    if quant_paths:
+        from collections import Counter
+
+        # the top-level default is the most common quantized type; every module is also named explicitly
+        common = Counter(e.type for e in plan.kept if _bits_group(e.type)).most_common(1)[0][0]
+        base = _bits_group(common)
+        q = {"group_size": base[1], "bits": base[0], "mode": "affine", **quant_paths}
+        cfg["quantization"] = q
+        cfg["quantization_config"] = q
+    cfg["gemma4_export"] = {"version": __version__, "preset": plan.preset, "target": "mlx",
+                            "source": plan.variant, "ple_type": plan.ple_type, "overrides": plan.overrides}
+    if source_dir is not None:
+        cfg["gemma4_export"]["general.source.url"] = source_dir.resolve().as_uri()
+    return cfg
+
+
+@dataclass
+class MLXExport:
+    path: Path
+    plan: Plan
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes: int = 0
+
+
+def _header(outs: list[_Out]) -> bytes:
+    h: dict[str, Any] = {"__metadata__": {"format": "mlx"}}
+    for o in outs:
+        h[o.name] = {"dtype": o.dtype, "shape": list(o.shape), "data_offsets": [o.offset, o.offset + o.nbytes]}
+    b = json.dumps(h, separators=(",", ":")).encode()
+    b += b" " * (-len(b) % 8)
+    return len(b).to_bytes(8, "little") + b
+
+
+def _blocks(ck: Checkpoint, job: _Job, block_bytes: int) -> Iterator[np.ndarray]:
+    """Source rows in output order, in blocks of at most ~block_bytes."""
+    info = ck.info(job.entry.name)
+    row = info.shape[-1] if info.shape else 1
+    per = max(1, block_bytes // (row * 2))
+    for start, stop in job.source_rows:
+        for r in range(start, stop, per):
+            yield to_f32(ck.rows(job.entry.name, r, min(stop, r + per)), info.dtype)
+
+
+def export_mlx(
+    variant: str | None = None,
+    model_dir: str | Path | None = None,
+    quant: str = "4bit",
+    group_size: int | None = None,
+    out_dir: str | Path = ".",
+    overrides: list[str] | None = None,
+    ple_type: str | None = None,
+    force: bool = False,
+    reporter: Reporter | None = None,
+    block_bytes: int = 32 << 20,
+) -> MLXExport:
+    try:
+        import mlx.core as mx
+    except ImportError:
+        raise MLXExportError("the MLX target needs mlx: pip install 'gemma4-export[mlx]'") from None
+    reporter = reporter or Silent()
+    t0 = time.perf_counter()
+    src = ModelSource.open(variant, model_dir, need_weights=True)
+    ck = src.checkpoint
+    plan = build_plan(src.arch, src.tensor_specs(), quant, src.name, overrides, ple_type, "mlx", group_size)
+    suffix = quant if not group_size or group_size == 64 else f"{quant}-g{group_size}"
+    final = Path(out_dir) / f"{src.name}-mlx-{suffix}"
+    if final.exists() and not force:
+        raise MLXExportError(f"{final} exists; pass --force to replace it")
+
+    jobs: list[_Job] = []
+    quant_paths: dict[str, Any] = {}
+    for e in plan.kept:
+        rel = e.name[len(ck.text_prefix):]
+        for path, rows, shape in mlx_paths(rel, e):
+            job = _Job(e, path, rows, shape, _outputs(path, shape, e.type))
+            jobs.append(job)
+            module = path.removesuffix(".weight")
+            if path.endswith(".weight") and len(shape) >= 2:
+                bg = _bits_group(e.type)
+                quant_paths[module] = {"group_size": bg[1], "bits": bg[0]} if bg else False
+    if not any(v for v in quant_paths.values()):
+        quant_paths = {}
+    # deterministic order: by name; shards of at most 5 GB, whole modules per shard
+    outs = sorted((o for j in jobs for o in j.outs), key=lambda o: o.name)
+    shard, used = 0, 0
+    for o in outs:
+        if used and used + o.nbytes > MAX_SHARD_BYTES:
+            shard, used = shard + 1, 0
+        o.shard, o.offset = shard, used
+        used += o.nbytes
+    n_shards = shard + 1
+    names = ["model.safetensors"] if n_shards == 1 else [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+                                                         for i in range(n_shards)]
+    total = sum(o.nbytes for o in outs)
+    need = total + (64 << 20)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(final.parent).free < need:
+        raise MLXExportError(f"not enough disk space in {final.parent}: the export needs about {need / 1e9:.2f} GB")
+    tmp = final.parent / f".{final.name}.{os.getpid()}.partial"
+    try:
+        tmp.mkdir()
+        fds, bases = [], []
+        for i, fname in enumerate(names):
+            head = _header([o for o in outs if o.shard == i])
+            fd = os.open(tmp / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(fd, head)
+            fds.append(fd)
+            bases.append(len(head))
+        with reporter.task(f"quantize {plan.preset} (mlx)", total) as task:
+            for job in jobs:
+                bg = _bits_group(job.entry.type)
+                written = [0] * len(job.outs)
+                for block in _blocks(ck, job, block_bytes):
+                    if bg is None:
+                        parts = [_float_bytes(block, job.entry.type)]
+                    else:
+                        w = mx.array(block).astype(mx.bfloat16)
+                        wq, scales, biases = mx.quantize(w, group_size=bg[1], bits=bg[0])
+                        parts = [np.array(wq).tobytes(), np.array(scales.view(mx.uint16)).tobytes(),
+                                 np.array(biases.view(mx.uint16)).tobytes()]
+                    for k, (o, data) in enumerate(zip(job.outs, parts)):
+                        os.pwrite(fds[o.shard], data, bases[o.shard] + o.offset + written[k])
+                        written[k] += len(data)
+                        task.advance(len(data))
+                for o, n in zip(job.outs, written):
+                    if n != o.nbytes:
+                        raise MLXExportError(f"{o.name}: wrote {n} bytes, planned {o.nbytes}")
+        for fd in fds:
+            os.fsync(fd)
+            os.close(fd)
+        index = {"metadata": {"total_size": total}, "weight_map": {o.name: names[o.shard] for o in outs}}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        cfg = mlx_config(src.config, src.arch, plan, quant_paths, src.directory)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        for f in TOKENIZER_FILES:
+            if (ck.dir / f).is_file():
+                shutil.copy2(ck.dir / f, tmp / f)
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.{os.getpid()}.old"
+            final.rename(old)
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old)
+    except OSError as e:
+        import errno
+
+        if e.errno == errno.ENOSPC:
+            raise MLXExportError(f"disk full while writing {final.name}; nothing was written under {final}") from None
+        raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        ck.close()
+    res = MLXExport(final, plan, {"total": time.perf_counter() - t0})
+    res.bytes = sum(p.stat().st_size for p in final.iterdir())
+    return res
+
+
+def _float_bytes(block: np.ndarray, type_name: str) -> bytes:
+    if type_name == "F32":
+        return block.astype(np.float32).tobytes()
+    if type_name == "F16":
+        return block.astype(np.float16).tobytes()
+    from .gguf import _bf16_bits
+
+    return _bf16_bits(block).tobytes()

@@ -1,0 +1,90 @@
+"""mlx-lm as the runtime for MLX artifacts: `mlx_lm.load`, logits from the model, greedy tokens from mlx-lm's own
+generate path (`generate_step`, which decodes through its KV cache)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import Gemma4ExportError
+
+
+def check_safetensors(directory: Path) -> None:
+    """Open every shard with the safetensors library, which rejects overlapping or holey files that mx.load would
+    accept, and check that the index and the files agree."""
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise Gemma4ExportError(f"{directory}: no safetensors weights")
+    seen: dict[str, str] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="numpy") as st:
+                for k in st.keys():
+                    seen[k] = f.name
+        except Exception as e:  # the library's own error, whatever its type
+            raise Gemma4ExportError(f"{f}: not a valid safetensors file ({e})") from None
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        wm = json.loads(index.read_text())["weight_map"]
+        if wm != seen:
+            raise Gemma4ExportError(f"{index}: does not match the shards' contents")
+
+
+def artifact_info(path: Path):
+    from .harness import ArtifactInfo
+
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise Gemma4ExportError(f"{path}/config.json: unreadable ({e})") from None
+    meta = cfg.get("gemma4_export")
+    if not meta or meta.get("target") != "mlx":
+        raise Gemma4ExportError(f"{path}: not an MLX directory written by gemma4-export")
+    check_safetensors(path)
+    return ArtifactInfo(meta["preset"], {"general.name": meta.get("source"), **meta})
+
+
+class MLXRunner:
+    name = "mlx-lm"
+
+    def __init__(self, path: Path, device: str = "cpu"):
+        try:
+            import mlx.core as mx
+            import mlx_lm
+        except ImportError:
+            raise Gemma4ExportError("validating MLX needs mlx and mlx-lm: pip install 'gemma4-export[mlx]'") from None
+        if device in ("gpu", "mps", "metal"):
+            if not mx.metal.is_available():
+                raise Gemma4ExportError(f"--device {device}: MLX has no Metal GPU here")
+            mx.set_default_device(mx.gpu)
+        else:
+            mx.set_default_device(mx.cpu)
+        self.mx, self.device = mx, str(mx.default_device())
+        self.model, self.tokenizer = mlx_lm.load(str(path))
+        self._version = mlx_lm.__version__
+
+    def describe(self) -> dict:
+        return {"runtime": f"mlx-lm {self._version} (mlx {self.mx.__version__})", "device": self.device}
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        out = self.model(self.mx.array([ids]))[0].astype(self.mx.float32)
+        return np.array(out)
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        from mlx_lm.generate import generate_step
+
+        out = []
+        for tok, _ in generate_step(self.mx.array(ids), self.model, max_tokens=n):  # default sampler: argmax
+            out.append(int(tok))
+        return out
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+def make_runner(path: Path, spec, device: str, preset: str) -> MLXRunner:
+    return MLXRunner(path, device)

@@ -1,0 +1,101 @@
+"""MLX export: mlx-lm loads it unpatched, every module has the plan's type, and it validates in mlx-lm."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+
+from gemma4_export.errors import Gemma4ExportError, QuantError  # noqa: E402
+from gemma4_export.exporter.variants import TINY  # noqa: E402
+from gemma4_export.targets.mlx import export_mlx  # noqa: E402
+from gemma4_export.validate.mlxrt import check_safetensors  # noqa: E402
+
+PRESETS = ["bf16", "8bit", "4bit"]
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("mlx")
+
+
+def _module_types(model) -> dict[str, object]:
+    import mlx.nn as nn
+
+    out = {}
+    for path, m in model.named_modules():
+        if hasattr(m, "bits") and hasattr(m, "group_size"):
+            out[path] = (m.bits, m.group_size)
+        elif isinstance(m, (nn.Linear, nn.Embedding)) or type(m).__name__ == "SwitchLinear":
+            out[path] = None
+    return out
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("variant", TINY)
+def test_export_loads_and_validates(variant, preset, out_dir):
+    from mlx_lm import load
+
+    r = export_mlx(variant, quant=preset, out_dir=out_dir, force=True)
+    check_safetensors(r.path)
+    cfg = json.loads((r.path / "config.json").read_text())
+    tc = cfg["text_config"]
+    assert "per_layer_config" not in tc and tc["global_head_dim"] == 128
+    assert tc["num_kv_shared_layers"] == (5 if variant == "tiny-e2b" else 0)
+    assert "vision_config" not in cfg and (r.path / "tokenizer.json").is_file()
+
+    # every quantizable module is built with exactly the plan's type
+    model, _ = load(str(r.path))
+    got = _module_types(model)
+    q = cfg.get("quantization", {})
+    planned = {k: v for k, v in q.items() if k not in ("group_size", "bits", "mode")}
+    if preset == "bf16":
+        assert not planned and all(v is None for v in got.values())
+    else:
+        assert planned
+        for path, want in planned.items():
+            assert path in got, path
+            assert got[path] == (None if want is False else (want["bits"], want["group_size"])), path
+        router = [p for p in planned if p.endswith("router.proj")]
+        assert all(planned[p] is False for p in router), "the MoE router stays unquantized"
+
+    # validation in a fresh process, as a user runs it
+    v = subprocess.run([sys.executable, "-m", "gemma4_export.cli", "validate", str(r.path)], capture_output=True,
+                       text=True, timeout=900)
+    report = json.loads((out_dir / f"{r.path.name}.validation.json").read_text())
+    assert v.returncode == 0, (report["failures"], v.stderr[-2000:])
+    assert report["passed"] and report["tokenizer"]["mismatches"] == []
+
+
+def test_group_size_and_bad_choices(out_dir):
+    r = export_mlx("tiny-31b", quant="4bit", group_size=32, out_dir=out_dir, force=True)
+    assert r.path.name == "tiny-31b-mlx-4bit-g32"
+    q = json.loads((r.path / "config.json").read_text())["quantization"]
+    assert q["group_size"] == 32
+    with pytest.raises(QuantError, match="32, 64 or 128"):
+        export_mlx("tiny-31b", quant="4bit", group_size=48, out_dir=out_dir)
+    with pytest.raises(QuantError, match="unknown mlx preset"):
+        export_mlx("tiny-31b", quant="q4_k_m", out_dir=out_dir)
+    with pytest.raises(Gemma4ExportError, match="exists"):
+        export_mlx("tiny-31b", quant="4bit", group_size=32, out_dir=out_dir)
+
+
+def test_metal_limit_is_in_the_plan():
+    from gemma4_export.api import make_plan
+
+    e = make_plan("e2b", quant="bf16", target="mlx").by_name()["model.language_model.embed_tokens_per_layer.weight"]
+    assert e.type == "Q8G64" and "Metal" in e.reason
+    e4 = make_plan("e4b", quant="4bit", target="mlx").by_name()["model.language_model.embed_tokens_per_layer.weight"]
+    assert e4.type == "Q4G64"
+
+
+def test_corrupt_mlx_weights_are_caught(out_dir):
+    r = export_mlx("tiny-31b", quant="8bit", out_dir=out_dir / "c", force=True)
+    f = r.path / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(Gemma4ExportError, match="not a valid safetensors file"):
+        check_safetensors(r.path)
