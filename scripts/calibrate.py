@@ -46,6 +46,7 @@ def main() -> None:
                 m = dict(kld_mean=lg.kld_mean, kld_p999=lg.kld_p999, top1=lg.top1_agreement, ppl=lg.ppl_ratio,
                          exact=gm.exact_match_rate, first_div=gm.mean_first_divergence, maxdiff=lg.max_logit_diff)
                 rows.append((v, p, rep.bits_per_weight, m))
+                print(v, p, {k: round(x, 6) for k, x in m.items()}, flush=True)
                 w = worst.setdefault(p, dict(m))
                 for k in ("kld_mean", "kld_p999", "ppl", "maxdiff"):
                     w[k] = max(w[k], m[k])

@@ -1,0 +1,39 @@
+"""One module per output format. What they share: the result of an export, and float encodings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..quant.plan import Plan
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    plan: Plan
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes: int = 0
+
+
+def bf16_bits(f32: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, round to nearest even (NaN kept NaN)."""
+    u = np.ascontiguousarray(f32, dtype=np.float32).view(np.uint32)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(f32)
+    if nan.any():
+        r[nan] = 0x7FC0
+    return r
+
+
+def encode_float(f32: np.ndarray, type_name: str) -> np.ndarray:
+    """float32 values as a float storage type (F32, F16 or BF16)."""
+    if type_name == "F32":
+        return np.ascontiguousarray(f32, dtype=np.float32)
+    if type_name == "F16":
+        return f32.astype(np.float16)
+    if type_name == "BF16":
+        return bf16_bits(f32)
+    raise ValueError(f"{type_name} is not a float storage type")

@@ -16,7 +16,6 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES, GGUFV
 
 from .. import __version__, llama_log
 from ..atomic import atomic_file
+from . import ExportResult, encode_float
 from ..errors import Gemma4ExportError
 from ..exporter.arch import Gemma4Arch
 from ..exporter.checkpoint import Checkpoint
@@ -198,38 +198,19 @@ def read_license(directory: Path | None) -> str | None:
 # ---- conversion ------------------------------------------------------------------------------------------------
 
 
-def _bf16_bits(f32: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns, round to nearest even (NaN kept NaN)."""
-    u = np.ascontiguousarray(f32, dtype=np.float32).view(np.uint32)
-    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(f32)
-    if nan.any():
-        r[nan] = 0x7FC0
-    return r
-
-
 def _encode(block: np.ndarray, src_dtype: str, out_type: str) -> np.ndarray:
     """One block of rows from the checkpoint's stored dtype to the intermediate/final float type."""
     if src_dtype == "BF16" and out_type == "BF16":
         return block  # bit-exact copy
     from ..exporter.checkpoint import to_f32
 
-    f = to_f32(block, src_dtype)
-    if out_type == "F32":
-        return f
-    if out_type == "F16":
-        return f.astype(np.float16)
-    if out_type == "BF16":
-        return _bf16_bits(f)
-    raise ExportError(f"cannot write {out_type} directly")
+    try:
+        return encode_float(to_f32(block, src_dtype), out_type)
+    except ValueError:
+        raise ExportError(f"cannot write {out_type} directly") from None
 
 
-@dataclass
-class GGUFExport:
-    path: Path
-    plan: Plan
-    seconds: dict[str, float] = field(default_factory=dict)
-    bytes: int = 0
+GGUFExport = ExportResult
 
 
 def _staged_type(e: PlanEntry, src_dtype: str) -> str:

@@ -27,6 +27,7 @@ from ..exporter.source import ModelSource
 from ..progress import Reporter, Silent
 from ..quant.plan import Plan, PlanEntry, build_plan
 from ..quant.types import MLX_TYPES
+from . import ExportResult, encode_float
 
 MAX_SHARD_BYTES = 5 * 10**9  # mlx-lm's shard size
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
@@ -144,12 +145,7 @@ def mlx_config(src_config: dict[str, Any], arch, plan: Plan, quant_paths: dict[s
     return cfg
 
 
-@dataclass
-class MLXExport:
-    path: Path
-    plan: Plan
-    seconds: dict[str, float] = field(default_factory=dict)
-    bytes: int = 0
+MLXExport = ExportResult
 
 
 def _header(outs: list[_Out]) -> bytes:
@@ -242,7 +238,7 @@ def export_mlx(
                 written = [0] * len(job.outs)
                 for block in _blocks(ck, job, block_bytes):
                     if bg is None:
-                        parts = [_float_bytes(block, job.entry.type)]
+                        parts = [encode_float(block, job.entry.type).tobytes()]
                     else:
                         w = mx.array(block).astype(mx.bfloat16)
                         wq, scales, biases = mx.quantize(w, group_size=bg[1], bits=bg[0])
@@ -286,12 +282,3 @@ def export_mlx(
     res.bytes = sum(p.stat().st_size for p in final.iterdir())
     return res
 
-
-def _float_bytes(block: np.ndarray, type_name: str) -> bytes:
-    if type_name == "F32":
-        return block.astype(np.float32).tobytes()
-    if type_name == "F16":
-        return block.astype(np.float16).tobytes()
-    from .gguf import _bf16_bits
-
-    return _bf16_bits(block).tobytes()

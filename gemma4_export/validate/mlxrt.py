@@ -66,9 +66,23 @@ class MLXRunner:
         self.mx, self.device = mx, str(mx.default_device())
         self.model, self.tokenizer = mlx_lm.load(str(path))
         self._version = mlx_lm.__version__
+        self.note = None
+        if mx.default_device() == mx.cpu:
+            # MLX's CPU GatherMM (unquantized MoE experts) only takes float32: widen those weights on the CPU.
+            # Exact (bf16 -> f32), and quantized experts (gather_qmm) run as stored.
+            n = 0
+            for _, m in self.model.named_modules():
+                if type(m).__name__ == "SwitchLinear" and m.weight.dtype != mx.float32:
+                    m.weight = m.weight.astype(mx.float32)
+                    n += 1
+            if n:
+                self.note = f"{n} unquantized expert weights widened to float32 (MLX CPU GatherMM)"
 
     def describe(self) -> dict:
-        return {"runtime": f"mlx-lm {self._version} (mlx {self.mx.__version__})", "device": self.device}
+        d = {"runtime": f"mlx-lm {self._version} (mlx {self.mx.__version__})", "device": self.device}
+        if self.note:
+            d["note"] = self.note
+        return d
 
     def logits(self, ids: list[int]) -> np.ndarray:
         out = self.model(self.mx.array([ids]))[0].astype(self.mx.float32)
