@@ -120,7 +120,7 @@ class Report:
 
     def write(self, directory: Path | None = None) -> tuple[Path, Path]:
         base = Path(self.artifact)
-        d = directory or (base.parent if base.is_file() else base)
+        d = directory or base.parent  # beside the artifact, never inside an artifact directory
         stem = base.name
         j, m = d / f"{stem}.validation.json", d / f"{stem}.validation.md"
         j.write_text(json.dumps(self.to_json(), indent=2) + "\n")
