@@ -8,6 +8,8 @@ Not a test.
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,7 +45,14 @@ def main() -> None:
             ref = Reference(get_variant(v).local_dir)
             ours = export_mlx(v, quant="4bit", out_dir=tmp, force=True).path
             theirs = Path(tmp) / f"{v}-mlx_lm-convert-4bit"
-            subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src.directory),
+            # mlx-lm's gemma4 ModelArgs overrides text_config.vocab_size with a top-level vocab_size that defaults
+            # to 262144; the tiny configs keep it in text_config only, so give mlx_lm.convert a copy that has both.
+            hf = Path(tmp) / f"{v}-hf"
+            shutil.copytree(src.directory, hf, dirs_exist_ok=True)
+            cfg = json.loads((hf / "config.json").read_text())
+            cfg["vocab_size"] = src.arch.vocab_size
+            (hf / "config.json").write_text(json.dumps(cfg))
+            subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(hf),
                             "--mlx-path", str(theirs), "-q", "--q-bits", "4"], check=True, capture_output=True)
             for label, path in (("gemma4-export 4bit", ours), ("mlx_lm.convert -q --q-bits 4", theirs)):
                 m = measure(path, ref, src)
