@@ -13,7 +13,7 @@ import pytest
 
 from gemma4_export.atomic import OutputError
 from gemma4_export.errors import Gemma4ExportError, QuantError
-from gemma4_export.exporter.variants import TINY
+from gemma4_export.exporter.variants import TINY, get_variant
 from gemma4_export.targets.gguf import export_gguf, gguf_name
 from gemma4_export.targets.gguf_file import GGUFFormatError, GGUFWriter, read_gguf
 from gemma4_export.validate.harness import validate_artifact
@@ -57,7 +57,7 @@ def test_export_matches_plan_and_validates(variant, preset, out_dir, references)
     assert not [n for n in g.tensors if "vision" in n or "audio" in n]
     # metadata written from the config, never left to llama.cpp's defaults
     m = g.metadata
-    a = r.plan and __import__("gemma4_export.exporter.variants", fromlist=["x"]).get_variant(variant).arch()
+    a = get_variant(variant).arch()
     assert m["general.architecture"] == "gemma4" and m["gemma4_export.preset"] == preset
     assert m["gemma4.final_logit_softcapping"] == pytest.approx(30.0)
     assert m["gemma4.attention.sliding_window_pattern"] == list(a.sliding_pattern)

@@ -207,9 +207,6 @@ class Checkpoint:
         info = self._info(name)
         return self._read(info, 0, info.numel).reshape(info.shape)
 
-    def read_f32(self, name: str) -> np.ndarray:
-        return to_f32(self.raw(name), self._info(name).dtype)
-
     def iter_rows(self, name: str, max_bytes: int = 64 << 20) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, block of stored rows) over the tensor flattened to 2-D (rows x last dim), each block at most
         ~max_bytes (at least one row). Stored dtype, as `raw`."""

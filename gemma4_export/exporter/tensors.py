@@ -6,7 +6,6 @@ that `plan --variant 31b` works with no weights and `plan --model-dir` shows the
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import Enum
 
@@ -172,10 +171,3 @@ def detect_text_prefix(names: list[str] | set[str]) -> str:
         f"'{TEXT_PREFIX}' (multimodal layout) or '{TEXT_ONLY_PREFIX}layers.' (text-only)"
     )
 
-
-_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
-
-
-def layer_of(name: str) -> int | None:
-    m = _LAYER_RE.search(name)
-    return int(m.group(1)) if m else None

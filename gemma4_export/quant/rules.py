@@ -81,7 +81,6 @@ _ALL = (
                                                         "a K-quant mix favours, 8-bit PLE projections, bf16 head"),
 )
 PRESETS: dict[tuple[str, str], Preset] = {(p.target, p.name): p for p in _ALL}
-TARGETS = ("gguf", "onnx", "mlx")
 
 
 MLX_GROUP_SIZES = (32, 64, 128)

@@ -99,7 +99,7 @@ def compare_generations(ref: list[list[int]], art: list[list[int]], new_tokens: 
     firsts, exact = [], 0
     for r, a in zip(ref, art):
         n = min(len(r), len(a))
-        d = next((i for i in range(n) if r[i] != a[i]), n if len(r) == len(a) else n)
+        d = next((i for i in range(n) if r[i] != a[i]), n)  # a prefix of the other diverges where it ends
         exact += int(r == a)
         firsts.append(d if r != a else new_tokens)
     return GenerationMetrics(
