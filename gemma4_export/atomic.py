@@ -74,3 +74,37 @@ def _fsync_dir(d: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def atomic_dir(final: str | Path, force: bool = False, need_bytes: int = 0) -> Iterator[Path]:
+    """Yields a hidden temporary directory beside `final`; on success it replaces `final` (kept until then: an
+    existing artifact is only removed once the new one is complete)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not force:
+        raise OutputError(f"{final} exists; pass --force to replace it")
+    have = free_bytes(final.parent)
+    if need_bytes and have < need_bytes:
+        raise OutputError(f"not enough disk space in {final.parent}: the export needs about "
+                          f"{need_bytes / 1e9:.2f} GB, {have / 1e9:.2f} GB are free")
+    st = Staging(final)
+    tmp, old = st.path, st.temp("old")
+    try:
+        tmp.mkdir()
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        _fsync_dir(final.parent)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OutputError(f"disk full while writing {final.name}; nothing was written under {final}") from None
+        raise
+    finally:
+        for p in (tmp, old):
+            if p.is_dir():
+                shutil.rmtree(p)

@@ -85,7 +85,7 @@ def variants(
 def plan(
     variant: VariantOpt = None,
     model_dir: ModelDirOpt = None,
-    quant: Annotated[str, typer.Option("--quant", "-q", help="Preset of the target (gguf: f32 bf16 f16 q8_0 q6_k q5_k_m q4_k_m q4_0).")] = "q4_k_m",
+    quant: Annotated[str, typer.Option("--quant", "-q", help="Preset of the target (gguf: f32 bf16 f16 q8_0 q6_k q5_k_m q4_k_m q4_0; onnx: fp32 fp16 int8 int4; mlx: bf16 8bit 6bit 4bit mixed).")] = "q4_k_m",
     target: Annotated[str, typer.Option("--target", "-t", help="gguf, mlx or onnx: whose presets and types.")] = "gguf",
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="MLX quantization group: 32, 64, 128.")] = None,
     tensor_type: TensorTypeOpt = None,
@@ -175,6 +175,35 @@ def mlx(
         _validate_and_exit(r.path, variant, model_dir, device)
 
 
+@app.command()
+def onnx(
+    variant: VariantOpt = None,
+    model_dir: ModelDirOpt = None,
+    quant: Annotated[str, typer.Option("--quant", "-q", help="Preset: fp32 fp16 int8 int4.")] = "int4",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("."),
+    tensor_type: TensorTypeOpt = None,
+    ple_type: PleTypeOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact.")] = False,
+    validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Validate in onnxruntime after export.")] = True,
+    device: Annotated[str, typer.Option("--device", help="Validation device: cpu, cuda (CUDA provider) or mps (CoreML).")] = "cpu",
+) -> None:
+    """Export an ONNX decoder with KV cache for onnxruntime (<variant>-onnx-<quant>/), then validate it.
+
+    Examples:
+      gemma4-export onnx --variant tiny-e2b --quant int4 --out out/
+      gemma4-export onnx --variant e2b-it --quant int4 --ple-type INT8 --device cuda
+    """
+    from .progress import RichReporter
+    from .report import human_bytes, plan_summary
+    from .targets.onnx import export_onnx
+
+    r = export_onnx(variant, model_dir, quant, out, tensor_type, ple_type, force, RichReporter(err))
+    err.print(plan_summary(r.plan), highlight=False)
+    err.print(f"wrote {r.path} ({human_bytes(r.bytes)}; {r.seconds['total']:.1f}s)", highlight=False)
+    if validate:
+        _validate_and_exit(r.path, variant, model_dir, device)
+
+
 def _validate_and_exit(artifact: Path, variant, model_dir, device: str) -> None:
     from .progress import RichReporter
     from .validate.harness import ValidationFailed, validate_artifact
@@ -189,7 +218,7 @@ def _validate_and_exit(artifact: Path, variant, model_dir, device: str) -> None:
 
 @app.command()
 def validate(
-    artifact: Annotated[Path, typer.Argument(help="A GGUF file or MLX directory written by gemma4-export.")],
+    artifact: Annotated[Path, typer.Argument(help="A GGUF file, ONNX directory or MLX directory written by gemma4-export.")],
     variant: VariantOpt = None,
     model_dir: ModelDirOpt = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or mps (reference and runtime).")] = "cpu",

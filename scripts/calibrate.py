@@ -1,6 +1,6 @@
 """Measure validation metrics of every tiny variant at every preset of a target, to calibrate thresholds.
 
-    python scripts/calibrate.py [--target gguf] [--out docs/thresholds-gguf.md]
+    python scripts/calibrate.py [--target gguf|mlx|onnx] [--out docs/thresholds-gguf.md]
 
 Prints one row per variant and preset, and per preset the worst value of each metric across variants: the
 thresholds in gemma4_export/validate/thresholds.py sit at about 2x those worst values (PPL excess and 1 - top-1
@@ -28,6 +28,10 @@ def export(target: str, variant: str, preset: str, out: Path) -> Path:
         from gemma4_export.targets.mlx import export_mlx
 
         return export_mlx(variant, quant=preset, out_dir=out, force=True).path
+    if target == "onnx":
+        from gemma4_export.targets.onnx import export_onnx
+
+        return export_onnx(variant, quant=preset, out_dir=out, force=True).path
     raise SystemExit(f"no exporter for {target}")
 
 
@@ -58,7 +62,7 @@ def main() -> None:
                      f"{m['exact']:.3f} | {m['first_div']:.1f} | {m['maxdiff']:.4f}")
     for v, p, bpw, m in rows:
         lines.append(f"| {v} | {p} | {bpw:.2f} | {fmt(m)} |")
-    lines += ["", "Worst across variants:", "", head.replace("| variant ", "| ").replace("| bpw ", ""),
+    lines += ["", "Worst across variants:", "", head.replace("| variant | preset | bpw ", "| preset "),
               "|" + "---|" * 8]
     for p, w in worst.items():
         lines.append(f"| {p} | {fmt(w)} |")

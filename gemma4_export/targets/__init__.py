@@ -18,6 +18,22 @@ class ExportResult:
     bytes: int = 0
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                   "special_tokens_map.json", "tokenizer.model")
+
+
+def copy_tokenizer_files(source: Path, dest: Path) -> list[str]:
+    """The checkpoint's tokenizer files that exist, copied into an artifact directory."""
+    import shutil
+
+    copied = []
+    for f in TOKENIZER_FILES:
+        if (source / f).is_file():
+            shutil.copy2(source / f, dest / f)
+            copied.append(f)
+    return copied
+
+
 def bf16_bits(f32: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns, round to nearest even (NaN kept NaN)."""
     u = np.ascontiguousarray(f32, dtype=np.float32).view(np.uint32)

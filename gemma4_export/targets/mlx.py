@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,17 +20,16 @@ from typing import Any, Iterator
 import numpy as np
 
 from .. import __version__
+from ..atomic import OutputError, atomic_dir
 from ..errors import Gemma4ExportError
 from ..exporter.checkpoint import Checkpoint, to_f32
 from ..exporter.source import ModelSource
 from ..progress import Reporter, Silent
 from ..quant.plan import Plan, PlanEntry, build_plan
 from ..quant.types import MLX_TYPES
-from . import ExportResult, encode_float
+from . import ExportResult, copy_tokenizer_files, encode_float
 
 MAX_SHARD_BYTES = 5 * 10**9  # mlx-lm's shard size
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
-                   "special_tokens_map.json", "tokenizer.model")
 
 
 class MLXExportError(Gemma4ExportError):
@@ -167,6 +165,40 @@ def _blocks(ck: Checkpoint, job: _Job, block_bytes: int) -> Iterator[np.ndarray]
             yield to_f32(ck.rows(job.entry.name, r, min(stop, r + per)), info.dtype)
 
 
+def _write(tmp: Path, ck: Checkpoint, jobs: list[_Job], outs: list[_Out], names: list[str], total: int,
+           reporter: Reporter, plan: Plan, mx) -> None:
+    fds, bases = [], []
+    try:
+        for i, fname in enumerate(names):
+            head = _header([o for o in outs if o.shard == i])
+            fd = os.open(tmp / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fds.append(fd)
+            os.write(fd, head)
+            bases.append(len(head))
+        with reporter.task(f"quantize {plan.preset} (mlx)", total) as task:
+            for job in jobs:
+                bg = _bits_group(job.entry.type)
+                written = [0] * len(job.outs)
+                for block in _blocks(ck, job, 32 << 20):
+                    if bg is None:
+                        parts = [encode_float(block, job.entry.type).tobytes()]
+                    else:
+                        w = mx.array(block).astype(mx.bfloat16)
+                        wq, scales, biases = mx.quantize(w, group_size=bg[1], bits=bg[0])
+                        parts = [np.array(wq).tobytes(), np.array(scales.view(mx.uint16)).tobytes(),
+                                 np.array(biases.view(mx.uint16)).tobytes()]
+                    for k, (o, data) in enumerate(zip(job.outs, parts)):
+                        os.pwrite(fds[o.shard], data, bases[o.shard] + o.offset + written[k])
+                        written[k] += len(data)
+                        task.advance(len(data))
+                for o, n in zip(job.outs, written):
+                    if n != o.nbytes:
+                        raise MLXExportError(f"{o.name}: wrote {n} bytes, planned {o.nbytes}")
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def export_mlx(
     variant: str | None = None,
     model_dir: str | Path | None = None,
@@ -177,7 +209,6 @@ def export_mlx(
     ple_type: str | None = None,
     force: bool = False,
     reporter: Reporter | None = None,
-    block_bytes: int = 32 << 20,
 ) -> MLXExport:
     try:
         import mlx.core as mx
@@ -191,7 +222,7 @@ def export_mlx(
     suffix = quant if not group_size or group_size == 64 else f"{quant}-g{group_size}"
     final = Path(out_dir) / f"{src.name}-mlx-{suffix}"
     if final.exists() and not force:
-        raise MLXExportError(f"{final} exists; pass --force to replace it")
+        raise OutputError(f"{final} exists; pass --force to replace it")
 
     jobs: list[_Job] = []
     quant_paths: dict[str, Any] = {}
@@ -219,64 +250,15 @@ def export_mlx(
                                                          for i in range(n_shards)]
     total = sum(o.nbytes for o in outs)
     need = total + (64 << 20)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if shutil.disk_usage(final.parent).free < need:
-        raise MLXExportError(f"not enough disk space in {final.parent}: the export needs about {need / 1e9:.2f} GB")
-    tmp = final.parent / f".{final.name}.{os.getpid()}.partial"
     try:
-        tmp.mkdir()
-        fds, bases = [], []
-        for i, fname in enumerate(names):
-            head = _header([o for o in outs if o.shard == i])
-            fd = os.open(tmp / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.write(fd, head)
-            fds.append(fd)
-            bases.append(len(head))
-        with reporter.task(f"quantize {plan.preset} (mlx)", total) as task:
-            for job in jobs:
-                bg = _bits_group(job.entry.type)
-                written = [0] * len(job.outs)
-                for block in _blocks(ck, job, block_bytes):
-                    if bg is None:
-                        parts = [encode_float(block, job.entry.type).tobytes()]
-                    else:
-                        w = mx.array(block).astype(mx.bfloat16)
-                        wq, scales, biases = mx.quantize(w, group_size=bg[1], bits=bg[0])
-                        parts = [np.array(wq).tobytes(), np.array(scales.view(mx.uint16)).tobytes(),
-                                 np.array(biases.view(mx.uint16)).tobytes()]
-                    for k, (o, data) in enumerate(zip(job.outs, parts)):
-                        os.pwrite(fds[o.shard], data, bases[o.shard] + o.offset + written[k])
-                        written[k] += len(data)
-                        task.advance(len(data))
-                for o, n in zip(job.outs, written):
-                    if n != o.nbytes:
-                        raise MLXExportError(f"{o.name}: wrote {n} bytes, planned {o.nbytes}")
-        for fd in fds:
-            os.fsync(fd)
-            os.close(fd)
-        index = {"metadata": {"total_size": total}, "weight_map": {o.name: names[o.shard] for o in outs}}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        cfg = mlx_config(src.config, src.arch, plan, quant_paths, src.directory)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        for f in TOKENIZER_FILES:
-            if (ck.dir / f).is_file():
-                shutil.copy2(ck.dir / f, tmp / f)
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.{os.getpid()}.old"
-            final.rename(old)
-        tmp.rename(final)
-        if old is not None:
-            shutil.rmtree(old)
-    except OSError as e:
-        import errno
-
-        if e.errno == errno.ENOSPC:
-            raise MLXExportError(f"disk full while writing {final.name}; nothing was written under {final}") from None
-        raise
+        with atomic_dir(final, force, need) as tmp:
+            _write(tmp, ck, jobs, outs, names, total, reporter, plan, mx)
+            index = {"metadata": {"total_size": total}, "weight_map": {o.name: names[o.shard] for o in outs}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            cfg = mlx_config(src.config, src.arch, plan, quant_paths, src.directory)
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            copy_tokenizer_files(ck.dir, tmp)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
         ck.close()
     res = MLXExport(final, plan, {"total": time.perf_counter() - t0})
     res.bytes = sum(p.stat().st_size for p in final.iterdir())

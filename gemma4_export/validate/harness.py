@@ -69,6 +69,7 @@ class Report:
     thresholds: Thresholds | None = None
     failures: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    checks: dict[str, dict] = field(default_factory=dict)  # a runtime's own checks, e.g. KV cache consistency
 
     @property
     def passed(self) -> bool:
@@ -98,7 +99,7 @@ class Report:
                 ("PPL reference / artifact / ratio", f"{lg.ppl_ref:.4f} / {lg.ppl_artifact:.4f} / {lg.ppl_ratio:.5f}"),
             ]
             if lg.max_logit_diff is not None:
-                rows.append(("max |logit difference|", f"{lg.max_logit_diff:.2e}"))
+                rows.append(("max abs logit difference", f"{lg.max_logit_diff:.2e}"))
         if gm:
             rows += [("greedy generation", f"{gm.prompts} prompts x {gm.new_tokens} tokens: exact match "
                                            f"{gm.exact_match_rate:.3f}, mean first divergence "
@@ -106,6 +107,8 @@ class Report:
         if self.tokenizer:
             rows.append(("tokenizer parity", f"{self.tokenizer['texts'] - len(self.tokenizer['mismatches'])}/"
                                              f"{self.tokenizer['texts']} texts identical"))
+        for name, c in self.checks.items():
+            rows.append((name.replace("_", " "), c.get("summary", "") + (" (ok)" if c["passed"] else " (FAILED)")))
         rows.append(("result", "PASS" if self.passed else "FAIL"))
         out = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
         if self.failures:
@@ -146,6 +149,9 @@ def check(report: Report, t: Thresholds) -> list[str]:
             f.append(f"PPL ratio {lg.ppl_ratio:.5f} > {t.ppl_ratio}")
         if t.max_logit_diff is not None and (lg.max_logit_diff is None or lg.max_logit_diff > t.max_logit_diff):
             f.append(f"max |logit difference| {lg.max_logit_diff} > {t.max_logit_diff}")
+    for name, c in report.checks.items():
+        if not c["passed"]:
+            f.append(f"{name.replace('_', ' ')} check failed: {c.get('summary', '')}")
     if gm:
         if gm.exact_match_rate < t.gen_exact:
             f.append(f"greedy exact-match rate {gm.exact_match_rate:.3f} < {t.gen_exact}")
@@ -216,6 +222,7 @@ def _until_eos(tokens: list[int], eos_ids: tuple[int, ...]) -> list[int]:
 # Each target's runtime module (gemma4_export.validate.<module>) provides:
 #   artifact_info(path) -> ArtifactInfo   (preset and source, read from the artifact itself; raises on malformed ones)
 #   make_runner(path, spec, device, preset) -> Runner
+# and may provide runtime_checks(runner, prompt_ids, n) -> {name: {"passed": bool, "summary": str, ...}}
 RUNTIME_MODULES = {"gguf": "llamacpp", "onnx": "onnxrt", "mlx": "mlxrt"}
 
 
@@ -317,6 +324,11 @@ def validate_artifact(
         reference=ref.describe(), runtime=runner.describe(), spec=asdict(spec), logits=lm, generation=gm,
         tokenizer=tok, thresholds=t, seconds={"load": load_s, **secs},
     )
+    if hasattr(rt, "runtime_checks"):
+        t0 = time.perf_counter()
+        prompt_ids = [ref.tokenize(ref.chat_prompt(p)) for p in PROMPTS[:2]]
+        rep.checks = rt.runtime_checks(runner, prompt_ids, min(spec.new_tokens, 32))
+        rep.seconds["runtime_checks"] = time.perf_counter() - t0
     rep.failures = check(rep, t)
     rep.seconds["total"] = time.perf_counter() - t_all
     if hasattr(runner, "close"):

@@ -1,8 +1,8 @@
 """Pass/fail thresholds per target and preset, in one table.
 
-How they were chosen: `python scripts/calibrate.py --target gguf` (and `--target mlx`) exports every tiny variant at every preset and
+How they were chosen: `python scripts/calibrate.py --target gguf` (and `--target onnx`, `--target mlx`) exports every tiny variant at every preset and
 validates it against the float32 reference on the same held-out windows (8 x 256 tokens, second halves scored,
-1,016 tokens) and 8 chat prompts x 64 greedy tokens; docs/thresholds-gguf.md and docs/thresholds-mlx.md have the tables. Each limit sits at
+1,016 tokens) and 8 chat prompts x 64 greedy tokens; docs/thresholds-{gguf,onnx,mlx}.md have the tables. Each limit sits at
 about 2x the worst variant's measured value (KLD, 1 - top-1, PPL excess) and the greedy limits at about half the
 worst, rounded; a real defect (a wrong layout, a wrong type, a missing scale) moves these metrics by orders of
 magnitude, not by 2x. The f32 GGUF is held to float rounding: KLD under 1e-6 and max |logit difference| under 0.02
@@ -48,6 +48,13 @@ THRESHOLDS: dict[tuple[str, str], Thresholds] = {
     ("mlx", "6bit"): Thresholds(6e-3, 0.25, 0.91, 1.003, 0.0, 11),
     ("mlx", "4bit"): Thresholds(2e-2, 0.35, 0.83, 1.008, 0.0, 8),
     ("mlx", "mixed"): Thresholds(2e-2, 0.25, 0.83, 1.007, 0.0, 8),
+    # ONNX (docs/thresholds-onnx.md): onnxruntime computes in float32. fp16 holds the bf16 checkpoints exactly (every
+    # bf16 value of the tiny models lies in fp16's range), so fp32 and fp16 are both held to float rounding: worst
+    # measured KLD 1.4e-12, max logit difference 3.3e-5.
+    ("onnx", "fp32"): Thresholds(1e-8, 1e-7, 0.999, 1.0001, 1.0, 64, max_logit_diff=1e-3),
+    ("onnx", "fp16"): Thresholds(1e-8, 1e-7, 0.999, 1.0001, 1.0, 64, max_logit_diff=1e-3),
+    ("onnx", "int8"): Thresholds(5e-4, 7e-2, 0.97, 1.001, 0.375, 28),
+    ("onnx", "int4"): Thresholds(1.9e-2, 0.65, 0.85, 1.014, 0.0, 10),
 }
 
 

@@ -1,13 +1,13 @@
-"""Benchmark: GGUF export speed and peak memory on a synthetic checkpoint with E2B's real widths.
+"""Benchmark: export speed and peak memory on a synthetic checkpoint with E2B's real widths.
 
-    python scripts/bench_gguf.py [--layers 6] [--work /tmp/gemma4-bench] [--keep]
+    python scripts/bench_export.py [--targets gguf,onnx,mlx] [--layers 6] [--work /tmp/gemma4-bench] [--keep]
 
 Builds (once) a bf16 checkpoint with E2B's hidden size 1536, vocabulary 262144, per-layer embeddings of 256 per
 layer, intermediate 6144, 8 heads of 256 (512 on full layers) and a few layers (about 2 GB), then times, each in a
 fresh process that reports its own peak resident memory:
   - a plain copy of the checkpoint file (the floor for any conversion),
-  - `gemma4-export gguf --quant bf16 --no-validate`,
-  - `gemma4-export gguf --quant q4_k_m --no-validate`.
+  - per target, a 16-bit and a 4-bit export with --no-validate: gguf bf16 and q4_k_m, onnx fp16 and int4, mlx bf16
+    and 4bit.
 Not a test: it prints numbers, it asserts nothing.
 """
 
@@ -106,6 +106,13 @@ def make_checkpoint(d: Path, layers: int) -> Path:
     return d
 
 
+JOBS = {"gguf": ("bf16", "q4_k_m"), "onnx": ("fp16", "int4"), "mlx": ("bf16", "4bit")}
+
+
+def _size(p: Path) -> int:
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
 def run(label: str, body: str, argv: list[str]) -> dict:
     code = _CHILD.format(argv=argv, body=body)
     t0 = time.perf_counter()
@@ -119,6 +126,7 @@ def run(label: str, body: str, argv: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", default="gguf", help="comma-separated: gguf, onnx, mlx")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--work", type=Path, default=Path("/tmp/gemma4-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
@@ -138,16 +146,21 @@ def main() -> None:
                 ["copy", str(ck / "model.safetensors"), str(out / "copy.safetensors")])]
     (out / "copy.safetensors").unlink()
     cli = "runpy.run_module('gemma4_export.cli', run_name='__main__')"
-    for q in ("bf16", "q4_k_m"):
-        rows.append(run(f"gemma4-export gguf {q}", cli, ["gemma4-export", "gguf", "--model-dir", str(ck), "--quant", q,
-                                                          "--out", str(out), "--no-validate", "--force"]))
-        rows[-1]["output_mb"] = round((out / f"checkpoint-{q}.gguf").stat().st_size / 1e6)
+    for target in a.targets.split(","):
+        for q in JOBS[target]:
+            job_out = out / f"{target}-{q}"
+            rows.append(run(f"gemma4-export {target} {q}", cli, ["gemma4-export", target, "--model-dir", str(ck),
+                                                                 "--quant", q, "--out", str(job_out),
+                                                                 "--no-validate", "--force"]))
+            rows[-1]["output_mb"] = round(_size(job_out) / 1e6)
+            shutil.rmtree(job_out)
     print(f"checkpoint: {size / 1e9:.2f} GB bf16, {a.layers} layers, E2B widths; {os.cpu_count()} cores")
     print(f"{'job':28s} {'seconds':>8s} {'peak RSS MB':>12s} {'output MB':>10s}")
     for r in rows:
         print(f"{r['job']:28s} {r['seconds']:8.2f} {r['peak_rss_mb']:12d} {r.get('output_mb', ''):>10}")
     base = rows[0]["seconds"]
-    print(f"bf16 export / plain copy: {rows[1]['seconds'] / base:.2f}x")
+    for r in rows[1:]:
+        print(f"{r['job']} / plain copy: {r['seconds'] / base:.2f}x")
     if not a.keep:
         shutil.rmtree(out)
 

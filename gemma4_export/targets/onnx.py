@@ -1,0 +1,226 @@
+"""ONNX target: a decoder graph for onnxruntime, with a KV cache, driven token by token by an application.
+
+The directory `<name>-onnx-<preset>/` holds model.onnx (the graph), model.onnx.data (every weight, as external
+data, so models over 2 GB load), inference_config.json (inputs, outputs, cache layout, special tokens, chat
+template: what an app needs to run it) and the tokenizer files. Weights stream from the checkpoint into their
+place in model.onnx.data while the graph is built (onnx_graph.py); int8/int4 weights are block-quantized by
+onnxruntime's own quantizer as the plan says, into MatMulNBits (matrices) and GatherBlockQuantized (lookup tables).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..atomic import OutputError, atomic_dir
+from ..errors import Gemma4ExportError
+from ..exporter.checkpoint import Checkpoint, to_f32
+from ..exporter.source import ModelSource
+from ..exporter.tokenizer import read_tokenizer
+from ..progress import Reporter, Silent
+from ..quant.plan import Plan, build_plan
+from . import ExportResult, copy_tokenizer_files
+from .onnx_graph import OPSET, QUANT_BITS, Graph, WeightFile, Weights, build_decoder, cache_names
+
+MODEL_FILE, DATA_FILE, CONFIG_FILE = "model.onnx", "model.onnx.data", "inference_config.json"
+IR_VERSION = 10  # what onnxruntime 1.20 and later read
+BLOCK_BYTES = 32 << 20
+
+
+class ONNXExportError(Gemma4ExportError):
+    pass
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise ONNXExportError("the ONNX target needs onnx and onnxruntime: pip install 'gemma4-export[onnx]'") \
+            from None
+
+
+def _weights(ck: Checkpoint, plan: Plan) -> Weights:
+    entries = plan.by_name()
+
+    def type_of(name: str) -> str:
+        e = entries.get(name)
+        if e is None or e.dropped:
+            raise ONNXExportError(f"the graph needs {name}, which the plan does not keep")
+        return e.type
+
+    def blocks(name: str):
+        info = ck.info(name)
+        row = info.shape[-1] if info.shape else 1
+        n = info.numel // row
+        per = max(1, BLOCK_BYTES // (row * 4))
+
+        def gen():
+            for r in range(0, n, per):
+                yield to_f32(ck.rows(name, r, min(n, r + per)), info.dtype)
+        return gen
+
+    def vector(name: str) -> np.ndarray:
+        info = ck.info(name)
+        return to_f32(ck.raw(name), info.dtype).reshape(-1)
+
+    def expert_down(name: str):
+        def gen():
+            info = ck.info(name)
+            e, h, i = info.shape
+            full = to_f32(ck.raw(name), info.dtype).reshape(e, h, i)
+            rows = np.ascontiguousarray(full.transpose(1, 0, 2)).reshape(h, e * i)  # [H, E*I]: experts side by side
+            del full
+            per = max(1, BLOCK_BYTES // (e * i * 4))
+            for r in range(0, h, per):
+                yield rows[r:r + per]
+        return gen
+
+    return Weights(type_of, blocks, vector, expert_down, ck.text_prefix)
+
+
+def inference_config(src: ModelSource, plan: Plan) -> dict:
+    """What an application needs to drive the graph: names, shapes, the cache layout, tokens, the chat template."""
+    a = src.arch
+    tok = read_tokenizer(src.directory, a.vocab_size)
+    cache, shared = [], []
+    for i in range(a.num_layers):
+        if a.is_kv_shared(i):
+            shared.append({"layer": i, "reads_layer": a.kv_donor(i)})
+            continue
+        pk, pv, ok, ov = cache_names(i)
+        cache.append({"layer": i, "type": a.layer_types[i], "kv_heads": a.layer_kv_heads(i),
+                      "head_dim": a.layer_head_dim(i), "past_key": pk, "past_value": pv, "present_key": ok,
+                      "present_value": ov,
+                      "sliding_window": a.sliding_window if a.layer_types[i] == "sliding_attention" else None})
+    meta = {"version": __version__, "preset": plan.preset, "target": "onnx", "source": src.name,
+            "ple_type": plan.ple_type, "overrides": plan.overrides}
+    if src.directory is not None:
+        meta["general.source.url"] = src.directory.resolve().as_uri()
+    return {
+        "format": "gemma4-export onnx decoder",
+        "model": MODEL_FILE,
+        "external_data": DATA_FILE,
+        "opset": OPSET,
+        "inputs": {
+            "input_ids": {"dtype": "int64", "shape": ["batch", "sequence"]},
+            "attention_mask": {"dtype": "int64", "shape": ["batch", "past_sequence + sequence"],
+                               "doc": "1 for real tokens, 0 for padding, over the cached and the new tokens"},
+            "position_ids": {"dtype": "int64", "shape": ["batch", "sequence"],
+                             "doc": "positions of the new tokens (past_sequence + 0, 1, ...; shift for left padding)"},
+        },
+        "outputs": {"logits": {"dtype": "float32", "shape": ["batch", "sequence", a.vocab_size],
+                               "doc": "after final softcapping"}},
+        "kv_cache": {
+            "dtype": "float32",
+            "layout": ["batch", "kv_heads", "sequence", "head_dim"],
+            "doc": "feed each present.* output back as the matching past_key_values.* input; start with sequence 0. "
+                   "Every layer keeps its whole history; sliding layers mask it to their window.",
+            "layers": cache,
+            "kv_shared_layers": shared,
+        },
+        "vocab_size": a.vocab_size,
+        "context_length": a.max_position_embeddings,
+        "bos_token_id": tok.bos_id,
+        "eos_token_ids": list(tok.eos_ids),
+        "pad_token_id": tok.pad_id,
+        "add_bos": tok.add_bos,
+        "chat_template": tok.chat_template,
+        "quantization": {"method": "onnxruntime MatMulNBits / GatherBlockQuantized", "block_size": 32,
+                         "symmetric": True} if any(e.type in QUANT_BITS for e in plan.kept) else None,
+        "gemma4_export": meta,
+    }
+
+
+def _model(g: Graph, src: ModelSource, plan: Plan):
+    from onnx import helper
+
+    graph = helper.make_graph(g.nodes, f"{src.name}-decoder", g.inputs, g.outputs, initializer=g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="gemma4-export", producer_version=__version__)
+    model.ir_version = IR_VERSION
+    helper.set_model_props(model, {"gemma4_export.preset": plan.preset, "gemma4_export.source": src.name})
+    return model
+
+
+def export_onnx(
+    variant: str | None = None,
+    model_dir: str | Path | None = None,
+    quant: str = "int4",
+    out_dir: str | Path = ".",
+    overrides: list[str] | None = None,
+    ple_type: str | None = None,
+    force: bool = False,
+    reporter: Reporter | None = None,
+) -> ExportResult:
+    """Export the text decoder of a Gemma 4 checkpoint to `<out_dir>/<name>-onnx-<quant>/`."""
+    _require_onnx()
+    reporter = reporter or Silent()
+    t0 = time.perf_counter()
+    src = ModelSource.open(variant, model_dir, need_weights=True)
+    ck = src.checkpoint
+    plan = build_plan(src.arch, src.tensor_specs(), quant, src.name, overrides, ple_type, "onnx")
+    final = Path(out_dir) / f"{src.name}-onnx-{plan.preset}"
+    if final.exists() and not force:
+        raise OutputError(f"{final} exists; pass --force to replace it")
+    total = plan.total_bytes  # the tied head reads the embedding's own bytes
+    result = ExportResult(final, plan)
+    try:
+        with atomic_dir(final, force, need_bytes=total + (64 << 20)) as tmp:
+            fd = os.open(tmp / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                with reporter.task(f"export {plan.preset} (onnx)", total) as task:
+                    g = Graph(WeightFile(fd, DATA_FILE), advance=task.advance)
+                    build_decoder(g, src.arch, _weights(ck, plan))
+            finally:
+                os.close(fd)
+            result.seconds["weights"] = time.perf_counter() - t0
+            model = _model(g, src, plan)
+            (tmp / MODEL_FILE).write_bytes(model.SerializeToString())
+            _check_model(tmp / MODEL_FILE)
+            check_quantized(g.quantized, plan)
+            cfg = inference_config(src, plan)
+            (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+            copy_tokenizer_files(ck.dir, tmp)
+    finally:
+        ck.close()
+    result.bytes = sum(p.stat().st_size for p in final.iterdir())
+    result.seconds["total"] = time.perf_counter() - t0
+    return result
+
+
+def _check_model(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as e:
+        raise ONNXExportError(f"the written graph is not valid ONNX: {e}") from None
+
+
+def quantized_weights(model) -> dict[str, tuple[str, int]]:
+    """{(checkpoint tensor name, operator): bits} for every block-quantized weight of a model proto (the tied head
+    is a MatMulNBits view, named '<embedding>.head', of the embedding's bytes)."""
+    out = {}
+    for n in model.graph.node:
+        if n.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
+            continue
+        bits = next(a.i for a in n.attribute if a.name == "bits")
+        data = n.input[1] if n.op_type == "MatMulNBits" else n.input[0]
+        out[(data.removesuffix(f".q{bits}").removesuffix(".head"), n.op_type)] = bits
+    return out
+
+
+def check_quantized(nodes, plan: Plan) -> None:
+    """Every quantized weight in the graph has the plan's type, and every weight the plan quantizes is quantized."""
+    got = {q.source: q.bits for q in nodes}
+    want = {e.name: QUANT_BITS[e.type] for e in plan.kept if e.type in QUANT_BITS}
+    if got != want:
+        diff = sorted(set(got.items()) ^ set(want.items()))
+        raise ONNXExportError(f"quantized weights differ from the plan: {diff[:6]}")

@@ -1,0 +1,168 @@
+"""onnxruntime as the runtime for ONNX artifacts: full-sequence logits in one run, and greedy generation through the
+graph's own KV cache, one token per run, as an application drives it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import Gemma4ExportError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "mps": "CoreMLExecutionProvider",
+             "coreml": "CoreMLExecutionProvider"}
+
+
+def _directory(path: Path) -> Path:
+    return path.parent if path.is_file() else path
+
+
+def read_config(path: Path) -> dict:
+    from ..targets.onnx import CONFIG_FILE
+
+    d = _directory(path)
+    try:
+        cfg = json.loads((d / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise Gemma4ExportError(f"{d}/{CONFIG_FILE}: unreadable ({e})") from None
+    meta = cfg.get("gemma4_export")
+    if not isinstance(meta, dict) or meta.get("target") != "onnx" or "preset" not in meta:
+        raise Gemma4ExportError(f"{d}: not an ONNX model written by gemma4-export")
+    return cfg
+
+
+def artifact_info(path: Path):
+    from .harness import ArtifactInfo
+
+    meta = read_config(path)["gemma4_export"]
+    return ArtifactInfo(meta["preset"], {"general.name": meta.get("source"), **meta})
+
+
+def providers_for(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    want = PROVIDERS.get(device)
+    if want is None:
+        raise Gemma4ExportError(f"--device {device}: onnxruntime takes cpu, cuda or mps (CoreML)")
+    have = ort.get_available_providers()
+    if want not in have:
+        raise Gemma4ExportError(f"--device {device}: this onnxruntime has no {want} (available: {', '.join(have)}); "
+                                "install onnxruntime-gpu for CUDA")
+    return [want] if want == "CPUExecutionProvider" else [want, "CPUExecutionProvider"]
+
+
+class ONNXRunner:
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise Gemma4ExportError("validating ONNX needs onnxruntime: pip install 'gemma4-export[onnx]'") from None
+        from ..targets.onnx import MODEL_FILE
+
+        self.cfg = read_config(path)
+        d = _directory(path)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        self.providers = providers_for(device)
+        try:
+            self.session = ort.InferenceSession(str(d / MODEL_FILE), opts, providers=self.providers)
+        except Exception as e:  # onnxruntime's own error types
+            raise Gemma4ExportError(f"onnxruntime could not load {d / MODEL_FILE}: {e}") from None
+        self._ort = ort
+        self.layers = self.cfg["kv_cache"]["layers"]
+        self._tokenizer = None
+        if (d / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+
+    def tokenize(self, text: str) -> list[int]:
+        """The artifact's own tokenizer.json, as an application would load it (tokenizers library)."""
+        if self._tokenizer is None:
+            raise Gemma4ExportError("the ONNX directory has no tokenizer.json")
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def describe(self) -> dict:
+        return {"runtime": f"onnxruntime {self._ort.__version__}", "device": self.session.get_providers()[0],
+                "kv_cache": self.cfg["kv_cache"]["dtype"]}
+
+    def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
+        feeds = {}
+        for c in self.layers:
+            z = np.zeros((batch, c["kv_heads"], 0, c["head_dim"]), np.float32)
+            feeds[c["past_key"]] = z
+            feeds[c["past_value"]] = z
+        return feeds
+
+    def run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+            cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One run of the graph: logits [B, S, V] and the cache to feed next time."""
+        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
+                 "position_ids": positions.astype(np.int64), **cache}
+        names = ["logits"] + [n for c in self.layers for n in (c["present_key"], c["present_value"])]
+        outs = self.session.run(names, feeds)
+        nxt = {}
+        for c, k, v in zip(self.layers, outs[1::2], outs[2::2]):
+            nxt[c["past_key"]], nxt[c["past_value"]] = k, v
+        return outs[0], nxt
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        n = len(ids)
+        out, _ = self.run(np.array([ids]), np.ones((1, n)), np.arange(n)[None], self.empty_cache())
+        return out[0]
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        """n tokens by argmax: the prompt in one run, then one token per run through the KV cache."""
+        out: list[int] = []
+        logits, cache = self.run(np.array([ids]), np.ones((1, len(ids))), np.arange(len(ids))[None],
+                                 self.empty_cache())
+        total = len(ids)
+        while True:
+            nxt = int(np.argmax(logits[0, -1]))
+            out.append(nxt)
+            if len(out) == n:
+                return out
+            logits, cache = self.run(np.array([[nxt]]), np.ones((1, total + 1)), np.array([[total]]), cache)
+            total += 1
+
+    def greedy_uncached(self, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+        """The same n tokens with no cache: the whole sequence again for each token. Also the margin between the
+        two best logits at each step, to tell a near-tie from a real cache defect."""
+        seq, out, margins = list(ids), [], []
+        for _ in range(n):
+            last = self.logits(seq)[-1]
+            top2 = np.partition(last, -2)[-2:]
+            margins.append(float(top2[1] - top2[0]))
+            out.append(int(np.argmax(last)))
+            seq.append(out[-1])
+        return out, margins
+
+
+def cache_consistency(runner: ONNXRunner, prompts: list[list[int]], n: int) -> dict:
+    """Greedy tokens through the KV cache against the same without it. They must be equal; where they part, the
+    uncached step's top-2 margin says whether it was a tie within float rounding (< 1e-4) or a defect."""
+    cases = []
+    for p in prompts:
+        cached = runner.greedy(p, n)
+        plain, margins = runner.greedy_uncached(p, n)
+        first = next((j for j, (a, b) in enumerate(zip(cached, plain)) if a != b), None)
+        cases.append({"prompt_tokens": len(p), "equal": first is None, "first_difference": first,
+                      "margin_there": None if first is None else margins[first]})
+    defects = [c for c in cases if not c["equal"] and c["margin_there"] >= 1e-4]
+    equal = sum(c["equal"] for c in cases)
+    return {"prompts": len(cases), "new_tokens": n, "equal": equal, "cases": cases, "passed": not defects,
+            "summary": f"greedy through the KV cache equals generation without it on {equal}/{len(cases)} prompts "
+                       f"x {n} tokens"}
+
+
+def runtime_checks(runner: ONNXRunner, prompt_ids: list[list[int]], n: int) -> dict:
+    return {"kv_cache": cache_consistency(runner, prompt_ids, n)}
+
+
+def make_runner(path: Path, spec, device: str, preset: str) -> ONNXRunner:
+    return ONNXRunner(path, device)

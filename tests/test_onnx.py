@@ -1,0 +1,198 @@
+"""ONNX export: the graph holds the plan's types, runs in onnxruntime in a fresh process, validates against the fp32
+reference, and its KV cache, padding and batch axes behave as an application needs."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from gemma4_export.atomic import OutputError  # noqa: E402
+from gemma4_export.errors import Gemma4ExportError, QuantError  # noqa: E402
+from gemma4_export.exporter.variants import TINY, get_variant  # noqa: E402
+from gemma4_export.targets.onnx import CONFIG_FILE, DATA_FILE, MODEL_FILE, export_onnx, quantized_weights  # noqa: E402
+from gemma4_export.validate.onnxrt import ONNXRunner, cache_consistency  # noqa: E402
+
+BITS = {"INT4": 4, "INT8": 8}
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx")
+
+
+def _initializers(path):
+    m = onnx.load(str(path / MODEL_FILE), load_external_data=False)
+    return m, {t.name: t for t in m.graph.initializer}
+
+
+def check_against_plan(path, plan):
+    """Every weight the plan quantizes is a MatMulNBits / GatherBlockQuantized input with the plan's bits; every
+    weight it keeps in float is a float initializer of the plan's precision; nothing dropped is in the graph."""
+    m, inits = _initializers(path)
+    quant = quantized_weights(m)
+    by_name = {}
+    for (name, op), bits in quant.items():
+        by_name.setdefault(name, set()).add(bits)
+    for e in plan.entries:
+        if e.dropped:
+            assert e.name not in inits and e.name not in by_name, e.name
+        elif e.type in BITS:
+            assert by_name.get(e.name) == {BITS[e.type]}, (e.name, e.type, by_name.get(e.name))
+        elif len(e.shape) >= 2:
+            want = onnx.TensorProto.FLOAT16 if e.type == "FP16" else onnx.TensorProto.FLOAT
+            assert e.name in inits and inits[e.name].data_type == want, (e.name, e.type)
+            assert e.name not in by_name
+    assert set(by_name) <= {e.name for e in plan.kept}
+    return quant
+
+
+@pytest.mark.parametrize("preset", ["fp32", "int4"])
+@pytest.mark.parametrize("variant", TINY)
+def test_export_matches_plan_and_validates(variant, preset, out_dir):
+    r = export_onnx(variant, quant=preset, out_dir=out_dir, force=True)
+    assert r.path == out_dir / f"{variant}-onnx-{preset}"
+    for f in (MODEL_FILE, DATA_FILE, CONFIG_FILE, "tokenizer.json", "tokenizer_config.json"):
+        assert (r.path / f).is_file(), f
+    quant = check_against_plan(r.path, r.plan)
+    a = get_variant(variant).arch()
+    if preset == "int4":
+        assert quant, "int4 quantizes matrices"
+        prefix = "model.language_model."
+        assert quant[(prefix + "embed_tokens.weight", "GatherBlockQuantized")] == 8
+        assert quant[(prefix + "embed_tokens.weight", "MatMulNBits")] == 8  # the tied head, on the same bytes
+        assert quant[(prefix + "layers.0.self_attn.q_proj.weight", "MatMulNBits")] == 4
+        if a.moe:
+            assert (prefix + "layers.0.router.proj.weight", "MatMulNBits") not in quant, "router stays fp32"
+            assert quant[(prefix + "layers.0.experts.gate_up_proj", "MatMulNBits")] == 4
+        if a.has_ple:
+            assert quant[(prefix + "embed_tokens_per_layer.weight", "GatherBlockQuantized")] == 4
+            assert quant[(prefix + "layers.0.per_layer_input_gate.weight", "MatMulNBits")] == 8
+    else:
+        assert not quant
+
+    cfg = json.loads((r.path / CONFIG_FILE).read_text())
+    owners = [i for i in range(a.num_layers) if not a.is_kv_shared(i)]
+    assert [c["layer"] for c in cfg["kv_cache"]["layers"]] == owners
+    assert [s["reads_layer"] for s in cfg["kv_cache"]["kv_shared_layers"]] == \
+        [a.kv_donor(i) for i in range(a.num_layers) if a.is_kv_shared(i)]
+    assert cfg["chat_template"] and cfg["eos_token_ids"] and cfg["gemma4_export"]["preset"] == preset
+
+    # validation in a fresh process, as a user runs it
+    v = subprocess.run([sys.executable, "-m", "gemma4_export.cli", "validate", str(r.path)], capture_output=True,
+                       text=True, timeout=900)
+    report = json.loads((out_dir / f"{r.path.name}.validation.json").read_text())
+    assert v.returncode == 0, (report["failures"], v.stderr[-2000:])
+    assert report["passed"] and report["tokenizer"]["mismatches"] == []
+    assert report["checks"]["kv_cache"]["passed"]
+    if preset == "fp32":  # float rounding only
+        assert report["logits"]["max_logit_diff"] < 1e-3 and report["logits"]["kld_mean"] < 1e-7
+        assert report["generation"]["exact_match_rate"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def e2b_fp32(out_dir):
+    return ONNXRunner(export_onnx("tiny-e2b", quant="fp32", out_dir=out_dir / "r", force=True).path)
+
+
+def test_cached_generation_past_the_sliding_window(e2b_fp32):
+    """Token by token through the cache, well past the 64-token window and into the KV-shared layers, equals
+    running the whole sequence each time."""
+    prompt = list(range(300, 340))
+    r = cache_consistency(e2b_fp32, [prompt], 80)
+    assert r["passed"] and r["equal"] == 1, r
+    # and the cached step's logits are the full run's, to float rounding
+    logits, cache = e2b_fp32.run(np.array([prompt]), np.ones((1, 40)), np.arange(40)[None], e2b_fp32.empty_cache())
+    step, _ = e2b_fp32.run(np.array([[7]]), np.ones((1, 41)), np.array([[40]]), cache)
+    full = e2b_fp32.logits(prompt + [7])
+    assert np.abs(step[0, -1] - full[-1]).max() < 1e-4
+
+
+def test_batch_with_left_padding(e2b_fp32):
+    """Two sequences of different lengths in one batch, the shorter left-padded: each row's logits equal the
+    sequence run alone (dynamic batch axis, padding mask, shifted positions)."""
+    a, b = list(range(200, 230)), list(range(400, 418))
+    pad = len(a) - len(b)
+    ids = np.array([a, [0] * pad + b])
+    mask = np.array([[1] * len(a), [0] * pad + [1] * len(b)])
+    pos = np.array([list(range(len(a))), [0] * pad + list(range(len(b)))])
+    out, cache = e2b_fp32.run(ids, mask, pos, e2b_fp32.empty_cache(2))
+    assert np.abs(out[0] - e2b_fp32.logits(a)).max() < 1e-4
+    assert np.abs(out[1, pad:] - e2b_fp32.logits(b)).max() < 1e-4
+    # one cached step for both rows
+    step, _ = e2b_fp32.run(np.array([[5], [6]]), np.concatenate([mask, [[1], [1]]], 1),
+                           np.array([[len(a)], [len(b)]]), cache)
+    assert np.abs(step[0, -1] - e2b_fp32.logits(a + [5])[-1]).max() < 1e-4
+    assert np.abs(step[1, -1] - e2b_fp32.logits(b + [6])[-1]).max() < 1e-4
+
+
+def test_ple_type_and_overrides_reach_the_graph(out_dir):
+    r = export_onnx("tiny-e2b", quant="int4", out_dir=out_dir / "o", ple_type="INT8",
+                    overrides=[r"layers\.0\.mlp\.down_proj=FP16"], force=True)
+    quant = check_against_plan(r.path, r.plan)
+    p = "model.language_model."
+    assert quant[(p + "embed_tokens_per_layer.weight", "GatherBlockQuantized")] == 8
+    assert (p + "layers.0.mlp.down_proj.weight", "MatMulNBits") not in quant
+    assert quant[(p + "layers.1.mlp.down_proj.weight", "MatMulNBits")] == 4
+
+
+def test_bad_choices_and_atomic_output(out_dir, monkeypatch):
+    with pytest.raises(QuantError, match="unknown onnx preset"):
+        export_onnx("tiny-31b", quant="q4_k_m", out_dir=out_dir)
+    with pytest.raises(QuantError):
+        export_onnx("tiny-31b", quant="int4", overrides=["q_proj=Q4_K"], out_dir=out_dir)
+    with pytest.raises(Gemma4ExportError, match="unknown variant"):
+        export_onnx("tiny-7b", quant="int4", out_dir=out_dir)
+    first = export_onnx("tiny-31b", quant="int8", out_dir=out_dir / "a", force=True)
+    with pytest.raises(OutputError, match="exists"):
+        export_onnx("tiny-31b", quant="int8", out_dir=out_dir / "a")
+    before = sorted(p.name for p in first.path.iterdir())
+
+    # Ctrl-C in the middle of writing weights: the existing artifact is untouched, nothing half-written is left
+    from gemma4_export.targets import onnx_graph
+
+    real, calls = onnx_graph.Graph.quant_weight, []
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(onnx_graph.Graph, "quant_weight", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx("tiny-31b", quant="int8", out_dir=out_dir / "a", force=True)
+    assert sorted(p.name for p in first.path.iterdir()) == before
+    assert [p.name for p in (out_dir / "a").iterdir()] == [first.path.name]
+
+
+def test_malformed_artifacts_give_clear_errors(out_dir):
+    from gemma4_export.validate.harness import validate_artifact
+
+    r = export_onnx("tiny-31b", quant="fp32", out_dir=out_dir / "m", force=True)
+    (r.path / MODEL_FILE).write_bytes((r.path / MODEL_FILE).read_bytes()[:200])
+    with pytest.raises(Gemma4ExportError, match="onnxruntime could not load"):
+        validate_artifact(r.path, write=False)
+    (r.path / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(Gemma4ExportError, match="unreadable"):
+        validate_artifact(r.path, write=False)
+    (r.path / CONFIG_FILE).write_text(json.dumps({"gemma4_export": {"target": "mlx"}}))
+    with pytest.raises(Gemma4ExportError, match="not an ONNX model written by gemma4-export"):
+        validate_artifact(r.path, write=False)
+
+
+def test_cli_plan_shows_onnx_types():
+    out = subprocess.run([sys.executable, "-m", "gemma4_export.cli", "plan", "--variant", "e2b", "--target", "onnx",
+                          "--quant", "int4", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    types = {t["name"]: t["type"] for t in plan["tensors"]}
+    p = "model.language_model."
+    assert types[p + "layers.0.self_attn.q_proj.weight"] == "INT4"
+    assert types[p + "embed_tokens.weight"] == "INT8"
+    assert types[p + "layers.0.per_layer_input_gate.weight"] == "INT8"
+    assert types[p + "layers.0.input_layernorm.weight"] == "FP32"
