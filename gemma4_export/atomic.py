@@ -35,19 +35,23 @@ def free_bytes(directory: Path) -> int:
     return shutil.disk_usage(directory).free
 
 
-@contextmanager
-def atomic_file(final: str | Path, force: bool = False, need_bytes: int = 0) -> Iterator[Staging]:
-    """Yields a Staging whose `.path` the caller writes; on success it is fsynced and renamed to `final`."""
+def _prepare(final: str | Path, force: bool, need_bytes: int) -> Path:
+    """The output directory exists, the final name is free (or --force), and the disk has room."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not force:
         raise OutputError(f"{final} exists; pass --force to replace it")
     have = free_bytes(final.parent)
     if need_bytes and have < need_bytes:
-        raise OutputError(
-            f"not enough disk space in {final.parent}: the export needs about {need_bytes / 1e9:.2f} GB, "
-            f"{have / 1e9:.2f} GB are free"
-        )
+        raise OutputError(f"not enough disk space in {final.parent}: the export needs about "
+                          f"{need_bytes / 1e9:.2f} GB, {have / 1e9:.2f} GB are free")
+    return final
+
+
+@contextmanager
+def atomic_file(final: str | Path, force: bool = False, need_bytes: int = 0) -> Iterator[Staging]:
+    """Yields a Staging whose `.path` the caller writes; on success it is fsynced and renamed to `final`."""
+    final = _prepare(final, force, need_bytes)
     st = Staging(final)
     try:
         yield st
@@ -80,14 +84,7 @@ def _fsync_dir(d: Path) -> None:
 def atomic_dir(final: str | Path, force: bool = False, need_bytes: int = 0) -> Iterator[Path]:
     """Yields a hidden temporary directory beside `final`; on success it replaces `final` (kept until then: an
     existing artifact is only removed once the new one is complete)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() and not force:
-        raise OutputError(f"{final} exists; pass --force to replace it")
-    have = free_bytes(final.parent)
-    if need_bytes and have < need_bytes:
-        raise OutputError(f"not enough disk space in {final.parent}: the export needs about "
-                          f"{need_bytes / 1e9:.2f} GB, {have / 1e9:.2f} GB are free")
+    final = _prepare(final, force, need_bytes)
     st = Staging(final)
     tmp, old = st.path, st.temp("old")
     try:

@@ -132,17 +132,10 @@ def gguf(
       gemma4-export gguf --model-dir ./my-gemma4 --quant q8_0 --no-validate
     """
     from .progress import RichReporter
-    from .report import human_bytes, plan_summary
     from .targets.gguf import export_gguf
 
-    rep = RichReporter(err)
-    r = export_gguf(variant, model_dir, quant, out, tensor_type, ple_type, force, rep, threads)
-    secs = ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items())
-    out.mkdir(parents=True, exist_ok=True)
-    err.print(plan_summary(r.plan), highlight=False)
-    err.print(f"wrote {r.path} ({human_bytes(r.bytes)}; {secs})", highlight=False)
-    if validate:
-        _validate_and_exit(r.path, variant, model_dir, device)
+    r = export_gguf(variant, model_dir, quant, out, tensor_type, ple_type, force, RichReporter(err), threads)
+    _finish(r, validate, variant, model_dir, device)
 
 
 @app.command()
@@ -165,14 +158,10 @@ def mlx(
       gemma4-export mlx --variant e4b-it --quant mixed --group-size 32 --device gpu
     """
     from .progress import RichReporter
-    from .report import human_bytes, plan_summary
     from .targets.mlx import export_mlx
 
     r = export_mlx(variant, model_dir, quant, group_size, out, tensor_type, ple_type, force, RichReporter(err))
-    err.print(plan_summary(r.plan), highlight=False)
-    err.print(f"wrote {r.path} ({human_bytes(r.bytes)}; {r.seconds['total']:.1f}s)", highlight=False)
-    if validate:
-        _validate_and_exit(r.path, variant, model_dir, device)
+    _finish(r, validate, variant, model_dir, device)
 
 
 @app.command()
@@ -194,12 +183,19 @@ def onnx(
       gemma4-export onnx --variant e2b-it --quant int4 --ple-type INT8 --device cuda
     """
     from .progress import RichReporter
-    from .report import human_bytes, plan_summary
     from .targets.onnx import export_onnx
 
     r = export_onnx(variant, model_dir, quant, out, tensor_type, ple_type, force, RichReporter(err))
+    _finish(r, validate, variant, model_dir, device)
+
+
+def _finish(r, validate: bool, variant, model_dir, device: str) -> None:
+    """After an export: its plan summary, where it went, then (unless --no-validate) its validation."""
+    from .report import human_bytes, plan_summary
+
+    secs = ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items())
     err.print(plan_summary(r.plan), highlight=False)
-    err.print(f"wrote {r.path} ({human_bytes(r.bytes)}; {r.seconds['total']:.1f}s)", highlight=False)
+    err.print(f"wrote {r.path} ({human_bytes(r.bytes)}; {secs})", highlight=False)
     if validate:
         _validate_and_exit(r.path, variant, model_dir, device)
 
@@ -230,6 +226,61 @@ def validate(
     Example: gemma4-export validate out/tiny-e2b-q4_k_m.gguf
     """
     _validate_and_exit(artifact, variant, model_dir, device)
+
+
+@app.command()
+def matrix(
+    variants: Annotated[Optional[str], typer.Option(
+        "--variants", help="Comma-separated variants (default: every tiny variant).")] = None,
+    targets: Annotated[str, typer.Option(
+        "--targets", help="Comma-separated targets: gguf, mlx, onnx.")] = "gguf,mlx,onnx",
+    quants: Annotated[Optional[list[str]], typer.Option(
+        "--quants", help="Presets: TARGET:P1,P2 or a bare preset (for the targets that have it). Repeatable. "
+                         "Default: each target's main preset (gguf q4_k_m, mlx 4bit, onnx int4).")] = None,
+    device: Annotated[str, typer.Option(
+        "--device", help="cpu, cuda or mps: the reference's and every runtime's device; cells a runtime cannot run "
+                         "there are skipped.")] = "cpu",
+    out_dir: Annotated[Path, typer.Option(
+        "--out", "-o", help="Output directory: artifacts/, matrix.md, matrix.json, matrix-kld-vs-size.svg, "
+                            "manifest.json.")] = Path("matrix-out"),
+    windows: Annotated[Optional[int], typer.Option("--windows", help="Held-out windows scored per artifact.")] = None,
+    prompts: Annotated[Optional[int], typer.Option("--prompts", help="Chat prompts for greedy generation.")] = None,
+) -> None:
+    """Export every variant x target x preset, validate each in its own runtime against one fp32 reference per
+    variant, and write a table, a JSON record, a KLD-against-size plot and a manifest of the artifacts.
+
+    Exits 1 when any cell fails or errors (skipped cells do not).
+
+    Examples:
+      gemma4-export matrix --out matrix-out
+      gemma4-export matrix --variants tiny-31b,tiny-e2b --quants gguf:q4_k_m,q8_0 --quants onnx:int4
+      gemma4-export matrix --device cuda --targets gguf,onnx
+    """
+    from rich.text import Text
+
+    from .exporter.variants import TINY
+    from .progress import RichReporter
+    from .validate.matrix import OUTPUTS, cell_line, matrix_markdown, parse_quants, run_matrix
+
+    names = [v.strip() for v in variants.split(",") if v.strip()] if variants else list(TINY)
+    tlist = [t.strip() for t in targets.split(",") if t.strip()]
+    style = {"pass": "green", "fail": "bold red", "error": "bold red", "skip": "yellow"}
+
+    def live(cell) -> None:
+        out.print(Text(cell_line(cell), style=style.get(cell.result, "")), highlight=False)
+
+    res = run_matrix(names, tlist, parse_quants(quants, tlist), device, out_dir, RichReporter(err), live,
+                     windows, prompts)
+    out.print(matrix_markdown(res), markup=False, highlight=False, soft_wrap=True)  # raw Markdown: logs keep it whole
+    for what in OUTPUTS:
+        out.print(f"{what}: {res.path(what)}", highlight=False)
+    if not res.passed:
+        # a Gemma4ExportError with exit code 1: main() prints it as one line (typer.Exit's code is lost there, since
+        # click returns it instead of raising in non-standalone mode)
+        from .validate.harness import ValidationFailed
+
+        bad = [c.name for c in res.cells if c.result in ("fail", "error")]
+        raise ValidationFailed(f"{len(bad)} of {len(res.cells)} cells did not pass: {', '.join(bad)}")
 
 
 def main() -> None:

@@ -70,6 +70,7 @@ class Report:
     failures: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     checks: dict[str, dict] = field(default_factory=dict)  # a runtime's own checks, e.g. KV cache consistency
+    device: str = "cpu"  # as requested; `reference` and `runtime` say what actually ran
 
     @property
     def passed(self) -> bool:
@@ -86,6 +87,7 @@ class Report:
             ("artifact", f"`{Path(self.artifact).name}` ({self.artifact_bytes:,} bytes"
                          + (f", {self.bits_per_weight:.2f} bpw)" if self.bits_per_weight else ")")),
             ("model", self.model), ("target / preset", f"{self.target} / {self.preset}"),
+            ("device requested", self.device),
             ("reference", ", ".join(f"{k}={v}" for k, v in self.reference.items())),
             ("runtime", ", ".join(f"{k}={v}" for k, v in self.runtime.items())),
         ]
@@ -322,7 +324,7 @@ def validate_artifact(
         artifact=str(artifact), target=target, preset=preset, model=src.name,
         artifact_bytes=size, bits_per_weight=size * 8 / params,
         reference=ref.describe(), runtime=runner.describe(), spec=asdict(spec), logits=lm, generation=gm,
-        tokenizer=tok, thresholds=t, seconds={"load": load_s, **secs},
+        tokenizer=tok, thresholds=t, seconds={"load": load_s, **secs}, device=device,
     )
     if hasattr(rt, "runtime_checks"):
         t0 = time.perf_counter()

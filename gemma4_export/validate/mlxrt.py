@@ -61,8 +61,10 @@ class MLXRunner:
             if not mx.metal.is_available():
                 raise Gemma4ExportError(f"--device {device}: MLX has no Metal GPU here")
             mx.set_default_device(mx.gpu)
-        else:
+        elif device == "cpu":
             mx.set_default_device(mx.cpu)
+        else:
+            raise Gemma4ExportError(f"--device {device}: MLX runs on cpu, or on gpu (Metal, Apple Silicon)")
         self.mx, self.device = mx, str(mx.default_device())
         self.model, self.tokenizer = mlx_lm.load(str(path))
         self._version = mlx_lm.__version__

@@ -39,6 +39,7 @@ class Reference:
         self.device = pick_device(device)
         self.model = cls.from_pretrained(self.dir, dtype=torch.float32, use_safetensors=True).to(self.device).eval()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.dir)
+        self.tokenizer.model_max_length = 1 << 30  # held-out text is tokenized whole, then cut into windows
         self._torch = torch
         # The reference's answers do not depend on the artifact: validating several artifacts of one model with the
         # same Reference computes them once.
