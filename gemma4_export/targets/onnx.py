@@ -70,15 +70,17 @@ def _weights(ck: Checkpoint, plan: Plan) -> Weights:
         return to_f32(ck.raw(name), info.dtype).reshape(-1)
 
     def expert_down(name: str):
+        """experts.down_proj [E, H, I] as rows of [H, E*I] (each output row holds every expert's row side by side),
+        read a block of output rows at a time: E positioned reads per block, never the whole tensor."""
+        info = ck.info(name)
+        e, h, i = info.shape
+        per = max(1, BLOCK_BYTES // (e * i * 4))
+
         def gen():
-            info = ck.info(name)
-            e, h, i = info.shape
-            full = to_f32(ck.raw(name), info.dtype).reshape(e, h, i)
-            rows = np.ascontiguousarray(full.transpose(1, 0, 2)).reshape(h, e * i)  # [H, E*I]: experts side by side
-            del full
-            per = max(1, BLOCK_BYTES // (e * i * 4))
             for r in range(0, h, per):
-                yield rows[r:r + per]
+                stop = min(h, r + per)
+                parts = [to_f32(ck.rows(name, x * h + r, x * h + stop), info.dtype) for x in range(e)]
+                yield np.stack(parts, axis=1).reshape(stop - r, e * i)
         return gen
 
     return Weights(type_of, blocks, vector, expert_down, ck.text_prefix)
