@@ -167,6 +167,9 @@ def test_linux_job_runs_the_readme_set_up_and_tests_then_the_matrix():
     test_at = next(i for i, ln in enumerate(lines) if ln.split("||")[0].strip() == pytest_cmd)
     matrix_at = next(i for i, ln in enumerate(lines) if ln.startswith("gemma4-export matrix"))
     assert install_at < test_at < matrix_at
+    documented = [ln.split("#")[0].strip() for ln in README.read_text().splitlines()
+                  if ln.startswith("gemma4-export matrix")]
+    assert lines[matrix_at] in documented, "the CPU job runs the matrix command the README documents"
     assert any("-eq 5" in ln for ln in lines), "pytest's exit code 5 (no tests collected) is a failure"
 
 
