@@ -50,9 +50,10 @@ THRESHOLDS: dict[tuple[str, str], Thresholds] = {
     ("mlx", "mixed"): Thresholds(2e-2, 0.25, 0.83, 1.007, 0.0, 8),
     # ONNX (docs/thresholds-onnx.md): onnxruntime computes in float32. fp16 holds the bf16 checkpoints exactly (every
     # bf16 value of the tiny models lies in fp16's range), so fp32 and fp16 are both held to float rounding: worst
-    # measured KLD 1.4e-12, max logit difference 3.3e-5.
-    ("onnx", "fp32"): Thresholds(1e-8, 1e-7, 0.999, 1.0001, 1.0, 64, max_logit_diff=1e-3),
-    ("onnx", "fp16"): Thresholds(1e-8, 1e-7, 0.999, 1.0001, 1.0, 64, max_logit_diff=1e-3),
+    # measured KLD 1.4e-12; max logit difference 3.3e-5 on the tiny models, 2.5e-3 on a checkpoint with E2B's real
+    # widths over 1,024-token windows (longer float32 sums), so the limit is 2x that.
+    ("onnx", "fp32"): Thresholds(1e-8, 1e-7, 0.999, 1.0001, 1.0, 64, max_logit_diff=5e-3),
+    ("onnx", "fp16"): Thresholds(1e-8, 1e-7, 0.999, 1.0001, 1.0, 64, max_logit_diff=5e-3),
     ("onnx", "int8"): Thresholds(5e-4, 7e-2, 0.97, 1.001, 0.375, 28),
     ("onnx", "int4"): Thresholds(1.9e-2, 0.65, 0.85, 1.014, 0.0, 10),
 }
