@@ -54,19 +54,26 @@ def atomic_file(final: str | Path, force: bool = False, need_bytes: int = 0) -> 
     final = _prepare(final, force, need_bytes)
     st = Staging(final)
     try:
-        yield st
-        with open(st.path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(st.path, final)
-        _fsync_dir(final.parent)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise OutputError(f"disk full while writing {final.name}; nothing was written under {final}") from None
-        raise
+        with _disk_full_is_an_error(final):
+            yield st
+            with open(st.path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(st.path, final)
+            _fsync_dir(final.parent)
     finally:
         for p in st.paths:
             if p.exists():
                 p.unlink()
+
+
+@contextmanager
+def _disk_full_is_an_error(final: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OutputError(f"disk full while writing {final.name}; nothing was written under {final}") from None
+        raise
 
 
 def _fsync_dir(d: Path) -> None:
@@ -88,19 +95,16 @@ def atomic_dir(final: str | Path, force: bool = False, need_bytes: int = 0) -> I
     st = Staging(final)
     tmp, old = st.path, st.temp("old")
     try:
-        tmp.mkdir()
-        yield tmp
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        _fsync_dir(final.parent)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise OutputError(f"disk full while writing {final.name}; nothing was written under {final}") from None
-        raise
+        with _disk_full_is_an_error(final):
+            tmp.mkdir()
+            yield tmp
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            _fsync_dir(final.parent)
     finally:
         for p in (tmp, old):
             if p.is_dir():
