@@ -5,8 +5,9 @@ validates it against the float32 reference on the same held-out windows (8 x 256
 1,016 tokens) and 8 chat prompts x 64 greedy tokens; docs/thresholds-{gguf,onnx,mlx}.md have the tables. Each limit sits at
 about 2x the worst variant's measured value (KLD, 1 - top-1, PPL excess) and the greedy limits at about half the
 worst, rounded; a real defect (a wrong layout, a wrong type, a missing scale) moves these metrics by orders of
-magnitude, not by 2x. The f32 GGUF is held to float rounding: KLD under 1e-6 and max |logit difference| under 0.02
-(worst measured 0.0085, from ggml's own accumulation order and GELU).
+magnitude, not by 2x. Float presets were also measured on a synthetic checkpoint with E2B's real widths (the one
+scripts/bench_export.py builds): wider rows and longer windows round more, and llama.cpp's float16 GELU table shows
+there, so the f32 GGUF and fp32/fp16 ONNX limits come from that measurement.
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ class Thresholds:
 
 
 THRESHOLDS: dict[tuple[str, str], Thresholds] = {
-    # Worst measured (docs/thresholds-gguf.md): KLD 3.6e-8, max logit diff 0.0085 (tiny-31b; ggml's own
-    # accumulation order and GELU), greedy identical everywhere.
-    ("gguf", "f32"): Thresholds(1e-6, 1e-5, 0.999, 1.0001, 1.0, 64, max_logit_diff=2e-2),
+    # Worst measured (docs/thresholds-gguf.md): KLD 3.6e-8 and max logit diff 0.0085 on the tiny models, but on a
+    # checkpoint with E2B's real widths KLD 9.6e-5, p99.9 1.6e-3, max logit diff 0.30, top-1 0.9995, greedy 8/8
+    # identical. The cause is llama.cpp's compute, not the file: ggml's CPU GELU reads a float16 table, and the
+    # reference with that same float16 GELU differs from the float32 one by the same KLD (4.7e-5 on one window).
+    # The limits are 2x the real-width values; the tests hold the tiny models to their own tighter bounds.
+    ("gguf", "f32"): Thresholds(2e-4, 4e-3, 0.999, 1.0001, 1.0, 64, max_logit_diff=0.6),
     ("gguf", "f16"): Thresholds(2e-5, 3e-4, 0.995, 1.0005, 0.75, 48),
     # bf16 weights are the checkpoint's own; the error is llama.cpp's bf16 compute (MoE routing flips on 26B).
     ("gguf", "bf16"): Thresholds(1.2e-4, 4e-2, 0.985, 1.001, 0.375, 30),
