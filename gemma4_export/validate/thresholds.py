@@ -33,11 +33,11 @@ class Thresholds:
 
 THRESHOLDS: dict[tuple[str, str], Thresholds] = {
     # Worst measured (docs/thresholds-gguf.md): KLD 3.6e-8 and max logit diff 0.0085 on the tiny models, but on a
-    # checkpoint with E2B's real widths KLD 9.6e-5, p99.9 1.6e-3, max logit diff 0.30, top-1 0.9995, greedy 8/8
-    # identical. The cause is llama.cpp's compute, not the file: ggml's CPU GELU reads a float16 table, and the
+    # checkpoint with E2B's real widths KLD 9.6e-5, p99.9 1.6e-3, max logit diff 0.30, top-1 0.9995, PPL ratio
+    # 1.00057, greedy 8/8 identical. The cause is llama.cpp's compute, not the file: ggml's CPU GELU reads a float16 table, and the
     # reference with that same float16 GELU differs from the float32 one by the same KLD (4.7e-5 on one window).
     # The limits are 2x the real-width values; the tests hold the tiny models to their own tighter bounds.
-    ("gguf", "f32"): Thresholds(2e-4, 4e-3, 0.999, 1.0001, 1.0, 64, max_logit_diff=0.6),
+    ("gguf", "f32"): Thresholds(2e-4, 4e-3, 0.999, 1.0012, 1.0, 64, max_logit_diff=0.6),
     ("gguf", "f16"): Thresholds(2e-5, 3e-4, 0.995, 1.0005, 0.75, 48),
     # bf16 weights are the checkpoint's own; the error is llama.cpp's bf16 compute (MoE routing flips on 26B).
     ("gguf", "bf16"): Thresholds(1.2e-4, 4e-2, 0.985, 1.001, 0.375, 30),
