@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .. import __version__
-from ..atomic import OutputError, atomic_dir
+from ..atomic import atomic_dir
 from ..errors import Gemma4ExportError
 from ..exporter.checkpoint import Checkpoint, to_f32
 from ..exporter.source import ModelSource
@@ -221,8 +221,6 @@ def export_mlx(
     plan = build_plan(src.arch, src.tensor_specs(), quant, src.name, overrides, ple_type, "mlx", group_size)
     suffix = quant if not group_size or group_size == 64 else f"{quant}-g{group_size}"
     final = Path(out_dir) / f"{src.name}-mlx-{suffix}"
-    if final.exists() and not force:
-        raise OutputError(f"{final} exists; pass --force to replace it")
 
     jobs: list[_Job] = []
     quant_paths: dict[str, Any] = {}

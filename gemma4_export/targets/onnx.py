@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..atomic import OutputError, atomic_dir
+from ..atomic import atomic_dir
 from ..errors import Gemma4ExportError
 from ..exporter.checkpoint import Checkpoint, to_f32
 from ..exporter.source import ModelSource
@@ -55,14 +55,11 @@ def _weights(ck: Checkpoint, plan: Plan) -> Weights:
         return e.type
 
     def blocks(name: str):
-        info = ck.info(name)
-        row = info.shape[-1] if info.shape else 1
-        n = info.numel // row
-        per = max(1, BLOCK_BYTES // (row * 4))
+        dtype = ck.info(name).dtype
 
         def gen():
-            for r in range(0, n, per):
-                yield to_f32(ck.rows(name, r, min(n, r + per)), info.dtype)
+            for _, raw in ck.iter_rows(name, BLOCK_BYTES // 2):  # about BLOCK_BYTES once widened to float32
+                yield to_f32(raw, dtype)
         return gen
 
     def vector(name: str) -> np.ndarray:
@@ -169,8 +166,6 @@ def export_onnx(
     ck = src.checkpoint
     plan = build_plan(src.arch, src.tensor_specs(), quant, src.name, overrides, ple_type, "onnx")
     final = Path(out_dir) / f"{src.name}-onnx-{plan.preset}"
-    if final.exists() and not force:
-        raise OutputError(f"{final} exists; pass --force to replace it")
     total = plan.total_bytes  # the tied head reads the embedding's own bytes
     result = ExportResult(final, plan)
     try:

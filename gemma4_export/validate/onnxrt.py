@@ -155,9 +155,11 @@ def cache_consistency(runner: ONNXRunner, prompts: list[list[int]], n: int) -> d
                       "margin_there": None if first is None else margins[first]})
     defects = [c for c in cases if not c["equal"] and c["margin_there"] >= 1e-4]
     equal = sum(c["equal"] for c in cases)
+    ties = len(cases) - equal - len(defects)
     return {"prompts": len(cases), "new_tokens": n, "equal": equal, "cases": cases, "passed": not defects,
             "summary": f"greedy through the KV cache equals generation without it on {equal}/{len(cases)} prompts "
-                       f"x {n} tokens"}
+                       f"x {n} tokens" + (f"; {ties} parted at a near-tie (top-2 margin < 1e-4)" if ties else "")
+                       + (f"; {len(defects)} parted where the choice was clear" if defects else "")}
 
 
 def runtime_checks(runner: ONNXRunner, prompt_ids: list[list[int]], n: int) -> dict:
