@@ -1,23 +1,176 @@
-"""The library API. The CLI parses arguments and calls these; scripts and tests can call them directly."""
+"""The library API: `plan`, `export`, `validate` and `matrix`. The CLI parses arguments and calls these; scripts and
+tests call them directly.
+
+    from gemma4_export import api
+
+    p = api.plan("tiny-e2b", "gguf", "q4_k_m")                   # which type each tensor gets, and why
+    r = api.export("gguf", "tiny-e2b", "q4_k_m", "out/")         # writes out/tiny-e2b-q4_k_m.gguf (+ .plan.json)
+    report = api.validate(r.path)                                # runs it in llama.cpp against fp32 transformers
+    print(report.passed, report.logits.kld_mean)
+
+`source` is a registered variant name ("e2b", "tiny-e2b", a hub id) or a checkpoint directory (a `Path`, or a
+string naming an existing directory).
+
+`export` is the one export pipeline: it resolves the source, builds the plan, prepares an atomic output (nothing
+under the final name until the artifact is whole), times the work and writes the plan beside the artifact; the
+target only writes its bytes (`Target.write`).
+"""
 
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from .atomic import Staging, atomic_dir, atomic_file
+from .exporter.checkpoint import Checkpoint
 from .exporter.source import ModelSource
+from .progress import Reporter, Silent
 from .quant.plan import Plan, build_plan
+from .quant.presets import Preset
+from .targets.registry import Target, get_target
+
+Source = str | Path | ModelSource
 
 
-def make_plan(
+def open_source(source: Source | None = None, *, variant: str | None = None, model_dir: str | Path | None = None,
+                need_weights: bool = False) -> ModelSource:
+    """A ModelSource from a variant name, a directory, or an already open source."""
+    if isinstance(source, ModelSource):
+        return source
+    if source is not None:
+        if isinstance(source, Path) or (Path(source).is_dir() and _not_a_variant(str(source))):
+            model_dir = source
+        else:
+            variant = str(source)
+    return ModelSource.open(variant, model_dir, need_weights=need_weights)
+
+
+def _not_a_variant(name: str) -> bool:
+    from .exporter.variants import VARIANTS
+
+    return name not in VARIANTS
+
+
+def plan(source: Source | None = None, target: str = "gguf", preset: str | None = None, *,
+         variant: str | None = None, model_dir: str | Path | None = None, overrides: list[str] | None = None,
+         ple_type: str | None = None, group_size: int | None = None) -> Plan:
+    """The per-tensor plan: from the shipped config for a published variant (no weights needed), from the weights
+    for a tiny variant or a checkpoint directory (so the plan lists the file's own tensors)."""
+    t = get_target(target)
+    src = open_source(source, variant=variant, model_dir=model_dir)
+    p = t.preset(preset, group_size)
+    return build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    plan: Plan = field(repr=False)
+    target: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes: int = 0
+    plan_file: Path | None = None
+
+
+@dataclass
+class ExportJob:
+    """What a target's `write` gets: the open checkpoint, the plan, and where to write."""
+
+    target: Target
+    source: ModelSource
+    checkpoint: Checkpoint
+    preset: Preset
+    plan: Plan
+    path: Path  # the staging file or directory; renamed to the final name when the pipeline finishes
+    staging: Staging | None  # for more temporaries beside it (removed at the end)
+    reporter: Reporter
+    options: dict[str, Any]  # target options (threads, ...)
+    seconds: dict[str, float]
+
+
+def export(
+    target: str | Target,
+    source: Source | None = None,
+    preset: str | None = None,
+    out: str | Path = ".",
+    *,
     variant: str | None = None,
     model_dir: str | Path | None = None,
-    quant: str = "q4_k_m",
     overrides: list[str] | None = None,
     ple_type: str | None = None,
-    target: str = "gguf",
     group_size: int | None = None,
-) -> Plan:
-    """The per-tensor plan: from the shipped config for a published variant (no weights needed), from the weights
-    for a tiny variant or a --model-dir checkpoint (so the plan lists the file's own tensors)."""
-    src = ModelSource.open(variant, model_dir)
-    return build_plan(src.arch, src.tensor_specs(), quant, src.name, overrides, ple_type, target, group_size)
+    force: bool = False,
+    reporter: Reporter | None = None,
+    **options: Any,
+) -> ExportResult:
+    """Export `source` as `target`'s artifact with `preset` (the target's default when None) into directory `out`."""
+    t = get_target(target)
+    t.require()
+    reporter = reporter or Silent()
+    t0 = time.perf_counter()
+    p = t.preset(preset, group_size)  # an unknown preset fails before any checkpoint is opened
+    src = open_source(source, variant=variant, model_dir=model_dir, need_weights=True)
+    ck = src.checkpoint
+    try:
+        the_plan = build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type)
+        final = Path(out) / t.artifact_name(src.name, p, group_size)
+        result = ExportResult(final, the_plan, t.name)
+        job = ExportJob(t, src, ck, p, the_plan, final, None, reporter, options, result.seconds)
+        atomic = atomic_file if t.artifact_kind == "file" else atomic_dir
+        with atomic(final, force, t.need_bytes(job)) as st:
+            job.path, job.staging = st.path, st
+            t.write(job)
+    finally:
+        ck.close()
+    result.bytes = artifact_bytes(final)
+    result.plan_file = write_plan(final, the_plan)
+    result.seconds["total"] = time.perf_counter() - t0
+    return result
+
+
+def artifact_bytes(artifact: Path) -> int:
+    """Size on disk: the file, or every file of an artifact directory."""
+    if artifact.is_file():
+        return artifact.stat().st_size
+    return sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
+
+
+def plan_path(artifact: Path) -> Path:
+    """Where an artifact's plan is written: beside it, never inside an artifact directory."""
+    return artifact.parent / f"{artifact.name}.plan.json"
+
+
+def write_plan(artifact: Path, p: Plan) -> Path:
+    from .atomic import write_text
+
+    path = plan_path(artifact)
+    write_text(path, json.dumps(p.to_json(), indent=2) + "\n")
+    return path
+
+
+def validate(artifact: str | Path, source: Source | None = None, *, variant: str | None = None,
+             model_dir: str | Path | None = None, device: str = "cpu", reporter: Reporter | None = None,
+             **kwargs: Any):
+    """Run an artifact in its own runtime against transformers in fp32; returns the report (written beside it)."""
+    from .validate.harness import validate_artifact
+
+    if isinstance(source, ModelSource):
+        variant, model_dir = (source.variant.name if source.variant and not source.directory else None,
+                              source.directory)
+    elif source is not None:
+        if isinstance(source, Path) or (Path(source).is_dir() and _not_a_variant(str(source))):
+            model_dir = source
+        else:
+            variant = str(source)
+    return validate_artifact(artifact, variant, model_dir, device, reporter, **kwargs)
+
+
+def matrix(variants: list[str], targets: list[str], quants: dict[str, list[str]] | None = None, *,
+           device: str = "cpu", out: str | Path = "matrix-out", **kwargs: Any):
+    """Export and validate every variant x target x preset; see validate.matrix.run_matrix."""
+    from .validate.matrix import run_matrix
+
+    return run_matrix(variants, targets, quants, device, Path(out), **kwargs)

@@ -88,16 +88,16 @@ def _fsync_dir(d: Path) -> None:
 
 
 @contextmanager
-def atomic_dir(final: str | Path, force: bool = False, need_bytes: int = 0) -> Iterator[Path]:
-    """Yields a hidden temporary directory beside `final`; on success it replaces `final` (kept until then: an
-    existing artifact is only removed once the new one is complete)."""
+def atomic_dir(final: str | Path, force: bool = False, need_bytes: int = 0) -> Iterator[Staging]:
+    """Yields a Staging whose `.path` is a hidden temporary directory beside `final`; on success it replaces `final`
+    (kept until then: an existing artifact is only removed once the new one is complete)."""
     final = _prepare(final, force, need_bytes)
     st = Staging(final)
     tmp, old = st.path, st.temp("old")
     try:
         with _disk_full_is_an_error(final):
             tmp.mkdir()
-            yield tmp
+            yield st
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -106,6 +106,14 @@ def atomic_dir(final: str | Path, force: bool = False, need_bytes: int = 0) -> I
             tmp.rename(final)
             _fsync_dir(final.parent)
     finally:
-        for p in (tmp, old):
+        for p in st.paths:
             if p.is_dir():
                 shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """A small text file, atomically: a temporary file beside it, fsynced, renamed over it."""
+    with atomic_file(path, force=True) as st:
+        st.path.write_text(text, encoding="utf-8")

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import Gemma4ExportError
+from .targets.registry import get_target, target_names
 
 app = typer.Typer(
     name="gemma4-export",
@@ -41,6 +42,33 @@ TensorTypeOpt = Annotated[
 PleTypeOpt = Annotated[
     Optional[str], typer.Option("--ple-type", help="Type of the per-layer-embedding table (E2B/E4B).")
 ]
+
+
+def _presets_help(name: str) -> str:
+    t = get_target(name)
+    return f"Preset: {' '.join(t.presets)} (default {t.default_preset})."
+
+
+def _all_presets_help() -> str:
+    return "Preset of the target (" + "; ".join(f"{n}: {' '.join(get_target(n).presets)}" for n in target_names()) \
+        + "). Default: the target's own default."
+
+
+def _quant_opt(name: str):
+    return Annotated[Optional[str], typer.Option("--quant", "-q", help=_presets_help(name))]
+
+
+def _device_opt(name: str):
+    return Annotated[str, typer.Option("--device", help=f"Validation device: {get_target(name).devices_help}.")]
+
+
+def _validate_opt(name: str):
+    return Annotated[bool, typer.Option("--validate/--no-validate",
+                                        help=f"Validate in {get_target(name).runtime_name} after export.")]
+
+
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing artifact.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
 
 
 def _version(value: bool) -> None:
@@ -85,8 +113,9 @@ def variants(
 def plan(
     variant: VariantOpt = None,
     model_dir: ModelDirOpt = None,
-    quant: Annotated[str, typer.Option("--quant", "-q", help="Preset of the target (gguf: f32 bf16 f16 q8_0 q6_k q5_k_m q4_k_m q4_0; onnx: fp32 fp16 int8 int4; mlx: bf16 8bit 6bit 4bit mixed).")] = "q4_k_m",
-    target: Annotated[str, typer.Option("--target", "-t", help="gguf, mlx or onnx: whose presets and types.")] = "gguf",
+    quant: Annotated[Optional[str], typer.Option("--quant", "-q", help=_all_presets_help())] = None,
+    target: Annotated[str, typer.Option("--target", "-t", help=f"{', '.join(target_names())}: whose presets and "
+                                                               "types.")] = "gguf",
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="MLX quantization group: 32, 64, 128.")] = None,
     tensor_type: TensorTypeOpt = None,
     ple_type: PleTypeOpt = None,
@@ -100,10 +129,11 @@ def plan(
       gemma4-export plan --variant 26b-a4b --quant q4_k_m --json
       gemma4-export plan --model-dir ./gemma-4-E2B-it --quant q5_k_m --tensor-type 'attn_q=Q8_0'
     """
-    from .api import make_plan
+    from . import api
     from .report import plan_summary, plan_table
 
-    p = make_plan(variant, model_dir, quant, tensor_type, ple_type, target, group_size)
+    p = api.plan(target=target, preset=quant, variant=variant, model_dir=model_dir, overrides=tensor_type,
+                 ple_type=ple_type, group_size=group_size)
     if as_json:
         sys.stdout.write(json.dumps(p.to_json()) + "\n")
         return
@@ -111,17 +141,27 @@ def plan(
     out.print(plan_summary(p))
 
 
+def _export(target: str, variant, model_dir, quant, out_dir, validate: bool, device: str, **kw) -> None:
+    """The shared body of the export commands: the library's one pipeline, then its summary and validation."""
+    from . import api
+    from .progress import RichReporter
+
+    r = api.export(target, preset=quant, out=out_dir, variant=variant, model_dir=model_dir,
+                   reporter=RichReporter(err), **kw)
+    _finish(r, validate, variant, model_dir, device)
+
+
 @app.command()
 def gguf(
     variant: VariantOpt = None,
     model_dir: ModelDirOpt = None,
-    quant: Annotated[str, typer.Option("--quant", "-q", help="Preset: f32 bf16 f16 q8_0 q6_k q5_k_m q4_k_m q4_0.")] = "q4_k_m",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("."),
+    quant: _quant_opt("gguf") = None,
+    out: OutOpt = Path("."),
     tensor_type: TensorTypeOpt = None,
     ple_type: PleTypeOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact.")] = False,
-    validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Validate in llama.cpp after export.")] = True,
-    device: Annotated[str, typer.Option("--device", help="Validation device: cpu, cuda, mps (GPU offload).")] = "cpu",
+    force: ForceOpt = False,
+    validate: _validate_opt("gguf") = True,
+    device: _device_opt("gguf") = "cpu",
     threads: Annotated[Optional[int], typer.Option("--threads", help="Quantizer threads (default: all cores).")] = None,
 ) -> None:
     """Export a GGUF for llama.cpp (writes <variant>-<quant>.gguf), then validate it against the fp32 model.
@@ -131,25 +171,22 @@ def gguf(
       gemma4-export gguf --variant e2b-it --quant q5_k_m --ple-type q8_0
       gemma4-export gguf --model-dir ./my-gemma4 --quant q8_0 --no-validate
     """
-    from .progress import RichReporter
-    from .targets.gguf import export_gguf
-
-    r = export_gguf(variant, model_dir, quant, out, tensor_type, ple_type, force, RichReporter(err), threads)
-    _finish(r, validate, variant, model_dir, device)
+    _export("gguf", variant, model_dir, quant, out, validate, device, overrides=tensor_type, ple_type=ple_type,
+            force=force, threads=threads)
 
 
 @app.command()
 def mlx(
     variant: VariantOpt = None,
     model_dir: ModelDirOpt = None,
-    quant: Annotated[str, typer.Option("--quant", "-q", help="Preset: bf16 8bit 6bit 4bit mixed.")] = "4bit",
+    quant: _quant_opt("mlx") = None,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="Quantization group: 32, 64 or 128.")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("."),
+    out: OutOpt = Path("."),
     tensor_type: TensorTypeOpt = None,
     ple_type: PleTypeOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact.")] = False,
-    validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Validate in mlx-lm after export.")] = True,
-    device: Annotated[str, typer.Option("--device", help="Validation device: cpu, or gpu (Metal).")] = "cpu",
+    force: ForceOpt = False,
+    validate: _validate_opt("mlx") = True,
+    device: _device_opt("mlx") = "cpu",
 ) -> None:
     """Export an MLX directory for mlx-lm (<variant>-mlx-<quant>/), then validate it against the fp32 model.
 
@@ -157,24 +194,21 @@ def mlx(
       gemma4-export mlx --variant tiny-e2b --quant 4bit --out out/
       gemma4-export mlx --variant e4b-it --quant mixed --group-size 32 --device gpu
     """
-    from .progress import RichReporter
-    from .targets.mlx import export_mlx
-
-    r = export_mlx(variant, model_dir, quant, group_size, out, tensor_type, ple_type, force, RichReporter(err))
-    _finish(r, validate, variant, model_dir, device)
+    _export("mlx", variant, model_dir, quant, out, validate, device, overrides=tensor_type, ple_type=ple_type,
+            force=force, group_size=group_size)
 
 
 @app.command()
 def onnx(
     variant: VariantOpt = None,
     model_dir: ModelDirOpt = None,
-    quant: Annotated[str, typer.Option("--quant", "-q", help="Preset: fp32 fp16 int8 int4.")] = "int4",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("."),
+    quant: _quant_opt("onnx") = None,
+    out: OutOpt = Path("."),
     tensor_type: TensorTypeOpt = None,
     ple_type: PleTypeOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact.")] = False,
-    validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Validate in onnxruntime after export.")] = True,
-    device: Annotated[str, typer.Option("--device", help="Validation device: cpu, cuda (CUDA provider) or mps (CoreML).")] = "cpu",
+    force: ForceOpt = False,
+    validate: _validate_opt("onnx") = True,
+    device: _device_opt("onnx") = "cpu",
 ) -> None:
     """Export an ONNX decoder with KV cache for onnxruntime (<variant>-onnx-<quant>/), then validate it.
 
@@ -182,11 +216,8 @@ def onnx(
       gemma4-export onnx --variant tiny-e2b --quant int4 --out out/
       gemma4-export onnx --variant e2b-it --quant int4 --ple-type INT8 --device cuda
     """
-    from .progress import RichReporter
-    from .targets.onnx import export_onnx
-
-    r = export_onnx(variant, model_dir, quant, out, tensor_type, ple_type, force, RichReporter(err))
-    _finish(r, validate, variant, model_dir, device)
+    _export("onnx", variant, model_dir, quant, out, validate, device, overrides=tensor_type, ple_type=ple_type,
+            force=force)
 
 
 def _finish(r, validate: bool, variant, model_dir, device: str) -> None:
@@ -201,10 +232,11 @@ def _finish(r, validate: bool, variant, model_dir, device: str) -> None:
 
 
 def _validate_and_exit(artifact: Path, variant, model_dir, device: str) -> None:
+    from . import api
     from .progress import RichReporter
-    from .validate.harness import ValidationFailed, validate_artifact
+    from .validate.harness import ValidationFailed
 
-    report = validate_artifact(artifact, variant, model_dir, device, RichReporter(err))
+    report = api.validate(artifact, variant=variant, model_dir=model_dir, device=device, reporter=RichReporter(err))
     from rich.markdown import Markdown
 
     out.print(Markdown(report.to_markdown()))
@@ -233,10 +265,11 @@ def matrix(
     variants: Annotated[Optional[str], typer.Option(
         "--variants", help="Comma-separated variants (default: every tiny variant).")] = None,
     targets: Annotated[str, typer.Option(
-        "--targets", help="Comma-separated targets: gguf, mlx, onnx.")] = "gguf,mlx,onnx",
+        "--targets", help=f"Comma-separated targets: {', '.join(target_names())}.")] = ",".join(target_names()),
     quants: Annotated[Optional[list[str]], typer.Option(
         "--quants", help="Presets: TARGET:P1,P2 or a bare preset (for the targets that have it). Repeatable. "
-                         "Default: each target's main preset (gguf q4_k_m, mlx 4bit, onnx int4).")] = None,
+                         "Default: each target's default preset ("
+                         + ", ".join(f"{n} {get_target(n).default_preset}" for n in target_names()) + ").")] = None,
     device: Annotated[str, typer.Option(
         "--device", help="cpu, cuda or mps: the reference's and every runtime's device; cells a runtime cannot run "
                          "there are skipped.")] = "cpu",
@@ -258,9 +291,11 @@ def matrix(
     """
     from rich.text import Text
 
+    from . import api
     from .exporter.variants import TINY
     from .progress import RichReporter
-    from .validate.matrix import OUTPUTS, cell_line, matrix_markdown, parse_quants, run_matrix
+    from .validate.matrix_outputs import OUTPUTS, cell_line, matrix_markdown
+    from .validate.matrix_request import parse_quants
 
     names = [v.strip() for v in variants.split(",") if v.strip()] if variants else list(TINY)
     tlist = [t.strip() for t in targets.split(",") if t.strip()]
@@ -269,8 +304,8 @@ def matrix(
     def live(cell) -> None:
         out.print(Text(cell_line(cell), style=style.get(cell.result, "")), highlight=False)
 
-    res = run_matrix(names, tlist, parse_quants(quants, tlist), device, out_dir, RichReporter(err), live,
-                     windows, prompts)
+    res = api.matrix(names, tlist, parse_quants(quants, tlist), device=device, out=out_dir,
+                     reporter=RichReporter(err), on_cell=live, windows=windows, prompts=prompts)
     out.print(matrix_markdown(res), markup=False, highlight=False, soft_wrap=True)  # raw Markdown: logs keep it whole
     for what in OUTPUTS:
         out.print(f"{what}: {res.path(what)}", highlight=False)

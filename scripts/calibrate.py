@@ -14,25 +14,14 @@ import tempfile
 from pathlib import Path
 
 from gemma4_export.exporter.variants import TINY, get_variant
-from gemma4_export.quant.rules import presets_of
+from gemma4_export import api
+from gemma4_export.quant.presets import presets_of
 from gemma4_export.validate.harness import validate_artifact
 from gemma4_export.validate.reference import Reference
 
 
 def export(target: str, variant: str, preset: str, out: Path) -> Path:
-    if target == "gguf":
-        from gemma4_export.targets.gguf import export_gguf
-
-        return export_gguf(variant, quant=preset, out_dir=out, force=True).path
-    if target == "mlx":
-        from gemma4_export.targets.mlx import export_mlx
-
-        return export_mlx(variant, quant=preset, out_dir=out, force=True).path
-    if target == "onnx":
-        from gemma4_export.targets.onnx import export_onnx
-
-        return export_onnx(variant, quant=preset, out_dir=out, force=True).path
-    raise SystemExit(f"no exporter for {target}")
+    return api.export(target, variant, preset, out, force=True).path
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from gemma4_export.exporter.source import ModelSource
 from gemma4_export.exporter.tokenizer import read_tokenizer
 from gemma4_export.exporter.variants import TINY, get_variant
 from gemma4_export.progress import Silent
-from gemma4_export.targets.mlx import export_mlx
+from gemma4_export import api
 from gemma4_export.validate.harness import EvalSpec, artifact_bytes, run_validation
 from gemma4_export.validate.mlxrt import MLXRunner
 from gemma4_export.validate.reference import Reference
@@ -43,7 +43,7 @@ def main() -> None:
         for v in a.variants:
             src = ModelSource.open(v, need_weights=True)
             ref = Reference(get_variant(v).local_dir)
-            ours = export_mlx(v, quant="4bit", out_dir=tmp, force=True).path
+            ours = api.export("mlx", v, "4bit", out=tmp, force=True).path
             theirs = Path(tmp) / f"{v}-mlx_lm-convert-4bit"
             # mlx-lm's gemma4 ModelArgs overrides text_config.vocab_size with a top-level vocab_size that defaults
             # to 262144; the tiny configs keep it in text_config only, so give mlx_lm.convert a copy that has both.

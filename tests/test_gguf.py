@@ -14,7 +14,8 @@ import pytest
 from gemma4_export.atomic import OutputError
 from gemma4_export.errors import Gemma4ExportError, QuantError
 from gemma4_export.exporter.variants import TINY, get_variant
-from gemma4_export.targets.gguf import export_gguf, gguf_name
+from gemma4_export import api
+from gemma4_export.targets.gguf import gguf_name
 from gemma4_export.targets.gguf_file import GGUFFormatError, GGUFWriter, read_gguf
 from gemma4_export.validate.harness import validate_artifact
 
@@ -47,7 +48,7 @@ def references():
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("variant", TINY)
 def test_export_matches_plan_and_validates(variant, preset, out_dir, references):
-    r = export_gguf(variant, quant=preset, out_dir=out_dir, force=True)
+    r = api.export("gguf", variant, preset, out=out_dir, force=True)
     assert r.path == out_dir / f"{variant}-{preset}.gguf" and r.path.is_file()
     g = read_gguf(r.path)
     # every planned tensor is in the file with the planned type, and nothing else is
@@ -77,7 +78,7 @@ def test_export_matches_plan_and_validates(variant, preset, out_dir, references)
 
 
 def test_k_eq_v_and_moe_layout(out_dir):
-    g = read_gguf(export_gguf("tiny-26b-a4b", quant="bf16", out_dir=out_dir, force=True).path)
+    g = read_gguf(api.export("gguf", "tiny-26b-a4b", "bf16", out=out_dir, force=True).path)
     t = g.tensors
     assert "blk.5.attn_v.weight" not in t and "blk.0.attn_v.weight" in t  # K==V on the full layer
     assert t["blk.0.ffn_gate_up_exps.weight"].shape == (4, 512, 256)
@@ -89,7 +90,7 @@ def test_k_eq_v_and_moe_layout(out_dir):
 
 
 def test_kv_shared_layers_drop_their_unused_weights(out_dir):
-    g = read_gguf(export_gguf("tiny-e2b", quant="f32", out_dir=out_dir, force=True).path)
+    g = read_gguf(api.export("gguf", "tiny-e2b", "f32", out=out_dir, force=True).path)
     assert "blk.4.attn_k.weight" in g.tensors and "blk.5.attn_k.weight" not in g.tensors
     assert "blk.5.attn_q.weight" in g.tensors
     assert g.metadata["gemma4.feed_forward_length"] == [256] * 5 + [512] * 5  # double-wide on shared layers
@@ -97,10 +98,10 @@ def test_kv_shared_layers_drop_their_unused_weights(out_dir):
 
 
 def test_existing_artifact_is_kept(out_dir):
-    p = export_gguf("tiny-31b", quant="f16", out_dir=out_dir, force=True).path
+    p = api.export("gguf", "tiny-31b", "f16", out=out_dir, force=True).path
     before = p.stat().st_mtime_ns
     with pytest.raises(OutputError, match="exists; pass --force"):
-        export_gguf("tiny-31b", quant="f16", out_dir=out_dir)
+        api.export("gguf", "tiny-31b", "f16", out=out_dir)
     assert p.stat().st_mtime_ns == before
 
 
@@ -118,7 +119,7 @@ def test_interrupt_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint.Checkpoint, "iter_rows", flaky)
     with pytest.raises(KeyboardInterrupt):
-        export_gguf("tiny-e2b", quant="q4_k_m", out_dir=tmp_path)
+        api.export("gguf", "tiny-e2b", "q4_k_m", out=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -133,8 +134,8 @@ def test_killed_export_never_leaves_the_final_name(tmp_path):
         "        time.sleep(0.05)\n"
         "        yield x\n"
         "checkpoint.Checkpoint.iter_rows = slow\n"
-        "from gemma4_export.targets.gguf import export_gguf\n"
-        f"export_gguf('tiny-e2b', quant='bf16', out_dir={str(tmp_path)!r})\n"
+        "from gemma4_export import api\n"
+        f"api.export('gguf', 'tiny-e2b', 'bf16', out={str(tmp_path)!r})\n"
     )
     p = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.time() + 120
@@ -152,7 +153,7 @@ def test_disk_full_is_reported(tmp_path, monkeypatch):
 
     monkeypatch.setattr(atomic, "free_bytes", lambda d: 1000)
     with pytest.raises(OutputError, match="not enough disk space"):
-        export_gguf("tiny-31b", quant="q8_0", out_dir=tmp_path)
+        api.export("gguf", "tiny-31b", "q8_0", out=tmp_path)
 
     monkeypatch.undo()
 
@@ -162,15 +163,15 @@ def test_disk_full_is_reported(tmp_path, monkeypatch):
 
     monkeypatch.setattr(GGUFWriter, "write", enospc)
     with pytest.raises(OutputError, match="disk full"):
-        export_gguf("tiny-31b", quant="bf16", out_dir=tmp_path)
+        api.export("gguf", "tiny-31b", "bf16", out=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_impossible_quant_choice(tmp_path):
     with pytest.raises(QuantError):
-        export_gguf("tiny-e2b", quant="q3_k_xl", out_dir=tmp_path)
+        api.export("gguf", "tiny-e2b", "q3_k_xl", out=tmp_path)
     with pytest.raises(QuantError, match="matched no kept tensor"):
-        export_gguf("tiny-e2b", quant="q8_0", out_dir=tmp_path, overrides=["nothing_like_this=Q8_0"])
+        api.export("gguf", "tiny-e2b", "q8_0", out=tmp_path, overrides=["nothing_like_this=Q8_0"])
     assert list(tmp_path.iterdir()) == []
 
 

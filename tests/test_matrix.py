@@ -13,34 +13,51 @@ import pytest
 
 from gemma4_export.errors import Gemma4ExportError, UnknownVariantError
 from gemma4_export.report import human_bytes
+from gemma4_export.targets.registry import Platform, get_target, probe_platform
 from gemma4_export.validate import matrix as M
+from gemma4_export.validate import matrix_outputs as O
+from gemma4_export.validate import matrix_request as R
 from gemma4_export.validate.svgplot import KLD_FLOOR, Point, kld_vs_size_svg
 
 ALL = ["gguf", "mlx", "onnx"]
 SVG = "{http://www.w3.org/2000/svg}"
 
-LINUX = M.Platform("Linux", "x86_64", llama_cpp=True, mlx=True, onnx_providers=("CPUExecutionProvider",))
-CUDA_BOX = dataclasses.replace(LINUX, torch_cuda=True, llama_gpu_offload=True,
-                               onnx_providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
-MAC = M.Platform("Darwin", "arm64", torch_mps=True, llama_cpp=True, llama_gpu_offload=True, mlx=True, mlx_metal=True,
-                 onnx_providers=("CoreMLExecutionProvider", "CPUExecutionProvider"))
+
+
+def box(system="Linux", machine="x86_64", torch_cuda=False, torch_mps=False, llama_cpp=True, llama_gpu_offload=False,
+        mlx=True, mlx_metal=False, onnx_providers=("CPUExecutionProvider",)) -> Platform:
+    return Platform(system, machine, torch_cuda, torch_mps, {
+        "gguf": {"gpu_offload": llama_gpu_offload} if llama_cpp else None,
+        "mlx": {"metal": mlx_metal} if mlx else None,
+        "onnx": {"providers": onnx_providers} if onnx_providers is not None else None})
+
+
+LINUX = box()
+CUDA_BOX = box(torch_cuda=True, llama_gpu_offload=True, onnx_providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+MAC_ARGS = dict(system="Darwin", machine="arm64", torch_mps=True, llama_gpu_offload=True, mlx_metal=True,
+                onnx_providers=("CoreMLExecutionProvider", "CPUExecutionProvider"))
+MAC = box(**MAC_ARGS)
+
+
+def skip_reason(target, device, platform):
+    return get_target(target).skip_reason(device, platform)
 
 
 # ---- what is asked for ------------------------------------------------------------------------------------------
 
 
 def test_quants_by_target_and_bare_names():
-    q = M.parse_quants(["gguf:q4_k_m,q8_0", "onnx:int4"], ALL)
+    q = R.parse_quants(["gguf:q4_k_m,q8_0", "onnx:int4"], ALL)
     assert q == {"gguf": ["q4_k_m", "q8_0"], "onnx": ["int4"]}
     # targets without presets get their main preset
-    assert M.resolve_quants(ALL, q) == {"gguf": ["q4_k_m", "q8_0"], "mlx": ["4bit"], "onnx": ["int4"]}
-    assert M.resolve_quants(ALL, None) == {"gguf": ["q4_k_m"], "mlx": ["4bit"], "onnx": ["int4"]}
+    assert R.resolve_quants(ALL, q) == {"gguf": ["q4_k_m", "q8_0"], "mlx": ["4bit"], "onnx": ["int4"]}
+    assert R.resolve_quants(ALL, None) == {"gguf": ["q4_k_m"], "mlx": ["4bit"], "onnx": ["int4"]}
     # a bare preset goes to the targets that have it
-    assert M.parse_quants(["q8_0"], ALL) == {"gguf": ["q8_0"]}
-    assert M.parse_quants(["8bit,4bit"], ALL) == {"mlx": ["8bit", "4bit"]}
-    assert M.parse_quants(["bf16"], ["gguf", "mlx"]) == {"gguf": ["bf16"], "mlx": ["bf16"]}
-    assert M.parse_quants(["Q8_0", "gguf:q8_0"], ["gguf"]) == {"gguf": ["q8_0", "q8_0"]}
-    assert M.resolve_quants(["gguf"], {"gguf": ["q8_0", "q8_0"]}) == {"gguf": ["q8_0"]}
+    assert R.parse_quants(["q8_0"], ALL) == {"gguf": ["q8_0"]}
+    assert R.parse_quants(["8bit,4bit"], ALL) == {"mlx": ["8bit", "4bit"]}
+    assert R.parse_quants(["bf16"], ["gguf", "mlx"]) == {"gguf": ["bf16"], "mlx": ["bf16"]}
+    assert R.parse_quants(["Q8_0", "gguf:q8_0"], ["gguf"]) == {"gguf": ["q8_0", "q8_0"]}
+    assert R.resolve_quants(["gguf"], {"gguf": ["q8_0", "q8_0"]}) == {"gguf": ["q8_0"]}
 
 
 @pytest.mark.parametrize("specs, targets, message", [
@@ -54,7 +71,7 @@ def test_quants_by_target_and_bare_names():
 ])
 def test_bad_quants_are_refused(specs, targets, message):
     with pytest.raises(Gemma4ExportError, match=re.escape(message)):
-        M.parse_quants(specs, targets)
+        R.parse_quants(specs, targets)
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
@@ -87,36 +104,35 @@ def test_cuda_without_cuda_is_an_error_for_the_whole_run(tmp_path):
 
 
 def test_skip_reasons():
-    assert M.skip_reason("mlx", "cuda", CUDA_BOX) == "MLX's GPU runs on Apple Silicon only"
-    assert M.skip_reason("gguf", "cuda", CUDA_BOX) is None and M.skip_reason("onnx", "cuda", CUDA_BOX) is None
+    assert skip_reason("mlx", "cuda", CUDA_BOX) == "MLX's GPU runs on Apple Silicon only"
+    assert skip_reason("gguf", "cuda", CUDA_BOX) is None and skip_reason("onnx", "cuda", CUDA_BOX) is None
     for t in ALL:
-        assert M.skip_reason(t, "cpu", LINUX) is None
-        assert M.skip_reason(t, "mps", MAC) is None, t
-    no_offload = dataclasses.replace(CUDA_BOX, llama_gpu_offload=False)
-    assert "no GPU offload" in M.skip_reason("gguf", "cuda", no_offload)
-    assert "-DGGML_CUDA=on" in M.skip_reason("gguf", "cuda", no_offload)
-    assert "-DGGML_METAL=on" in M.skip_reason("gguf", "mps", dataclasses.replace(MAC, llama_gpu_offload=False))
-    assert M.skip_reason("gguf", "cpu", no_offload) is None  # the CPU needs no offload
-    assert "not installed" in M.skip_reason("gguf", "cpu", dataclasses.replace(LINUX, llama_cpp=False))
-    assert "not installed" in M.skip_reason("mlx", "cpu", dataclasses.replace(LINUX, mlx=False))
-    assert "Apple Silicon, not Linux x86_64" in M.skip_reason("mlx", "mps", dataclasses.replace(LINUX, torch_mps=True))
-    assert "no Metal device" in M.skip_reason("mlx", "mps", dataclasses.replace(MAC, mlx_metal=False))
-    assert "onnxruntime is not installed" in M.skip_reason("onnx", "cpu", dataclasses.replace(LINUX,
-                                                                                              onnx_providers=None))
-    assert "has no CUDAExecutionProvider (it has CPUExecutionProvider)" in M.skip_reason("onnx", "cuda", LINUX)
-    assert "has no CoreMLExecutionProvider" in M.skip_reason("onnx", "mps", LINUX)
+        assert skip_reason(t, "cpu", LINUX) is None
+        assert skip_reason(t, "mps", MAC) is None, t
+    no_offload = box(torch_cuda=True, onnx_providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+    assert "no GPU offload" in skip_reason("gguf", "cuda", no_offload)
+    assert "-DGGML_CUDA=on" in skip_reason("gguf", "cuda", no_offload)
+    assert "-DGGML_METAL=on" in skip_reason("gguf", "mps", box(**MAC_ARGS | dict(llama_gpu_offload=False)))
+    assert skip_reason("gguf", "cpu", no_offload) is None  # the CPU needs no offload
+    assert "not installed" in skip_reason("gguf", "cpu", box(llama_cpp=False))
+    assert "not installed" in skip_reason("mlx", "cpu", box(mlx=False))
+    assert "Apple Silicon, not Linux x86_64" in skip_reason("mlx", "mps", box(torch_mps=True))
+    assert "no Metal device" in skip_reason("mlx", "mps", box(**MAC_ARGS | dict(mlx_metal=False)))
+    assert "onnxruntime is not installed" in skip_reason("onnx", "cpu", box(onnx_providers=None))
+    assert "has no CUDAExecutionProvider (it has CPUExecutionProvider)" in skip_reason("onnx", "cuda", LINUX)
+    assert "has no CoreMLExecutionProvider" in skip_reason("onnx", "mps", LINUX)
 
 
 def test_device_check():
-    M.check_device("cpu", LINUX)
-    M.check_device("cuda", CUDA_BOX)
-    M.check_device("mps", MAC)
+    R.check_device("cpu", LINUX)
+    R.check_device("cuda", CUDA_BOX)
+    R.check_device("mps", MAC)
     with pytest.raises(Gemma4ExportError, match="torch sees no CUDA device"):
-        M.check_device("cuda", LINUX)
+        R.check_device("cuda", LINUX)
     with pytest.raises(Gemma4ExportError, match="torch sees no Metal device"):
-        M.check_device("mps", LINUX)
+        R.check_device("mps", LINUX)
     with pytest.raises(Gemma4ExportError, match="unknown device"):
-        M.check_device("gpu", MAC)
+        R.check_device("gpu", MAC)
 
 
 def test_cells_are_decided_before_running():
@@ -138,12 +154,13 @@ def test_cells_are_decided_before_running():
 def test_probe_of_this_machine():
     import importlib.util
 
-    p = M.probe_platform(ALL)
-    assert p.llama_cpp == (importlib.util.find_spec("llama_cpp") is not None)
-    assert p.mlx == (importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mlx_lm") is not None)
+    p = probe_platform(ALL)
+    assert (p.runtime("gguf") is not None) == (importlib.util.find_spec("llama_cpp") is not None)
+    assert (p.runtime("mlx") is not None) == (importlib.util.find_spec("mlx") is not None
+                                              and importlib.util.find_spec("mlx_lm") is not None)
     if importlib.util.find_spec("onnxruntime") is not None:
-        assert "CPUExecutionProvider" in p.onnx_providers
-    assert M.probe_platform([]).llama_cpp is False  # runtimes of targets not asked for are not imported
+        assert "CPUExecutionProvider" in p.runtime("onnx")["providers"]
+    assert probe_platform([]).runtime("gguf") is None  # runtimes of targets not asked for are not imported
 
 
 # ---- the plot ---------------------------------------------------------------------------------------------------
@@ -195,7 +212,7 @@ def test_digest_of_a_file_and_of_a_directory(tmp_path):
     f = tmp_path / "a.gguf"
     data = os.urandom(3 << 20)  # more than one read block
     f.write_bytes(data)
-    d = M.artifact_digest(f)
+    d = O.artifact_digest(f)
     assert d == {"kind": "file", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
     a = tmp_path / "m"
@@ -203,14 +220,14 @@ def test_digest_of_a_file_and_of_a_directory(tmp_path):
     files = {"config.json": b"{}", "model.safetensors": os.urandom(1000), "sub/tokenizer.json": b"[1, 2]"}
     for rel, b in files.items():
         (a / rel).write_bytes(b)
-    d = M.artifact_digest(a)
+    d = O.artifact_digest(a)
     want = {rel: hashlib.sha256(b).hexdigest() for rel, b in files.items()}
     assert d["kind"] == "directory" and {r["path"]: r["sha256"] for r in d["files"]} == want
     assert d["bytes"] == sum(len(b) for b in files.values())
     combined = "".join(f"{rel}\t{want[rel]}\n" for rel in sorted(want))
     assert d["sha256"] == hashlib.sha256(combined.encode()).hexdigest()
     (a / "sub" / "tokenizer.json").rename(a / "tokenizer.json")  # same bytes, another place: another digest
-    assert M.artifact_digest(a)["sha256"] != d["sha256"]
+    assert O.artifact_digest(a)["sha256"] != d["sha256"]
 
 
 # ---- real runs --------------------------------------------------------------------------------------------------
@@ -231,8 +248,8 @@ def _rows(md: str) -> dict[tuple[str, str, str], dict[str, str]]:
     rows = {}
     for line in md.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == len(M.COLUMNS) and cells[0].startswith("tiny-"):
-            rows[tuple(cells[:3])] = dict(zip(M.COLUMNS, cells))
+        if len(cells) == len(O.COLUMNS) and cells[0].startswith("tiny-"):
+            rows[tuple(cells[:3])] = dict(zip(O.COLUMNS, cells))
     return rows
 
 
@@ -243,7 +260,7 @@ def test_end_to_end_outputs(e2e):
     assert not [p for p in out.rglob(".*") if p.is_file()], "no temporary files are left"
     (cell,) = res.cells
     assert res.passed and cell.result == "pass", (cell.reason, cell.failures)
-    assert seen == [cell] and "PASS" in M.cell_line(cell)
+    assert seen == [cell] and "PASS" in O.cell_line(cell)
     assert cell.seconds["total"] >= cell.seconds["export"] + cell.seconds["validate"] > 0
 
     art = out / "artifacts" / "tiny-31b-q8_0.gguf"

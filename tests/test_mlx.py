@@ -11,7 +11,7 @@ pytest.importorskip("mlx_lm")
 
 from gemma4_export.errors import Gemma4ExportError, QuantError  # noqa: E402
 from gemma4_export.exporter.variants import TINY  # noqa: E402
-from gemma4_export.targets.mlx import export_mlx  # noqa: E402
+from gemma4_export import api  # noqa: E402
 from gemma4_export.validate.mlxrt import check_safetensors  # noqa: E402
 
 PRESETS = ["bf16", "8bit", "4bit"]
@@ -39,7 +39,7 @@ def _module_types(model) -> dict[str, object]:
 def test_export_loads_and_validates(variant, preset, out_dir):
     from mlx_lm import load
 
-    r = export_mlx(variant, quant=preset, out_dir=out_dir, force=True)
+    r = api.export("mlx", variant, preset, out=out_dir, force=True)
     check_safetensors(r.path)
     cfg = json.loads((r.path / "config.json").read_text())
     tc = cfg["text_config"]
@@ -71,29 +71,29 @@ def test_export_loads_and_validates(variant, preset, out_dir):
 
 
 def test_group_size_and_bad_choices(out_dir):
-    r = export_mlx("tiny-31b", quant="4bit", group_size=32, out_dir=out_dir, force=True)
+    r = api.export("mlx", "tiny-31b", "4bit", group_size=32, out=out_dir, force=True)
     assert r.path.name == "tiny-31b-mlx-4bit-g32"
     q = json.loads((r.path / "config.json").read_text())["quantization"]
     assert q["group_size"] == 32
     with pytest.raises(QuantError, match="32, 64 or 128"):
-        export_mlx("tiny-31b", quant="4bit", group_size=48, out_dir=out_dir)
+        api.export("mlx", "tiny-31b", "4bit", group_size=48, out=out_dir)
     with pytest.raises(QuantError, match="unknown mlx preset"):
-        export_mlx("tiny-31b", quant="q4_k_m", out_dir=out_dir)
+        api.export("mlx", "tiny-31b", "q4_k_m", out=out_dir)
     with pytest.raises(Gemma4ExportError, match="exists"):
-        export_mlx("tiny-31b", quant="4bit", group_size=32, out_dir=out_dir)
+        api.export("mlx", "tiny-31b", "4bit", group_size=32, out=out_dir)
 
 
 def test_metal_limit_is_in_the_plan():
-    from gemma4_export.api import make_plan
+    from gemma4_export import api
 
-    e = make_plan("e2b", quant="bf16", target="mlx").by_name()["model.language_model.embed_tokens_per_layer.weight"]
+    e = api.plan("e2b", preset="bf16", target="mlx").by_name()["model.language_model.embed_tokens_per_layer.weight"]
     assert e.type == "Q8G64" and "Metal" in e.reason
-    e4 = make_plan("e4b", quant="4bit", target="mlx").by_name()["model.language_model.embed_tokens_per_layer.weight"]
+    e4 = api.plan("e4b", preset="4bit", target="mlx").by_name()["model.language_model.embed_tokens_per_layer.weight"]
     assert e4.type == "Q4G64"
 
 
 def test_corrupt_mlx_weights_are_caught(out_dir):
-    r = export_mlx("tiny-31b", quant="8bit", out_dir=out_dir / "c", force=True)
+    r = api.export("mlx", "tiny-31b", "8bit", out=out_dir / "c", force=True)
     f = r.path / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])

@@ -14,7 +14,8 @@ onnx = pytest.importorskip("onnx")
 from gemma4_export.atomic import OutputError  # noqa: E402
 from gemma4_export.errors import Gemma4ExportError, QuantError  # noqa: E402
 from gemma4_export.exporter.variants import TINY, get_variant  # noqa: E402
-from gemma4_export.targets.onnx import CONFIG_FILE, DATA_FILE, MODEL_FILE, export_onnx, quantized_weights  # noqa: E402
+from gemma4_export.targets.onnx import CONFIG_FILE, DATA_FILE, MODEL_FILE, quantized_weights  # noqa: E402
+from gemma4_export import api  # noqa: E402
 from gemma4_export.validate.onnxrt import ONNXRunner, cache_consistency  # noqa: E402
 
 BITS = {"INT4": 4, "INT8": 8}
@@ -54,7 +55,7 @@ def check_against_plan(path, plan):
 @pytest.mark.parametrize("preset", ["fp32", "int4"])
 @pytest.mark.parametrize("variant", TINY)
 def test_export_matches_plan_and_validates(variant, preset, out_dir):
-    r = export_onnx(variant, quant=preset, out_dir=out_dir, force=True)
+    r = api.export("onnx", variant, preset, out=out_dir, force=True)
     assert r.path == out_dir / f"{variant}-onnx-{preset}"
     for f in (MODEL_FILE, DATA_FILE, CONFIG_FILE, "tokenizer.json", "tokenizer_config.json"):
         assert (r.path / f).is_file(), f
@@ -96,7 +97,7 @@ def test_export_matches_plan_and_validates(variant, preset, out_dir):
 
 @pytest.fixture(scope="module")
 def e2b_fp32(out_dir):
-    return ONNXRunner(export_onnx("tiny-e2b", quant="fp32", out_dir=out_dir / "r", force=True).path)
+    return ONNXRunner(api.export("onnx", "tiny-e2b", "fp32", out=out_dir / "r", force=True).path)
 
 
 def test_cached_generation_past_the_sliding_window(e2b_fp32):
@@ -131,7 +132,7 @@ def test_batch_with_left_padding(e2b_fp32):
 
 
 def test_ple_type_and_overrides_reach_the_graph(out_dir):
-    r = export_onnx("tiny-e2b", quant="int4", out_dir=out_dir / "o", ple_type="INT8",
+    r = api.export("onnx", "tiny-e2b", "int4", out=out_dir / "o", ple_type="INT8",
                     overrides=[r"layers\.0\.mlp\.down_proj=FP16"], force=True)
     quant = check_against_plan(r.path, r.plan)
     p = "model.language_model."
@@ -142,20 +143,20 @@ def test_ple_type_and_overrides_reach_the_graph(out_dir):
 
 def test_bad_choices_and_atomic_output(out_dir, monkeypatch):
     with pytest.raises(QuantError, match="unknown onnx preset"):
-        export_onnx("tiny-31b", quant="q4_k_m", out_dir=out_dir)
+        api.export("onnx", "tiny-31b", "q4_k_m", out=out_dir)
     with pytest.raises(QuantError):
-        export_onnx("tiny-31b", quant="int4", overrides=["q_proj=Q4_K"], out_dir=out_dir)
+        api.export("onnx", "tiny-31b", "int4", overrides=["q_proj=Q4_K"], out=out_dir)
     with pytest.raises(Gemma4ExportError, match="unknown variant"):
-        export_onnx("tiny-7b", quant="int4", out_dir=out_dir)
-    first = export_onnx("tiny-31b", quant="int8", out_dir=out_dir / "a", force=True)
+        api.export("onnx", "tiny-7b", "int4", out=out_dir)
+    first = api.export("onnx", "tiny-31b", "int8", out=out_dir / "a", force=True)
     with pytest.raises(OutputError, match="exists"):
-        export_onnx("tiny-31b", quant="int8", out_dir=out_dir / "a")
+        api.export("onnx", "tiny-31b", "int8", out=out_dir / "a")
     before = sorted(p.name for p in first.path.iterdir())
 
     # Ctrl-C in the middle of writing weights: the existing artifact is untouched, nothing half-written is left
-    from gemma4_export.targets import onnx_graph
+    from gemma4_export.targets import onnx_ops
 
-    real, calls = onnx_graph.Graph.quant_weight, []
+    real, calls = onnx_ops.Graph.quant_weight, []
 
     def interrupted(self, *a, **k):
         calls.append(1)
@@ -163,17 +164,17 @@ def test_bad_choices_and_atomic_output(out_dir, monkeypatch):
             raise KeyboardInterrupt
         return real(self, *a, **k)
 
-    monkeypatch.setattr(onnx_graph.Graph, "quant_weight", interrupted)
+    monkeypatch.setattr(onnx_ops.Graph, "quant_weight", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export_onnx("tiny-31b", quant="int8", out_dir=out_dir / "a", force=True)
+        api.export("onnx", "tiny-31b", "int8", out=out_dir / "a", force=True)
     assert sorted(p.name for p in first.path.iterdir()) == before
-    assert [p.name for p in (out_dir / "a").iterdir()] == [first.path.name]
+    assert sorted(p.name for p in (out_dir / "a").iterdir()) == [first.path.name, first.plan_file.name]
 
 
 def test_malformed_artifacts_give_clear_errors(out_dir):
     from gemma4_export.validate.harness import validate_artifact
 
-    r = export_onnx("tiny-31b", quant="fp32", out_dir=out_dir / "m", force=True)
+    r = api.export("onnx", "tiny-31b", "fp32", out=out_dir / "m", force=True)
     (r.path / MODEL_FILE).write_bytes((r.path / MODEL_FILE).read_bytes()[:200])
     with pytest.raises(Gemma4ExportError, match="onnxruntime could not load"):
         validate_artifact(r.path, write=False)

@@ -80,7 +80,7 @@ class Plan:
 
     @property
     def bits_per_weight(self) -> float:
-        return self.total_bytes * 8 / max(1, self.parameters)
+        return bits_per_weight(self.total_bytes, self.parameters)
 
     def by_name(self) -> dict[str, PlanEntry]:
         return {e.name: e for e in self.entries}
@@ -109,8 +109,18 @@ class Plan:
         }
 
 
-# Largest single tensor a target's runtime can hold.
-MAX_TENSOR_BYTES = {"mlx": 4 * 2**30}
+def bits_per_weight(nbytes: int, parameters: int) -> float:
+    """The one definition: bytes x 8 over the text parameters kept (the decoder's weights, without towers and
+    without the k/v weights of KV-shared layers, which no runtime reads). A plan counts its tensor data; a report
+    counts the artifact's bytes on disk, metadata and tokenizer included, over the same parameters."""
+    return nbytes * 8 / max(1, parameters)
+
+
+def text_parameters(arch: Gemma4Arch) -> int:
+    """The parameters a text artifact keeps: what `bits_per_weight` divides by."""
+    from ..exporter.tensors import expected_text_tensors
+
+    return sum(s.numel for s in expected_text_tensors(arch) if s.role != Role.KV_SHARED_UNUSED)
 
 
 def _fallback(t: StorageType, row: int, types: dict[str, StorageType]) -> StorageType | None:
@@ -137,8 +147,11 @@ def build_plan(
     target: str = "gguf",
     group_size: int | None = None,
 ) -> Plan:
+    from ..targets.registry import get_target
+
     p = preset if isinstance(preset, Preset) else get_preset(preset, target, group_size)
-    types = p.types
+    tgt = get_target(p.target)
+    types = tgt.types
     if ple_type is not None:
         if not arch.has_ple:
             raise QuantError(f"--ple-type given, but {variant or 'this model'} has no per-layer embedding table")
@@ -175,13 +188,12 @@ def build_plan(
         if alt is not None:
             reason = f"{reason}; {t.name} needs rows in multiples of {t.block}, rows here are {spec.row_length}: {alt.name}"
             t, rule = alt, f"{rule}+fallback"
-        limit = MAX_TENSOR_BYTES.get(p.target)
+        limit = tgt.max_tensor_bytes
         if limit and t.nbytes(spec.numel) > limit and rule != "override":
-            # Metal allocates each tensor as one buffer, and a buffer cannot exceed 4 GB: E2B/E4B's PLE table in bf16
-            # (4.7 / 5.6 GB) must be quantized to load on Apple GPUs.
-            small = types[p.high] if not types[p.high].is_float else types[f"Q8G{group_size or 64}"]
-            reason = f"{reason}; {t.name} would be {t.nbytes(spec.numel) / 2**30:.1f} GiB, over Metal's 4 GiB buffer: {small.name}"
-            t, rule = small, f"{rule}+metal-limit"
+            small = tgt.small_type(p)
+            reason = (f"{reason}; {t.name} would be {t.nbytes(spec.numel) / 2**30:.1f} GiB, over "
+                      f"{tgt.max_tensor_reason}: {small.name}")
+            t, rule = small, f"{rule}+size-limit"
         entries.append(PlanEntry(spec.name, spec.shape, spec.role.value, t.name, t.nbytes(spec.numel), reason, rule,
                                  spec.layer))
     unused = [ovs[k].pattern for k in range(len(ovs)) if not used[k]]

@@ -1,22 +1,11 @@
-"""One module per output format. What they share: the result of an export, and float encodings."""
+"""One module per output format, each registering its Target (registry.py). What they share: tokenizer files and
+float encodings."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from ..quant.plan import Plan
-
-
-@dataclass
-class ExportResult:
-    path: Path
-    plan: Plan
-    seconds: dict[str, float] = field(default_factory=dict)
-    bytes: int = 0
-
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
                    "special_tokens_map.json", "tokenizer.model")

@@ -22,63 +22,60 @@ import numpy as np
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES, GGUFValueType, Keys, LlamaFileType
 
 from .. import __version__, llama_log
-from ..atomic import atomic_file
-from . import ExportResult, encode_float
 from ..errors import Gemma4ExportError
 from ..exporter.arch import Gemma4Arch
 from ..exporter.checkpoint import Checkpoint
 from ..exporter.source import ModelSource
+from ..exporter.tensors import Tensor, parse_hf_name
 from ..exporter.tokenizer import TokenizerInfo, read_tokenizer
-from ..progress import Reporter, Silent
-from ..quant.plan import Plan, PlanEntry, build_plan
+from ..progress import Reporter
+from ..quant.plan import Plan, PlanEntry
+from ..quant.presets import Preset
+from ..quant.types import GGUF_TYPES
+from . import encode_float
 from .gguf_file import FileRange, GGUFWriter, read_gguf
+from .registry import Platform, Target, register
 
 ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.GEMMA4]  # "gemma4"
 
-# Checkpoint name (under the text prefix) -> llama.cpp tensor (gguf-py's names, so they follow llama.cpp's).
-# An unmapped text tensor is an error, never skipped.
-_NAME_TABLE: tuple[tuple[str, MODEL_TENSOR, str], ...] = (
-    (r"embed_tokens\.weight", MODEL_TENSOR.TOKEN_EMBD, "weight"),
-    (r"embed_tokens_per_layer\.weight", MODEL_TENSOR.PER_LAYER_TOKEN_EMBD, "weight"),
-    (r"per_layer_model_projection\.weight", MODEL_TENSOR.PER_LAYER_MODEL_PROJ, "weight"),
-    (r"per_layer_projection_norm\.weight", MODEL_TENSOR.PER_LAYER_PROJ_NORM, "weight"),
-    (r"norm\.weight", MODEL_TENSOR.OUTPUT_NORM, "weight"),
-    (r"layers\.(\d+)\.input_layernorm\.weight", MODEL_TENSOR.ATTN_NORM, "weight"),
-    (r"layers\.(\d+)\.post_attention_layernorm\.weight", MODEL_TENSOR.ATTN_POST_NORM, "weight"),
-    (r"layers\.(\d+)\.pre_feedforward_layernorm\.weight", MODEL_TENSOR.FFN_PRE_NORM, "weight"),
-    (r"layers\.(\d+)\.post_feedforward_layernorm\.weight", MODEL_TENSOR.FFN_POST_NORM, "weight"),
-    (r"layers\.(\d+)\.pre_feedforward_layernorm_2\.weight", MODEL_TENSOR.FFN_PRE_NORM_2, "weight"),
-    (r"layers\.(\d+)\.post_feedforward_layernorm_1\.weight", MODEL_TENSOR.FFN_POST_NORM_1, "weight"),
-    (r"layers\.(\d+)\.post_feedforward_layernorm_2\.weight", MODEL_TENSOR.FFN_POST_NORM_2, "weight"),
-    (r"layers\.(\d+)\.self_attn\.q_proj\.weight", MODEL_TENSOR.ATTN_Q, "weight"),
-    (r"layers\.(\d+)\.self_attn\.k_proj\.weight", MODEL_TENSOR.ATTN_K, "weight"),
-    (r"layers\.(\d+)\.self_attn\.v_proj\.weight", MODEL_TENSOR.ATTN_V, "weight"),
-    (r"layers\.(\d+)\.self_attn\.o_proj\.weight", MODEL_TENSOR.ATTN_OUT, "weight"),
-    (r"layers\.(\d+)\.self_attn\.q_norm\.weight", MODEL_TENSOR.ATTN_Q_NORM, "weight"),
-    (r"layers\.(\d+)\.self_attn\.k_norm\.weight", MODEL_TENSOR.ATTN_K_NORM, "weight"),
-    (r"layers\.(\d+)\.mlp\.gate_proj\.weight", MODEL_TENSOR.FFN_GATE, "weight"),
-    (r"layers\.(\d+)\.mlp\.up_proj\.weight", MODEL_TENSOR.FFN_UP, "weight"),
-    (r"layers\.(\d+)\.mlp\.down_proj\.weight", MODEL_TENSOR.FFN_DOWN, "weight"),
+# Canonical key -> llama.cpp tensor (gguf-py's names, so they follow llama.cpp's) and suffix. An unmapped text tensor
+# is an error, never skipped.
+K = Tensor
+GGUF_TENSORS: dict[Tensor, tuple[MODEL_TENSOR, str]] = {
+    K.TOKEN_EMBD: (MODEL_TENSOR.TOKEN_EMBD, "weight"),
+    K.OUTPUT: (MODEL_TENSOR.OUTPUT, "weight"),
+    K.PLE_TABLE: (MODEL_TENSOR.PER_LAYER_TOKEN_EMBD, "weight"),
+    K.PLE_MODEL_PROJ: (MODEL_TENSOR.PER_LAYER_MODEL_PROJ, "weight"),
+    K.PLE_PROJ_NORM: (MODEL_TENSOR.PER_LAYER_PROJ_NORM, "weight"),
+    K.OUTPUT_NORM: (MODEL_TENSOR.OUTPUT_NORM, "weight"),
+    K.ATTN_NORM: (MODEL_TENSOR.ATTN_NORM, "weight"),
+    K.ATTN_POST_NORM: (MODEL_TENSOR.ATTN_POST_NORM, "weight"),
+    K.FFN_PRE_NORM: (MODEL_TENSOR.FFN_PRE_NORM, "weight"),
+    K.FFN_POST_NORM: (MODEL_TENSOR.FFN_POST_NORM, "weight"),
+    K.FFN_PRE_NORM_2: (MODEL_TENSOR.FFN_PRE_NORM_2, "weight"),
+    K.FFN_POST_NORM_1: (MODEL_TENSOR.FFN_POST_NORM_1, "weight"),
+    K.FFN_POST_NORM_2: (MODEL_TENSOR.FFN_POST_NORM_2, "weight"),
+    K.ATTN_Q: (MODEL_TENSOR.ATTN_Q, "weight"),
+    K.ATTN_K: (MODEL_TENSOR.ATTN_K, "weight"),
+    K.ATTN_V: (MODEL_TENSOR.ATTN_V, "weight"),
+    K.ATTN_OUT: (MODEL_TENSOR.ATTN_OUT, "weight"),
+    K.ATTN_Q_NORM: (MODEL_TENSOR.ATTN_Q_NORM, "weight"),
+    K.ATTN_K_NORM: (MODEL_TENSOR.ATTN_K_NORM, "weight"),
+    K.FFN_GATE: (MODEL_TENSOR.FFN_GATE, "weight"),
+    K.FFN_UP: (MODEL_TENSOR.FFN_UP, "weight"),
+    K.FFN_DOWN: (MODEL_TENSOR.FFN_DOWN, "weight"),
     # MoE: the router's matrix, its input scale, and the per-expert output scale (applied after ffn_down_exps).
-    (r"layers\.(\d+)\.router\.proj\.weight", MODEL_TENSOR.FFN_GATE_INP, "weight"),
-    (r"layers\.(\d+)\.router\.scale", MODEL_TENSOR.FFN_GATE_INP, "scale"),
-    (r"layers\.(\d+)\.router\.per_expert_scale", MODEL_TENSOR.FFN_DOWN_EXP, "scale"),
-    (r"layers\.(\d+)\.experts\.gate_up_proj", MODEL_TENSOR.FFN_GATE_UP_EXP, "weight"),
-    (r"layers\.(\d+)\.experts\.down_proj", MODEL_TENSOR.FFN_DOWN_EXP, "weight"),
-    (r"layers\.(\d+)\.per_layer_input_gate\.weight", MODEL_TENSOR.PER_LAYER_INP_GATE, "weight"),
-    (r"layers\.(\d+)\.per_layer_projection\.weight", MODEL_TENSOR.PER_LAYER_PROJ, "weight"),
-    (r"layers\.(\d+)\.post_per_layer_input_norm\.weight", MODEL_TENSOR.PER_LAYER_POST_NORM, "weight"),
-    (r"layers\.(\d+)\.layer_scalar", MODEL_TENSOR.LAYER_OUT_SCALE, "weight"),
-)
-_COMPILED = tuple((re.compile(p + "$"), t, s) for p, t, s in _NAME_TABLE)
-ROPE_FREQS = TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight"
-
-# Preset -> llama.cpp file type (general.file_type), as llama-quantize names them.
-FILE_TYPES = {
-    "f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
-    "q8_0": LlamaFileType.MOSTLY_Q8_0, "q6_k": LlamaFileType.MOSTLY_Q6_K, "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
-    "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M, "q4_0": LlamaFileType.MOSTLY_Q4_0,
+    K.ROUTER: (MODEL_TENSOR.FFN_GATE_INP, "weight"),
+    K.ROUTER_SCALE: (MODEL_TENSOR.FFN_GATE_INP, "scale"),
+    K.ROUTER_EXPERT_SCALE: (MODEL_TENSOR.FFN_DOWN_EXP, "scale"),
+    K.EXPERTS_GATE_UP: (MODEL_TENSOR.FFN_GATE_UP_EXP, "weight"),
+    K.EXPERTS_DOWN: (MODEL_TENSOR.FFN_DOWN_EXP, "weight"),
+    K.PLE_GATE: (MODEL_TENSOR.PER_LAYER_INP_GATE, "weight"),
+    K.PLE_PROJ: (MODEL_TENSOR.PER_LAYER_PROJ, "weight"),
+    K.PLE_POST_NORM: (MODEL_TENSOR.PER_LAYER_POST_NORM, "weight"),
+    K.LAYER_SCALAR: (MODEL_TENSOR.LAYER_OUT_SCALE, "weight"),
 }
+ROPE_FREQS = TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight"
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 
@@ -87,13 +84,17 @@ class ExportError(Gemma4ExportError):
 
 
 def gguf_name(name: str, prefix: str) -> str:
-    rel = name[len(prefix):] if name.startswith(prefix) else name
-    for rx, tensor, suffix in _COMPILED:
-        m = rx.match(rel)
-        if m:
-            base = TENSOR_NAMES[tensor].format(bid=int(m.group(1)) if m.groups() else 0)
-            return f"{base}.{suffix}"
-    raise ExportError(f"no GGUF name for tensor '{name}': it is not a known Gemma 4 text tensor")
+    parsed = parse_hf_name(name, prefix)
+    if parsed is None or parsed[0] not in GGUF_TENSORS:
+        raise ExportError(f"no GGUF name for tensor '{name}': it is not a known Gemma 4 text tensor")
+    key, bid = parsed
+    tensor, suffix = GGUF_TENSORS[key]
+    return f"{TENSOR_NAMES[tensor].format(bid=bid if bid is not None else 0)}.{suffix}"
+
+
+def file_type(preset: Preset) -> int:
+    """The preset's general.file_type, as llama-quantize names it."""
+    return int(LlamaFileType[preset.file_type])
 
 
 # ---- metadata --------------------------------------------------------------------------------------------------
@@ -115,7 +116,7 @@ def _rope_freqs(a: Gemma4Arch) -> np.ndarray:
     return np.array([1.0] * n_rot + [1e30] * (half - n_rot), dtype=np.float32)
 
 
-def write_metadata(w: GGUFWriter, a: Gemma4Arch, tok: TokenizerInfo, src: ModelSource, preset: str,
+def write_metadata(w: GGUFWriter, a: Gemma4Arch, tok: TokenizerInfo, src: ModelSource, preset: Preset,
                    license_: str | None) -> None:
     k = lambda key: key.format(arch=ARCH)  # noqa: E731
     w.string(Keys.General.ARCHITECTURE, ARCH)
@@ -128,9 +129,9 @@ def write_metadata(w: GGUFWriter, a: Gemma4Arch, tok: TokenizerInfo, src: ModelS
     if license_:
         w.string(Keys.General.LICENSE, license_)
     w.string(Keys.General.QUANTIZED_BY, f"gemma4-export {__version__}")
-    w.u32(Keys.General.FILE_TYPE, int(FILE_TYPES[preset]))
+    w.u32(Keys.General.FILE_TYPE, file_type(preset))
     w.string("gemma4_export.version", __version__)
-    w.string("gemma4_export.preset", preset)
+    w.string("gemma4_export.preset", preset.name)
 
     w.u32(k(Keys.LLM.CONTEXT_LENGTH), a.max_position_embeddings)
     w.u32(k(Keys.LLM.EMBEDDING_LENGTH), a.hidden_size)
@@ -210,9 +211,6 @@ def _encode(block: np.ndarray, src_dtype: str, out_type: str) -> np.ndarray:
         raise ExportError(f"cannot write {out_type} directly") from None
 
 
-GGUFExport = ExportResult
-
-
 def _staged_type(e: PlanEntry, src_dtype: str) -> str:
     """The type a tensor has in the converted file: its final type if float, else its source float type."""
     if e.type in FLOAT_TYPES:
@@ -220,13 +218,13 @@ def _staged_type(e: PlanEntry, src_dtype: str) -> str:
     return {"BF16": "BF16", "F16": "F16"}.get(src_dtype, "F32")
 
 
-def convert(ck: Checkpoint, src: ModelSource, plan: Plan, out: Path, staged: bool, reporter: Reporter,
-            block_bytes: int = 64 << 20) -> dict[str, str]:
+def convert(ck: Checkpoint, src: ModelSource, plan: Plan, preset: Preset, out: Path, staged: bool,
+            reporter: Reporter, block_bytes: int = 64 << 20) -> dict[str, str]:
     """Write the float GGUF. Returns {gguf name: plan type} for the kept tensors."""
     a = src.arch
     tok = read_tokenizer(ck.dir, a.vocab_size)
     w = GGUFWriter()
-    write_metadata(w, a, tok, src, plan.preset, read_license(ck.dir))
+    write_metadata(w, a, tok, src, preset, read_license(ck.dir))
     if tok.vocab_size != a.vocab_size:
         raise ExportError(f"tokenizer has {tok.vocab_size} tokens for {a.vocab_size} embedding rows")
     generated: dict[str, np.ndarray] = {}
@@ -269,8 +267,8 @@ def convert(ck: Checkpoint, src: ModelSource, plan: Plan, out: Path, staged: boo
 # ---- quantization through llama.cpp ----------------------------------------------------------------------------
 
 
-def quantize(src_path: Path, dst_path: Path, plan: Plan, names: dict[str, str], reporter: Reporter,
-             threads: int | None = None, max_buf: int = 256 << 20) -> None:
+def quantize(src_path: Path, dst_path: Path, plan: Plan, preset: Preset, names: dict[str, str],
+             reporter: Reporter, threads: int | None = None, max_buf: int = 256 << 20) -> None:
     try:
         import llama_cpp
     except ImportError:
@@ -288,7 +286,7 @@ def quantize(src_path: Path, dst_path: Path, plan: Plan, names: dict[str, str], 
     arr[len(overrides)].pattern = None
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads or os.cpu_count() or 1
-    params.ftype = int(FILE_TYPES[plan.preset])
+    params.ftype = file_type(preset)
     params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     params.max_buf_size = max_buf
     result: dict[str, int | BaseException] = {}
@@ -325,44 +323,75 @@ def check_types(path: Path, wanted: dict[str, str]) -> None:
         raise ExportError(f"{path.name} does not match its plan:\n  " + "\n  ".join(problems[:20]))
 
 
-# ---- the whole job ---------------------------------------------------------------------------------------------
+# ---- the target -----------------------------------------------------------------------------------------------
 
 
-def export_gguf(
-    variant: str | None = None,
-    model_dir: str | Path | None = None,
-    quant: str = "q4_k_m",
-    out_dir: str | Path = ".",
-    overrides: list[str] | None = None,
-    ple_type: str | None = None,
-    force: bool = False,
-    reporter: Reporter | None = None,
-    threads: int | None = None,
-) -> GGUFExport:
-    reporter = reporter or Silent()
-    src = ModelSource.open(variant, model_dir, need_weights=True)
-    ck = src.checkpoint
-    plan = build_plan(src.arch, src.tensor_specs(), quant, src.name, overrides, ple_type)
-    final = Path(out_dir) / f"{src.name}-{plan.preset}.gguf"
-    quantized = any(e.type not in FLOAT_TYPES for e in plan.kept)
-    staged_bytes = sum(ck.info(e.name).nbytes if e.type not in FLOAT_TYPES else e.bytes for e in plan.kept)
-    need = plan.total_bytes + (staged_bytes if quantized else 0) + (64 << 20)
-    result = GGUFExport(final, plan)
-    with atomic_file(final, force=force, need_bytes=need) as st:
+@register
+class GGUFTarget(Target):
+    name = "gguf"
+    description = "one .gguf file for llama.cpp"
+    runtime_name = "llama-cpp-python"
+    extra = "gguf"
+    types = GGUF_TYPES
+    default_preset = "q4_k_m"
+    artifact_kind = "file"
+    color = "#1f77b4"
+    devices_help = "cpu, cuda or mps (GPU offload)"
+
+    def artifact_name(self, source: str, preset: Preset, group_size: int | None = None) -> str:
+        return f"{source}-{preset.name}.gguf"
+
+    def _quantized(self, plan: Plan) -> bool:
+        return any(e.type not in FLOAT_TYPES for e in plan.kept)
+
+    def need_bytes(self, job) -> int:
+        staged = sum(job.checkpoint.info(e.name).nbytes if e.type not in FLOAT_TYPES else e.bytes
+                     for e in job.plan.kept)
+        return job.plan.total_bytes + (staged if self._quantized(job.plan) else 0) + (64 << 20)
+
+    def write(self, job) -> None:
+        """Float presets: one conversion pass. Quantized ones: a float staging file, then llama.cpp's quantizer.
+        Either way the file is read back and every tensor's type checked against the plan."""
         t0 = time.perf_counter()
-        if quantized:
-            staged = st.temp("f.gguf")
-            names = convert(ck, src, plan, staged, True, reporter)
-            result.seconds["convert"] = time.perf_counter() - t0
+        if self._quantized(job.plan):
+            staged = job.staging.temp("f.gguf")
+            names = convert(job.checkpoint, job.source, job.plan, job.preset, staged, True, job.reporter)
+            job.seconds["convert"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-            quantize(staged, st.path, plan, names, reporter, threads)
+            quantize(staged, job.path, job.plan, job.preset, names, job.reporter, job.options.get("threads"))
             staged.unlink()
-            result.seconds["quantize"] = time.perf_counter() - t1
+            job.seconds["quantize"] = time.perf_counter() - t1
         else:
-            names = convert(ck, src, plan, st.path, False, reporter)
-            result.seconds["convert"] = time.perf_counter() - t0
-        check_types(st.path, names)
-        result.bytes = st.path.stat().st_size
-    ck.close()
-    result.seconds["total"] = time.perf_counter() - t0
-    return result
+            names = convert(job.checkpoint, job.source, job.plan, job.preset, job.path, False, job.reporter)
+            job.seconds["convert"] = time.perf_counter() - t0
+        check_types(job.path, names)
+
+    def recognises(self, path: Path) -> bool:
+        return path.is_file() and path.suffix == ".gguf"
+
+    def artifact_info(self, path: Path):
+        from ..validate.llamacpp import artifact_info
+
+        return artifact_info(path)
+
+    def make_runner(self, path: Path, spec, device: str, preset: str):
+        from ..validate.llamacpp import make_runner
+
+        return make_runner(path, spec, device, preset)
+
+    def probe(self) -> dict | None:
+        import llama_cpp
+
+        return {"gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())}
+
+    def skip_reason(self, device: str, platform: Platform) -> str | None:
+        facts = platform.runtime(self.name)
+        if facts is None:
+            return self.not_installed()
+        if device != "cpu" and not facts.get("gpu_offload"):
+            flag = "-DGGML_CUDA=on" if device == "cuda" else "-DGGML_METAL=on"
+            return f"this llama-cpp-python build has no GPU offload (rebuild it with CMAKE_ARGS={flag})"
+        return None
+
+    def backend(self, device: str) -> str:
+        return "llama.cpp, CPU" if device == "cpu" else f"llama.cpp, all layers offloaded ({device})"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,14 +19,14 @@ from typing import Any, Iterator
 import numpy as np
 
 from .. import __version__
-from ..atomic import atomic_dir
 from ..errors import Gemma4ExportError
 from ..exporter.checkpoint import Checkpoint, to_f32
-from ..exporter.source import ModelSource
-from ..progress import Reporter, Silent
-from ..quant.plan import Plan, PlanEntry, build_plan
+from ..progress import Reporter
+from ..quant.plan import Plan, PlanEntry
+from ..quant.presets import Preset
 from ..quant.types import MLX_TYPES
-from . import ExportResult, copy_tokenizer_files, encode_float
+from . import copy_tokenizer_files, encode_float
+from .registry import Platform, Target, register
 
 MAX_SHARD_BYTES = 5 * 10**9  # mlx-lm's shard size
 
@@ -143,9 +142,6 @@ def mlx_config(src_config: dict[str, Any], arch, plan: Plan, quant_paths: dict[s
     return cfg
 
 
-MLXExport = ExportResult
-
-
 def _header(outs: list[_Out]) -> bytes:
     h: dict[str, Any] = {"__metadata__": {"format": "mlx"}}
     for o in outs:
@@ -199,66 +195,120 @@ def _write(tmp: Path, ck: Checkpoint, jobs: list[_Job], outs: list[_Out], names:
             os.close(fd)
 
 
-def export_mlx(
-    variant: str | None = None,
-    model_dir: str | Path | None = None,
-    quant: str = "4bit",
-    group_size: int | None = None,
-    out_dir: str | Path = ".",
-    overrides: list[str] | None = None,
-    ple_type: str | None = None,
-    force: bool = False,
-    reporter: Reporter | None = None,
-) -> MLXExport:
-    try:
-        import mlx.core as mx
-    except ImportError:
-        raise MLXExportError("the MLX target needs mlx: pip install 'gemma4-export[mlx]'") from None
-    reporter = reporter or Silent()
-    t0 = time.perf_counter()
-    src = ModelSource.open(variant, model_dir, need_weights=True)
-    ck = src.checkpoint
-    plan = build_plan(src.arch, src.tensor_specs(), quant, src.name, overrides, ple_type, "mlx", group_size)
-    suffix = quant if not group_size or group_size == 64 else f"{quant}-g{group_size}"
-    final = Path(out_dir) / f"{src.name}-mlx-{suffix}"
+@register
+class MLXTarget(Target):
+    name = "mlx"
+    description = "a directory that mlx_lm.load reads"
+    runtime_name = "mlx and mlx-lm"
+    extra = "mlx"
+    types = MLX_TYPES
+    default_preset = "4bit"
+    artifact_kind = "directory"
+    color = "#d62728"
+    # Metal allocates each tensor as one buffer, and a buffer cannot exceed 4 GB: E2B/E4B's PLE table in bf16
+    # (4.7 / 5.6 GB) must be quantized to load on Apple GPUs.
+    max_tensor_bytes = 4 * 2**30
+    max_tensor_reason = "Metal's 4 GiB buffer"
+    group_sizes = (32, 64, 128)
+    default_group_size = 64
+    devices_help = "cpu, or gpu (Metal)"
 
+    def small_type(self, preset: Preset):
+        """What a tensor over the size limit becomes: the preset's "high" type, or 8 bits in its group."""
+        high = self.types[preset.high]
+        return high if not high.is_float else self.types[f"Q8G{self._group(preset)}"]
+
+    def _group(self, preset: Preset) -> int:
+        for v in preset.slots.values():
+            if v and not self.types[v].is_float:
+                return self.types[v].block
+        return self.default_group_size
+
+    def require(self) -> None:
+        try:
+            import mlx.core  # noqa: F401
+        except ImportError:
+            raise MLXExportError("the MLX target needs mlx: pip install 'gemma4-export[mlx]'") from None
+
+    def artifact_name(self, source: str, preset: Preset, group_size: int | None = None) -> str:
+        suffix = preset.name if not group_size or group_size == self.default_group_size else \
+            f"{preset.name}-g{group_size}"
+        return f"{source}-mlx-{suffix}"
+
+    def need_bytes(self, job) -> int:
+        return sum(o.nbytes for j in _jobs(job.plan, job.checkpoint)[0] for o in j.outs) + (64 << 20)
+
+    def write(self, job) -> None:
+        import mlx.core as mx
+
+        ck, plan, tmp = job.checkpoint, job.plan, job.path
+        jobs, quant_paths = _jobs(plan, ck)
+        # deterministic order: by name; shards of at most 5 GB, whole modules per shard
+        outs = sorted((o for j in jobs for o in j.outs), key=lambda o: o.name)
+        shard, used = 0, 0
+        for o in outs:
+            if used and used + o.nbytes > MAX_SHARD_BYTES:
+                shard, used = shard + 1, 0
+            o.shard, o.offset = shard, used
+            used += o.nbytes
+        n_shards = shard + 1
+        names = ["model.safetensors"] if n_shards == 1 else [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+                                                             for i in range(n_shards)]
+        total = sum(o.nbytes for o in outs)
+        _write(tmp, ck, jobs, outs, names, total, job.reporter, plan, mx)
+        index = {"metadata": {"total_size": total}, "weight_map": {o.name: names[o.shard] for o in outs}}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        cfg = mlx_config(job.source.config, job.source.arch, plan, quant_paths, job.source.directory)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        copy_tokenizer_files(ck.dir, tmp)
+
+    def recognises(self, path: Path) -> bool:
+        return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+    def artifact_info(self, path: Path):
+        from ..validate.mlxrt import artifact_info
+
+        return artifact_info(path)
+
+    def make_runner(self, path: Path, spec, device: str, preset: str):
+        from ..validate.mlxrt import MLXRunner
+
+        return MLXRunner(path, device)
+
+    def probe(self) -> dict | None:
+        import mlx.core as mx
+        import mlx_lm  # noqa: F401
+
+        return {"metal": bool(mx.metal.is_available())}
+
+    def skip_reason(self, device: str, platform: Platform) -> str | None:
+        facts = platform.runtime(self.name)
+        if device == "cuda":
+            return "MLX's GPU runs on Apple Silicon only"
+        if facts is None:
+            return self.not_installed()
+        if device == "mps" and not platform.apple_silicon:
+            return f"MLX's Metal GPU needs macOS on Apple Silicon, not {platform.system} {platform.machine}"
+        if device == "mps" and not facts.get("metal"):
+            return "MLX sees no Metal device here"
+        return None
+
+    def backend(self, device: str) -> str:
+        return "mlx-lm, mlx cpu" if device == "cpu" else "mlx-lm, mlx gpu (Metal)"
+
+
+def _jobs(plan: Plan, ck: Checkpoint) -> tuple[list[_Job], dict[str, Any]]:
+    """Every output module, and config.json's per-module quantization section."""
     jobs: list[_Job] = []
     quant_paths: dict[str, Any] = {}
     for e in plan.kept:
         rel = e.name[len(ck.text_prefix):]
         for path, rows, shape in mlx_paths(rel, e):
-            job = _Job(e, path, rows, shape, _outputs(path, shape, e.type))
-            jobs.append(job)
+            jobs.append(_Job(e, path, rows, shape, _outputs(path, shape, e.type)))
             module = path.removesuffix(".weight")
             if path.endswith(".weight") and len(shape) >= 2:
                 bg = _bits_group(e.type)
                 quant_paths[module] = {"group_size": bg[1], "bits": bg[0]} if bg else False
     if not any(v for v in quant_paths.values()):
         quant_paths = {}
-    # deterministic order: by name; shards of at most 5 GB, whole modules per shard
-    outs = sorted((o for j in jobs for o in j.outs), key=lambda o: o.name)
-    shard, used = 0, 0
-    for o in outs:
-        if used and used + o.nbytes > MAX_SHARD_BYTES:
-            shard, used = shard + 1, 0
-        o.shard, o.offset = shard, used
-        used += o.nbytes
-    n_shards = shard + 1
-    names = ["model.safetensors"] if n_shards == 1 else [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-                                                         for i in range(n_shards)]
-    total = sum(o.nbytes for o in outs)
-    need = total + (64 << 20)
-    try:
-        with atomic_dir(final, force, need) as tmp:
-            _write(tmp, ck, jobs, outs, names, total, reporter, plan, mx)
-            index = {"metadata": {"total_size": total}, "weight_map": {o.name: names[o.shard] for o in outs}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-            cfg = mlx_config(src.config, src.arch, plan, quant_paths, src.directory)
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-            copy_tokenizer_files(ck.dir, tmp)
-    finally:
-        ck.close()
-    res = MLXExport(final, plan, {"total": time.perf_counter() - t0})
-    res.bytes = sum(p.stat().st_size for p in final.iterdir())
-    return res
-
+    return jobs, quant_paths

@@ -3,7 +3,7 @@
 The directory `<name>-onnx-<preset>/` holds model.onnx (the graph), model.onnx.data (every weight, as external
 data, so models over 2 GB load), inference_config.json (inputs, outputs, cache layout, special tokens, chat
 template: what an app needs to run it) and the tokenizer files. Weights stream from the checkpoint into their
-place in model.onnx.data while the graph is built (onnx_graph.py); int8/int4 weights are block-quantized by
+place in model.onnx.data while the graph is built (onnx_decoder.py over onnx_ops.py); int8/int4 weights are block-quantized by
 onnxruntime's own quantizer as the plan says, into MatMulNBits (matrices) and GatherBlockQuantized (lookup tables).
 """
 
@@ -17,15 +17,17 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..atomic import atomic_dir
 from ..errors import Gemma4ExportError
 from ..exporter.checkpoint import Checkpoint, to_f32
 from ..exporter.source import ModelSource
 from ..exporter.tokenizer import read_tokenizer
-from ..progress import Reporter, Silent
-from ..quant.plan import Plan, build_plan
-from . import ExportResult, copy_tokenizer_files
-from .onnx_graph import OPSET, QUANT_BITS, Graph, WeightFile, Weights, build_decoder, cache_names
+from ..quant.plan import Plan
+from ..quant.presets import Preset
+from ..quant.types import ONNX_TYPES
+from . import copy_tokenizer_files
+from .registry import Platform, Target, register
+from .onnx_decoder import Weights, build_decoder, cache_names
+from .onnx_ops import OPSET, QUANT_BITS, Graph, WeightFile
 
 MODEL_FILE, DATA_FILE, CONFIG_FILE = "model.onnx", "model.onnx.data", "inference_config.json"
 IR_VERSION = 10  # what onnxruntime 1.20 and later read
@@ -148,48 +150,82 @@ def _model(g: Graph, src: ModelSource, plan: Plan):
     return model
 
 
-def export_onnx(
-    variant: str | None = None,
-    model_dir: str | Path | None = None,
-    quant: str = "int4",
-    out_dir: str | Path = ".",
-    overrides: list[str] | None = None,
-    ple_type: str | None = None,
-    force: bool = False,
-    reporter: Reporter | None = None,
-) -> ExportResult:
-    """Export the text decoder of a Gemma 4 checkpoint to `<out_dir>/<name>-onnx-<quant>/`."""
-    _require_onnx()
-    reporter = reporter or Silent()
-    t0 = time.perf_counter()
-    src = ModelSource.open(variant, model_dir, need_weights=True)
-    ck = src.checkpoint
-    plan = build_plan(src.arch, src.tensor_specs(), quant, src.name, overrides, ple_type, "onnx")
-    final = Path(out_dir) / f"{src.name}-onnx-{plan.preset}"
-    total = plan.total_bytes  # the tied head reads the embedding's own bytes
-    result = ExportResult(final, plan)
-    try:
-        with atomic_dir(final, force, need_bytes=total + (64 << 20)) as tmp:
-            fd = os.open(tmp / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                with reporter.task(f"export {plan.preset} (onnx)", total) as task:
-                    g = Graph(WeightFile(fd, DATA_FILE), advance=task.advance)
-                    build_decoder(g, src.arch, _weights(ck, plan))
-            finally:
-                os.close(fd)
-            result.seconds["weights"] = time.perf_counter() - t0
-            model = _model(g, src, plan)
-            (tmp / MODEL_FILE).write_bytes(model.SerializeToString())
-            _check_model(tmp / MODEL_FILE)
-            check_quantized(g.quantized, plan)
-            cfg = inference_config(src, plan)
-            (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
-            copy_tokenizer_files(ck.dir, tmp)
-    finally:
-        ck.close()
-    result.bytes = sum(p.stat().st_size for p in final.iterdir())
-    result.seconds["total"] = time.perf_counter() - t0
-    return result
+@register
+class ONNXTarget(Target):
+    name = "onnx"
+    description = "a directory with an ONNX decoder graph (KV cache) for onnxruntime"
+    runtime_name = "onnxruntime"
+    extra = "onnx"
+    types = ONNX_TYPES
+    default_preset = "int4"
+    artifact_kind = "directory"
+    color = "#2ca02c"
+    devices_help = "cpu, cuda (CUDA provider) or mps (CoreML)"
+
+    def require(self) -> None:
+        _require_onnx()
+
+    def artifact_name(self, source: str, preset: Preset, group_size: int | None = None) -> str:
+        return f"{source}-onnx-{preset.name}"
+
+    def write(self, job) -> None:
+        t0 = time.perf_counter()
+        tmp, plan, src = job.path, job.plan, job.source
+        total = plan.total_bytes  # the tied head reads the embedding's own bytes
+        fd = os.open(tmp / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            with job.reporter.task(f"export {plan.preset} (onnx)", total) as task:
+                g = Graph(WeightFile(fd, DATA_FILE), advance=task.advance)
+                build_decoder(g, src.arch, _weights(job.checkpoint, plan))
+        finally:
+            os.close(fd)
+        job.seconds["weights"] = time.perf_counter() - t0
+        model = _model(g, src, plan)
+        (tmp / MODEL_FILE).write_bytes(model.SerializeToString())
+        _check_model(tmp / MODEL_FILE)
+        check_quantized(g.quantized, plan)
+        cfg = inference_config(src, plan)
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        copy_tokenizer_files(job.checkpoint.dir, tmp)
+
+    def recognises(self, path: Path) -> bool:
+        return (path.is_file() and path.suffix == ".onnx") or (path.is_dir() and any(path.glob("*.onnx")))
+
+    def artifact_info(self, path: Path):
+        from ..validate.onnxrt import artifact_info
+
+        return artifact_info(path)
+
+    def make_runner(self, path: Path, spec, device: str, preset: str):
+        from ..validate.onnxrt import make_runner
+
+        return make_runner(path, spec, device, preset)
+
+    def runtime_checks(self, runner, prompt_ids, n):
+        from ..validate.onnxrt import runtime_checks
+
+        return runtime_checks(runner, prompt_ids, n)
+
+    def probe(self) -> dict | None:
+        import onnxruntime
+
+        return {"providers": tuple(onnxruntime.get_available_providers())}
+
+    def skip_reason(self, device: str, platform: Platform) -> str | None:
+        from ..validate.onnxrt import PROVIDERS
+
+        facts = platform.runtime(self.name)
+        if facts is None:
+            return self.not_installed()
+        want = PROVIDERS[device]
+        if want not in facts["providers"]:
+            return f"onnxruntime here has no {want} (it has {', '.join(facts['providers']) or 'none'})"
+        return None
+
+    def backend(self, device: str) -> str:
+        from ..validate.onnxrt import PROVIDERS
+
+        return f"onnxruntime, {PROVIDERS[device]}"
 
 
 def _check_model(path: Path) -> None:

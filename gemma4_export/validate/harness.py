@@ -221,45 +221,10 @@ def _until_eos(tokens: list[int], eos_ids: tuple[int, ...]) -> list[int]:
     return tokens
 
 
-# Each target's runtime module (gemma4_export.validate.<module>) provides:
-#   artifact_info(path) -> ArtifactInfo   (preset and source, read from the artifact itself; raises on malformed ones)
-#   make_runner(path, spec, device, preset) -> Runner
-# and may provide runtime_checks(runner, prompt_ids, n) -> {name: {"passed": bool, "summary": str, ...}}
-RUNTIME_MODULES = {"gguf": "llamacpp", "onnx": "onnxrt", "mlx": "mlxrt"}
-
-
 @dataclass
 class ArtifactInfo:
     preset: str
     metadata: dict
-
-
-def runtime_module(target: str):
-    import importlib
-
-    try:
-        return importlib.import_module(f"{__package__}.{RUNTIME_MODULES[target]}")
-    except (KeyError, ModuleNotFoundError) as e:
-        raise Gemma4ExportError(f"validation of {target} artifacts is not available ({e})") from None
-
-
-def detect_target(artifact: Path) -> str:
-    if not artifact.exists():
-        raise Gemma4ExportError(f"{artifact}: no such artifact")
-    if artifact.is_file() and artifact.suffix == ".gguf":
-        return "gguf"
-    if (artifact.is_file() and artifact.suffix == ".onnx") or (artifact.is_dir() and any(artifact.glob("*.onnx"))):
-        return "onnx"
-    if artifact.is_dir() and (artifact / "config.json").is_file() and any(artifact.glob("*.safetensors")):
-        return "mlx"
-    raise Gemma4ExportError(f"{artifact}: not a GGUF file, an ONNX model or an MLX directory")
-
-
-def artifact_bytes(artifact: Path) -> int:
-    """Size on disk: the file, or every file of an artifact directory."""
-    if artifact.is_file():
-        return artifact.stat().st_size
-    return sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
 
 
 def _source_of(meta: dict, artifact: Path) -> tuple[str | None, Path | None]:
@@ -294,12 +259,15 @@ def validate_artifact(
 ) -> Report:
     """Validate one artifact; `reference` (a validate.reference.Reference of the same checkpoint) may be shared
     between calls so that its logits and generations are computed once."""
+    from ..api import artifact_bytes
+    from ..targets.registry import detect_target
+
     reporter = reporter or Silent()
     artifact = Path(artifact)
-    target = detect_target(artifact)
+    tgt = detect_target(artifact)
+    target = tgt.name
     t_all = time.perf_counter()
-    rt = runtime_module(target)
-    info = rt.artifact_info(artifact)
+    info = tgt.artifact_info(artifact)
     preset = info.preset
     if variant is None and model_dir is None:
         variant, model_dir = _source_of(info.metadata, artifact)
@@ -312,25 +280,23 @@ def validate_artifact(
 
     t0 = time.perf_counter()
     ref = reference if reference is not None else Reference(src.directory, device)
-    runner = rt.make_runner(artifact, spec, device, preset)
+    runner = tgt.make_runner(artifact, spec, device, preset)
     load_s = time.perf_counter() - t0
     eos = read_tokenizer(src.directory, src.arch.vocab_size).eos_ids
     lm, gm, tok, secs = run_validation(runner, ref, src.arch, spec, reporter, eos_ids=eos)
-    from ..exporter.tensors import expected_text_tensors
+    from ..quant.plan import bits_per_weight, text_parameters
 
-    params = sum(s.numel for s in expected_text_tensors(src.arch) if s.role.value not in ("kv_shared_unused",))
     size = artifact_bytes(artifact)
     rep = Report(
         artifact=str(artifact), target=target, preset=preset, model=src.name,
-        artifact_bytes=size, bits_per_weight=size * 8 / params,
+        artifact_bytes=size, bits_per_weight=bits_per_weight(size, text_parameters(src.arch)),
         reference=ref.describe(), runtime=runner.describe(), spec=asdict(spec), logits=lm, generation=gm,
         tokenizer=tok, thresholds=t, seconds={"load": load_s, **secs}, device=device,
     )
-    if hasattr(rt, "runtime_checks"):
-        t0 = time.perf_counter()
-        prompt_ids = [ref.tokenize(ref.chat_prompt(p)) for p in PROMPTS[:2]]
-        rep.checks = rt.runtime_checks(runner, prompt_ids, min(spec.new_tokens, 32))
-        rep.seconds["runtime_checks"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    prompt_ids = [ref.tokenize(ref.chat_prompt(p)) for p in PROMPTS[:2]]
+    rep.checks = tgt.runtime_checks(runner, prompt_ids, min(spec.new_tokens, 32))
+    rep.seconds["runtime_checks"] = time.perf_counter() - t0
     rep.failures = check(rep, t)
     rep.seconds["total"] = time.perf_counter() - t_all
     if hasattr(runner, "close"):

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
 KLD_FLOOR = 1e-9  # a KLD of 0 (or below this) is drawn here, hollow, so the log scale stays finite
-COLORS = {"gguf": "#1f77b4", "mlx": "#d62728", "onnx": "#2ca02c"}
 _SPARE = ("#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f")
 
 W, H = 800, 500
@@ -22,9 +21,10 @@ class Point:
     kld: float
 
 
-def color_of(series: str, order: list[str]) -> str:
-    if series in COLORS:
-        return COLORS[series]
+def color_of(series: str, order: list[str], colors: dict[str, str] | None = None) -> str:
+    """The series' own color (each target declares one), else a spare one by its place in the legend."""
+    if colors and series in colors:
+        return colors[series]
     return _SPARE[order.index(series) % len(_SPARE)]
 
 
@@ -50,7 +50,7 @@ def _fmt_tick(x: float) -> str:
 
 
 def kld_vs_size_svg(points: list[Point], title: str = "Mean KLD against artifact size",
-                    floor: float = KLD_FLOOR) -> str:
+                    floor: float = KLD_FLOOR, colors: dict[str, str] | None = None) -> str:
     """The whole SVG document as text."""
     pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
@@ -85,13 +85,13 @@ def kld_vs_size_svg(points: list[Point], title: str = "Mean KLD against artifact
     order = list(dict.fromkeys(p.series for p in points))
     placed: list[tuple[float, float, float, float]] = []
     for s in order:
-        c = color_of(s, order)
+        c = color_of(s, order, colors)
         out.append(f'<g class="series" data-target={quoteattr(s)} fill={quoteattr(c)}>')
         for p in (p for p in points if p.series == s):
             x, y = x_of(p.size_mb), y_of(p.kld)
             out.append(_point(p, x, y, c, p.kld <= floor, floor, _place(p.label, x, y, placed)))
         out.append("</g>")
-    out.append(_legend(order, LEFT + pw + 20, TOP + 10))
+    out.append(_legend(order, LEFT + pw + 20, TOP + 10, colors))
     if any(p.kld <= floor for p in points):
         out.append(f'<text class="note" x="{LEFT + pw + 14}" y="{TOP + 20 * len(order) + 20}" font-size="10">'
                    f'hollow: KLD &lt;= {floor:g}</text>')
@@ -131,10 +131,10 @@ def _point(p: Point, x: float, y: float, color: str, clamped: bool, floor: float
             f'{escape(p.label)}</text>')
 
 
-def _legend(order: list[str], x: float, y: float) -> str:
+def _legend(order: list[str], x: float, y: float, colors: dict[str, str] | None) -> str:
     rows = [f'<g class="legend" transform="translate({x:.0f},{y:.0f})">']
     for i, s in enumerate(order):
-        c = color_of(s, order)
+        c = color_of(s, order, colors)
         rows.append(f'<circle cx="0" cy="{i * 20}" r="5" fill={quoteattr(c)}/>'
                     f'<text x="12" y="{i * 20 + 4}">{escape(s)}</text>')
     rows.append("</g>")

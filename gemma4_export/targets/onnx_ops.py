@@ -1,0 +1,216 @@
+"""ONNX graph primitives: a graph under construction whose weights stream into one external data file as they are
+added. Standard ONNX operators (opset 21), plus onnxruntime's MatMulNBits and GatherBlockQuantized for
+block-quantized weights. Hidden states are kept as [tokens, hidden] (batch and sequence flattened) so every linear
+layer is one Gemm against the checkpoint's own [out, in] layout (transB) or one MatMulNBits, whose packed weight is
+also laid out by output row: both stream row blocks straight from the checkpoint. The Gemma 4 decoder built from
+these is onnx_decoder.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+OPSET = 21
+MS_DOMAIN = "com.microsoft"
+BLOCK = 32  # MatMulNBits / GatherBlockQuantized block along the input dimension
+QUANT_BITS = {"INT4": 4, "INT8": 8}
+MASKED = -1e30  # score of a masked key: finite, so a fully masked (padding) row stays finite
+ALIGN, BIG_ALIGN = 64, 4096
+
+RowBlocks = Callable[[], Iterator[np.ndarray]]  # yields float32 row blocks of an [out, in] matrix, in order
+
+
+@dataclass
+class WeightFile:
+    """The external data file: each tensor is given an aligned region and written there, block by block."""
+
+    fd: int
+    location: str
+    size: int = 0
+
+    def reserve(self, nbytes: int) -> int:
+        align = BIG_ALIGN if nbytes >= (1 << 20) else ALIGN
+        off = -(-self.size // align) * align
+        self.size = off + nbytes
+        return off
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+
+@dataclass
+class QuantNode:
+    """A quantized weight as the graph holds it, for the check against the plan."""
+
+    source: str
+    op: str
+    bits: int
+
+
+@dataclass
+class Graph:
+    weights: WeightFile
+    advance: Callable[[int], None] = lambda n: None
+    nodes: list = field(default_factory=list)
+    initializers: list = field(default_factory=list)
+    inputs: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+    quantized: list[QuantNode] = field(default_factory=list)
+    _count: int = 0
+    _consts: dict = field(default_factory=dict)
+    tables: dict = field(default_factory=dict)  # quantized weights written: name -> (data, scales, offset, bits)
+    float_types: dict = field(default_factory=dict)  # float weights written: name -> FP32 / FP16
+
+    # -- plumbing ----------------------------------------------------------------------------------------------
+    def _name(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}/{self._count}"
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, outputs: int = 1, domain: str = "",
+           **attrs) -> str | list[str]:
+        from onnx import helper
+
+        outs = [self._name(hint or op_type) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=outs[0], domain=domain or None, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def const(self, value, dtype=np.float32) -> str:
+        """A small constant, stored inside the model; identical constants are shared."""
+        from onnx import numpy_helper
+
+        a = np.asarray(value, dtype=dtype)
+        key = (a.dtype.str, a.shape, a.tobytes())
+        if key not in self._consts:
+            name = self._name("const")
+            self.initializers.append(numpy_helper.from_array(a, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def ints(self, *values: int) -> str:
+        return self.const(list(values), np.int64)
+
+    def external(self, name: str, onnx_type: int, shape: tuple[int, ...], nbytes: int, at: int | None = None) -> int:
+        """Declare an initializer held in the external data file; returns its offset there. `at` declares a second
+        view of bytes already written (same bytes, another shape), instead of reserving new ones."""
+        from onnx import TensorProto
+
+        off = self.weights.reserve(nbytes) if at is None else at
+        t = TensorProto(name=name, data_type=onnx_type, dims=list(shape))
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.weights.location), ("offset", str(off)), ("length", str(nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        self.initializers.append(t)
+        return off
+
+    # -- weights -----------------------------------------------------------------------------------------------
+    def float_weight(self, name: str, shape: tuple[int, ...], blocks: RowBlocks, type_name: str) -> str:
+        """A float initializer (FP32, or FP16 cast to float32 in the graph), written block by block."""
+        from onnx import TensorProto
+
+        from . import encode_float
+
+        f16 = type_name == "FP16"
+        size = 2 if f16 else 4
+        self.float_types[name] = type_name
+        off = self.external(name, TensorProto.FLOAT16 if f16 else TensorProto.FLOAT, shape,
+                            int(np.prod(shape)) * size)
+        for b in blocks():
+            data = encode_float(b, "F16" if f16 else "F32").tobytes()
+            self.weights.write(off, data)
+            off += len(data)
+            self.advance(len(data))
+        return name
+
+    def quant_weight(self, name: str, rows: int, cols: int, blocks: RowBlocks, bits: int,
+                     table: bool = False) -> tuple[str, str]:
+        """Block-quantize an [rows, cols] matrix with onnxruntime's own quantizer (symmetric, blocks of 32 along
+        a row): packed uint8 [rows, cols/32, 32*bits/8] (MatMulNBits' layout; the same bytes as [rows,
+        cols*bits/8] for a lookup table) and float32 scales [rows, cols/32]."""
+        from onnx import TensorProto
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            DefaultWeightOnlyQuantizer,
+        )
+
+        q = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True, bits=bits))
+        kb, blob = cols // BLOCK, BLOCK * bits // 8
+        qname, sname = f"{name}.q{bits}", f"{name}.scales"
+        shape = (rows, kb * blob) if table else (rows, kb, blob)
+        qoff = self.external(qname, TensorProto.UINT8, shape, rows * kb * blob)
+        soff = self.external(sname, TensorProto.FLOAT, (rows, kb), rows * kb * 4)
+        self.tables[name] = (qname, sname, qoff, bits)
+        for b in blocks():
+            packed, scales, _ = q.qbits_block_quant(np.ascontiguousarray(b.T))  # the quantizer takes [in, out]
+            self.weights.write(qoff, packed.tobytes())
+            self.weights.write(soff, scales.astype(np.float32).tobytes())
+            qoff, soff = qoff + packed.nbytes, soff + scales.nbytes
+            self.advance(packed.nbytes + scales.nbytes)
+        return qname, sname
+
+    # -- layers ------------------------------------------------------------------------------------------------
+    def linear(self, x: str, name: str, out_f: int, in_f: int, blocks: RowBlocks, type_name: str) -> str:
+        """x [T, in] @ W^T for a checkpoint weight W [out, in]."""
+        hint = name.removesuffix(".weight")
+        if type_name in QUANT_BITS:
+            bits = QUANT_BITS[type_name]
+            qn, sn = self.quant_weight(name, out_f, in_f, blocks, bits)
+            self.quantized.append(QuantNode(name, "MatMulNBits", bits))
+            return self.op("MatMulNBits", [x, qn, sn], hint, domain=MS_DOMAIN, K=in_f, N=out_f, bits=bits,
+                           block_size=BLOCK)
+        w = self.float_weight(name, (out_f, in_f), blocks, type_name)
+        if type_name == "FP16":
+            w = self.op("Cast", [w], hint + ".cast", to=1)
+        return self.op("Gemm", [x, w], hint, transB=1)
+
+    def tied_head(self, x: str, name: str, rows: int, cols: int) -> str:
+        """x [T, cols] @ table^T, on the lookup table's own bytes: a quantized table's packing is MatMulNBits'
+        (blocks of 32 along each row), so the head is a second view of the same bytes, not a second copy."""
+        from onnx import TensorProto
+
+        if name in self.tables:
+            data, scales, off, bits = self.tables[name]
+            kb, blob = cols // BLOCK, BLOCK * bits // 8
+            view = f"{name}.head.q{bits}"
+            self.external(view, TensorProto.UINT8, (rows, kb, blob), rows * kb * blob, at=off)
+            self.quantized.append(QuantNode(name, "MatMulNBits", bits))
+            return self.op("MatMulNBits", [x, view, scales], "head", domain=MS_DOMAIN, K=cols, N=rows, bits=bits,
+                           block_size=BLOCK)
+        w = name
+        if self.float_types.get(name) == "FP16":
+            w = self.op("Cast", [name], "head.cast", to=1)
+        return self.op("Gemm", [x, w], "head", transB=1)
+
+    def embedding(self, ids: str, name: str, rows: int, cols: int, blocks: RowBlocks, type_name: str) -> str:
+        """Row lookup ids -> [..., cols] float32."""
+        hint = name.removesuffix(".weight")
+        if type_name in QUANT_BITS:
+            bits = QUANT_BITS[type_name]
+            qn, sn = self.quant_weight(name, rows, cols, blocks, bits, table=True)
+            self.quantized.append(QuantNode(name, "GatherBlockQuantized", bits))
+            return self.op("GatherBlockQuantized", [qn, ids, sn], hint, domain=MS_DOMAIN, bits=bits,
+                           block_size=BLOCK, gather_axis=0, quantize_axis=1)
+        w = self.float_weight(name, (rows, cols), blocks, type_name)
+        g = self.op("Gather", [w, ids], hint)
+        return self.op("Cast", [g], hint + ".cast", to=1) if type_name == "FP16" else g
+
+    def rms_norm(self, x: str, weight: str | None, eps: float, hint: str) -> str:
+        """x * (mean(x^2) + eps)^-0.5 [* weight], over the last axis, as transformers computes it."""
+        sq = self.op("Mul", [x, x], hint + ".sq")
+        mean = self.op("ReduceMean", [sq, self.ints(-1)], hint + ".mean", keepdims=1)
+        inv = self.op("Pow", [self.op("Add", [mean, self.const(eps)], hint + ".eps"), self.const(-0.5)],
+                      hint + ".rsqrt")
+        y = self.op("Mul", [x, inv], hint + ".normed")
+        return self.op("Mul", [y, weight], hint) if weight else y
+
+    def gelu(self, x: str, hint: str) -> str:
+        return self.op("Gelu", [x], hint, approximate="tanh")
