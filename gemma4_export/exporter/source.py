@@ -37,8 +37,26 @@ class ModelSource:
         if model_dir is not None or (var is not None and (var.tiny or need_weights)):
             d = resolve_checkpoint(var, model_dir, download=download)
             cfg = load_config(d)
-            return cls(var.name if var else d.name, cfg, parse_config(cfg, str(d / "config.json")), var, d)
+            name = var.name if var else (hub_id_of(d) or d.resolve().name).rsplit("/", 1)[-1]
+            return cls(name, cfg, parse_config(cfg, str(d / "config.json")), var, d)
         return cls(var.name, var.config(), var.arch(), var, None)
+
+    @property
+    def hub_id(self) -> str | None:
+        """The hub repository the checkpoint came from: a registered variant's, or read off a Hugging Face cache
+        path (.../models--ORG--NAME/snapshots/REV)."""
+        if self.variant is not None and self.variant.hub_id:
+            return self.variant.hub_id
+        return hub_id_of(self.directory) if self.directory is not None else None
+
+    def provenance(self) -> dict[str, str]:
+        """What an artifact records about its source: the name, and the hub id when there is one. Never a local
+        path: a shipped artifact must not reveal the exporting machine's directory layout, and the same checkpoint
+        exported from two directories gives identical artifacts."""
+        out = {"name": self.name}
+        if self.hub_id:
+            out["hub_id"] = self.hub_id
+        return out
 
     @cached_property
     def checkpoint(self) -> Checkpoint:
@@ -54,6 +72,14 @@ class ModelSource:
             towers = [TensorSpec(i.name, i.shape, Role.TOWER) for i in ck.tower_tensors]
             return text + sorted(towers, key=lambda s: s.name)
         return expected_text_tensors(self.arch) + config_tower_specs(self.config)
+
+
+def hub_id_of(directory: Path) -> str | None:
+    """ORG/NAME for a directory inside the Hugging Face cache (models--ORG--NAME/snapshots/REV), else None."""
+    for part in reversed(Path(directory).resolve().parts):
+        if part.startswith("models--"):
+            return part[len("models--"):].replace("--", "/", 1)
+    return None
 
 
 def config_tower_specs(config: dict[str, Any]) -> list[TensorSpec]:

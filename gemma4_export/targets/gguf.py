@@ -122,10 +122,8 @@ def write_metadata(w: GGUFWriter, a: Gemma4Arch, tok: TokenizerInfo, src: ModelS
     w.string(Keys.General.ARCHITECTURE, ARCH)
     w.string(Keys.General.TYPE, "model")
     w.string(Keys.General.NAME, src.name)
-    if src.variant is not None and src.variant.hub_id:
-        w.string(Keys.General.SOURCE_REPO_URL, f"https://huggingface.co/{src.variant.hub_id}")
-    if src.directory is not None:
-        w.string(Keys.General.SOURCE_URL, src.directory.resolve().as_uri())
+    if src.hub_id:  # never a local path (ModelSource.provenance)
+        w.string(Keys.General.SOURCE_REPO_URL, f"https://huggingface.co/{src.hub_id}")
     if license_:
         w.string(Keys.General.LICENSE, license_)
     w.string(Keys.General.QUANTIZED_BY, f"gemma4-export {__version__}")

@@ -21,6 +21,7 @@ import numpy as np
 from .. import __version__
 from ..errors import Gemma4ExportError
 from ..exporter.checkpoint import Checkpoint, to_f32
+from ..exporter.tensors import Tensor, hf_name, parse_hf_name
 from ..progress import Reporter
 from ..quant.plan import Plan, PlanEntry
 from ..quant.presets import Preset
@@ -66,22 +67,36 @@ class _Job:
     outs: list[_Out] = field(default_factory=list)
 
 
-def mlx_paths(rel: str, entry: PlanEntry) -> list[tuple[str, list[tuple[int, int]], tuple[int, ...]]]:
-    """(mlx parameter path, source row ranges, output shape) for a text tensor named `rel` under the text prefix.
-    The fused expert gate_up [E, 2I, H] becomes gate and up [E, I, H] (mlx-lm's SwitchGLU)."""
-    base = "language_model.model." + rel
-    if rel.endswith(".experts.gate_up_proj"):
+# mlx-lm's Gemma 4 model keeps transformers' module names under `language_model.model.` (its sanitize only moves the
+# prefix), except the fused experts, which it splits for SwitchGLU. So a key maps to its checkpoint name under that
+# prefix, and the two expert keys to their SwitchGLU parameters.
+MLX_PREFIX = "language_model.model."
+MLX_EXPERTS = {
+    Tensor.EXPERTS_GATE_UP: ("layers.{bid}.experts.switch_glu.gate_proj.weight",
+                             "layers.{bid}.experts.switch_glu.up_proj.weight"),
+    Tensor.EXPERTS_DOWN: ("layers.{bid}.experts.switch_glu.down_proj.weight",),
+}
+
+
+def mlx_paths(entry: PlanEntry, prefix: str) -> list[tuple[str, list[tuple[int, int]], tuple[int, ...]]]:
+    """(mlx parameter path, source row ranges, output shape) for one planned text tensor. The fused expert gate_up
+    [E, 2I, H] becomes gate and up [E, I, H] (mlx-lm's SwitchGLU)."""
+    parsed = parse_hf_name(entry.name, prefix)
+    if parsed is None:
+        raise MLXExportError(f"no MLX name for tensor '{entry.name}': it is not a known Gemma 4 text tensor")
+    key, bid = parsed
+    if key is Tensor.EXPERTS_GATE_UP:
         e, two_i, h = entry.shape
         i = two_i // 2
-        stem = base.removesuffix(".gate_up_proj") + ".switch_glu."
         gate = [(x * two_i, x * two_i + i) for x in range(e)]
         up = [(x * two_i + i, (x + 1) * two_i) for x in range(e)]
-        return [(stem + "gate_proj.weight", gate, (e, i, h)), (stem + "up_proj.weight", up, (e, i, h))]
-    if rel.endswith(".experts.down_proj"):
+        g, u = (MLX_PREFIX + t.format(bid=bid) for t in MLX_EXPERTS[key])
+        return [(g, gate, (e, i, h)), (u, up, (e, i, h))]
+    if key is Tensor.EXPERTS_DOWN:
         e, h, i = entry.shape
-        return [(base.removesuffix(".down_proj") + ".switch_glu.down_proj.weight", [(0, e * h)], (e, h, i))]
+        return [(MLX_PREFIX + MLX_EXPERTS[key][0].format(bid=bid), [(0, e * h)], (e, h, i))]
     rows = int(np.prod(entry.shape[:-1])) if len(entry.shape) > 1 else 1
-    return [(base, [(0, rows)], entry.shape)]
+    return [(hf_name(key, bid, MLX_PREFIX), [(0, rows)], entry.shape)]
 
 
 def _outputs(path: str, shape: tuple[int, ...], type_name: str) -> list[_Out]:
@@ -101,7 +116,7 @@ def _outputs(path: str, shape: tuple[int, ...], type_name: str) -> list[_Out]:
 
 
 def mlx_config(src_config: dict[str, Any], arch, plan: Plan, quant_paths: dict[str, Any],
-               source_dir: Path | None = None) -> dict[str, Any]:
+               source=None) -> dict[str, Any]:
     """config.json that current mlx-lm reads fully: every field it defaults to E2B's values is written explicitly,
     and global head dim / global KV heads sit at the top level even when the source used per_layer_config."""
     cfg = copy.deepcopy(src_config)
@@ -137,8 +152,8 @@ def mlx_config(src_config: dict[str, Any], arch, plan: Plan, quant_paths: dict[s
         cfg["quantization_config"] = q
     cfg["gemma4_export"] = {"version": __version__, "preset": plan.preset, "target": "mlx",
                             "source": plan.variant, "ple_type": plan.ple_type, "overrides": plan.overrides}
-    if source_dir is not None:
-        cfg["gemma4_export"]["general.source.url"] = source_dir.resolve().as_uri()
+    if source is not None and source.hub_id:  # never a local path (ModelSource.provenance)
+        cfg["gemma4_export"]["hub_id"] = source.hub_id
     return cfg
 
 
@@ -258,7 +273,7 @@ class MLXTarget(Target):
         _write(tmp, ck, jobs, outs, names, total, job.reporter, plan, mx)
         index = {"metadata": {"total_size": total}, "weight_map": {o.name: names[o.shard] for o in outs}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        cfg = mlx_config(job.source.config, job.source.arch, plan, quant_paths, job.source.directory)
+        cfg = mlx_config(job.source.config, job.source.arch, plan, quant_paths, job.source)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         copy_tokenizer_files(ck.dir, tmp)
 
@@ -302,8 +317,7 @@ def _jobs(plan: Plan, ck: Checkpoint) -> tuple[list[_Job], dict[str, Any]]:
     jobs: list[_Job] = []
     quant_paths: dict[str, Any] = {}
     for e in plan.kept:
-        rel = e.name[len(ck.text_prefix):]
-        for path, rows, shape in mlx_paths(rel, e):
+        for path, rows, shape in mlx_paths(e, ck.text_prefix):
             jobs.append(_Job(e, path, rows, shape, _outputs(path, shape, e.type)))
             module = path.removesuffix(".weight")
             if path.endswith(".weight") and len(shape) >= 2:

@@ -228,21 +228,21 @@ class ArtifactInfo:
 
 
 def _source_of(meta: dict, artifact: Path) -> tuple[str | None, Path | None]:
-    """The checkpoint an artifact was exported from, as its metadata records it: a registered variant's name, or
-    the local directory it came from."""
-    from urllib.parse import unquote, urlparse
-
-    from ..exporter.variants import VARIANTS
+    """The checkpoint an artifact was exported from, as its metadata records it: a registered variant's name or hub
+    id. Artifacts record no local paths, so one exported from a local directory needs --model-dir."""
+    from ..exporter.variants import VARIANTS, get_variant
 
     name = meta.get("general.name")
     if name in VARIANTS:
         return name, None
-    url = meta.get("general.source.url", "")
-    if url.startswith("file://"):
-        d = Path(unquote(urlparse(url).path))
-        if d.is_dir():
-            return None, d
-    raise Gemma4ExportError(f"{artifact}: cannot tell which checkpoint it came from; pass --variant or --model-dir")
+    hub = meta.get("hub_id")
+    if hub:
+        try:
+            return get_variant(hub).name, None
+        except Gemma4ExportError:
+            pass
+    raise Gemma4ExportError(f"{artifact}: exported from {name or 'an unregistered checkpoint'}, which is not a "
+                            "registered variant; pass --model-dir with that checkpoint's directory (or --variant)")
 
 
 def validate_artifact(

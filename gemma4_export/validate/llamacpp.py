@@ -77,7 +77,11 @@ def artifact_info(path: Path):
     if preset is None:
         raise Gemma4ExportError(f"{path}: not written by gemma4-export (no gemma4_export.preset key); "
                                 "its thresholds are unknown")
-    return ArtifactInfo(preset, g.metadata)
+    meta = dict(g.metadata)
+    repo = str(meta.get("general.source.repo_url", ""))
+    if repo.startswith("https://huggingface.co/"):
+        meta["hub_id"] = repo[len("https://huggingface.co/"):]
+    return ArtifactInfo(preset, meta)
 
 
 def make_runner(path: Path, spec, device: str, preset: str) -> LlamaCppRunner:
