@@ -45,6 +45,7 @@ def references():
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("variant", TINY)
 def test_export_matches_plan_and_validates(variant, preset, out_dir, references):
@@ -226,6 +227,7 @@ def test_non_gemma_gguf(tmp_path):
         validate_artifact(p, "tiny-e2b", write=False)
 
 
+@pytest.mark.slow
 def test_cli_main_job(tmp_path):
     env = dict(os.environ, COLUMNS="200")
     r = subprocess.run([sys.executable, "-m", "gemma4_export.cli", "gguf", "--variant", "tiny-31b", "--quant", "q4_k_m",

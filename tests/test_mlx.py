@@ -34,6 +34,7 @@ def _module_types(model) -> dict[str, object]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("variant", TINY)
 def test_export_loads_and_validates(variant, preset, out_dir):

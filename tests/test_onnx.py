@@ -52,6 +52,7 @@ def check_against_plan(path, plan):
     return quant
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["fp32", "int4"])
 @pytest.mark.parametrize("variant", TINY)
 def test_export_matches_plan_and_validates(variant, preset, out_dir):

@@ -32,8 +32,9 @@ def get_preset(name: str, target: str = "gguf", group_size: int | None = None) -
     if not t.group_sizes:
         raise QuantError(f"--group-size does not apply to {t.name} (its types have fixed blocks)")
     if group_size not in t.group_sizes:
+        sizes = [str(g) for g in t.group_sizes]
         raise QuantError(f"--group-size {group_size}: {t.name} quantization takes "
-                         f"{', '.join(map(str, t.group_sizes))}")
+                         f"{', '.join(sizes[:-1])} or {sizes[-1]}")
     g = f"G{t.default_group_size}"
     return replace(p, **{k: v.replace(g, f"G{group_size}") for k, v in p.slots.items() if v})
 

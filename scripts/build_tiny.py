@@ -1,7 +1,7 @@
 """Build the shipped tiny Gemma 4 checkpoints: corpus, tokenizer, configs, training, and the on-disk layout.
 
-    python -m gemma4_export.tiny.build            # rebuild all four into gemma4_export/tiny/checkpoints
-    python -m gemma4_export.tiny.build --only tiny-e2b --steps 300
+    python scripts/build_tiny.py            # rebuild all four into gemma4_export/tiny/checkpoints
+    python scripts/build_tiny.py --only tiny-e2b --steps 300
 
 Every tiny model is built from transformers' own Gemma 4 classes (so it loads in transformers unchanged), trained
 on a fixed slice of Python's standard-library sources that ships with the package (tiny/corpus), then saved the way
@@ -26,9 +26,11 @@ from typing import Any
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-CORPUS_DIR = HERE / "corpus"
-OUT_DIR = HERE / "checkpoints"
+# A development script, not part of the installed package: it writes into the package's tiny/ folder. The training
+# text sits beside this script; the held-out text ships with the package, since validation scores on it.
+PACKAGE_TINY = Path(__file__).resolve().parent.parent / "gemma4_export" / "tiny"
+CORPUS_DIRS = {"train": Path(__file__).resolve().parent / "tiny_corpus", "heldout": PACKAGE_TINY / "corpus"}
+OUT_DIR = PACKAGE_TINY / "checkpoints"
 VOCAB_SIZE = 1024
 S, F = "sliding_attention", "full_attention"
 
@@ -48,15 +50,15 @@ HELDOUT_MODULES = ("abc", "bz2", "lzma", "graphlib", "timeit", "stat", "token", 
 def make_corpus() -> None:
     """Write the corpus files from this Python's standard library (run once; the result is committed)."""
     lib = Path(sysconfig.get_paths()["stdlib"])
-    CORPUS_DIR.mkdir(parents=True, exist_ok=True)
     for name, mods in (("train", TRAIN_MODULES), ("heldout", HELDOUT_MODULES)):
+        CORPUS_DIRS[name].mkdir(parents=True, exist_ok=True)
         parts = [f"# file: {m}.py\n" + (lib / f"{m}.py").read_text(encoding="utf-8") for m in mods]
-        with gzip.GzipFile(CORPUS_DIR / f"{name}.txt.gz", "wb", mtime=0) as f:
+        with gzip.GzipFile(CORPUS_DIRS[name] / f"{name}.txt.gz", "wb", mtime=0) as f:
             f.write("\n".join(parts).encode("utf-8"))
 
 
 def read_corpus(name: str) -> str:
-    with gzip.open(CORPUS_DIR / f"{name}.txt.gz", "rb") as f:
+    with gzip.open(CORPUS_DIRS[name] / f"{name}.txt.gz", "rb") as f:
         return f.read().decode("utf-8")
 
 
@@ -371,8 +373,8 @@ def save_checkpoint(model, config: dict[str, Any], out: Path, shards: int, seed:
     import torch
     from safetensors.torch import save_file
 
-    from ..exporter.arch import parse_config
-    from ..exporter.tensors import Role, expected_text_tensors
+    from gemma4_export.exporter.arch import parse_config
+    from gemma4_export.exporter.tensors import Role, expected_text_tensors
 
     sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()
           if not k.startswith("lm_head")}
@@ -449,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--corpus", action="store_true", help="re-extract the corpus from this Python's stdlib first")
     a = ap.parse_args(argv)
-    if a.corpus or not (CORPUS_DIR / "train.txt.gz").exists():
+    if a.corpus or not (CORPUS_DIRS["train"] / "train.txt.gz").exists():
         make_corpus()
     build(a.only or list(tiny_configs()), a.steps, a.seq, a.batch, a.seed)
 
