@@ -1,6 +1,8 @@
 """The `gemma4-export` command: a thin layer that parses options and calls the library (gemma4_export.api).
 
-Errors from bad input are printed as one line, without a traceback (set GEMMA4_EXPORT_DEBUG=1 to see it).
+Errors from bad input are printed as one line, without a traceback (set GEMMA4_EXPORT_DEBUG=1 to see it); a mistyped
+command or option gets click's usage error (exit status 2). Tables fit the terminal's width; when stdout is not a
+terminal (a pipe, a file, a CI log) listings come as plain lines, one row per line, and no line is wrapped.
 """
 
 from __future__ import annotations
@@ -27,6 +29,25 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+
+
+def _line(console: Console, text, **kw) -> None:
+    """One logical line, never wrapped or cut by rich, whatever the width (the terminal wraps it if it must): for
+    messages, summaries and paths, which must stay whole to be read, copied and grepped."""
+    console.print(text, soft_wrap=True, highlight=False, **kw)
+
+
+def _listing(table, lines) -> None:
+    """A listing on stdout: on a terminal, the table that report fitted to its width; in a pipe or a file (or a
+    terminal too narrow for any table: table is None), plain lines, one row per line, without markup, highlighting
+    or wrapping. table and lines are called only for the form that is printed."""
+    t = table(out.width) if out.is_terminal else None
+    if t is not None:
+        out.print(t)
+        return
+    for ln in lines():
+        out.print(ln, soft_wrap=True, markup=False, highlight=False, emoji=False)
+
 
 # Options shared by several commands.
 VariantOpt = Annotated[
@@ -92,7 +113,7 @@ def variants(
 
     Example: gemma4-export variants
     """
-    from .report import variants_table
+    from .report import variants_lines, variants_table
 
     if as_json:
         from .exporter.checkpoint import weights_present
@@ -106,7 +127,7 @@ def variants(
                          "towers": list(a.towers), "local": weights_present(v)})
         out.print_json(json.dumps(rows))
         return
-    out.print(variants_table())
+    _listing(lambda width: variants_table(width=width), variants_lines)
 
 
 @app.command()
@@ -130,15 +151,15 @@ def plan(
       gemma4-export plan --model-dir ./gemma-4-E2B-it --quant q5_k_m --tensor-type 'attn_q=Q8_0'
     """
     from . import api
-    from .report import plan_summary, plan_table
+    from .report import plan_lines, plan_summary, plan_table
 
     p = api.plan(target=target, preset=quant, variant=variant, model_dir=model_dir, overrides=tensor_type,
                  ple_type=ple_type, group_size=group_size)
     if as_json:
         sys.stdout.write(json.dumps(p.to_json()) + "\n")
         return
-    out.print(plan_table(p, all_rows))
-    out.print(plan_summary(p))
+    _listing(lambda width: plan_table(p, all_rows, width=width), lambda: plan_lines(p, all_rows))
+    _line(out, plan_summary(p))
 
 
 def _export(target: str, variant, model_dir, quant, out_dir, validate: bool, device: str, **kw) -> None:
@@ -225,8 +246,8 @@ def _finish(r, validate: bool, variant, model_dir, device: str) -> None:
     from .report import human_bytes, plan_summary
 
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items())
-    err.print(plan_summary(r.plan), highlight=False)
-    err.print(f"wrote {r.path} ({human_bytes(r.bytes)}; {secs})", highlight=False)
+    _line(err, plan_summary(r.plan))
+    _line(err, f"wrote {r.path} ({human_bytes(r.bytes)}; {secs})", markup=False)
     if validate:
         _validate_and_exit(r.path, variant, model_dir, device)
 
@@ -302,46 +323,97 @@ def matrix(
     style = {"pass": "green", "fail": "bold red", "error": "bold red", "skip": "yellow"}
 
     def live(cell) -> None:
-        out.print(Text(cell_line(cell), style=style.get(cell.result, "")), highlight=False)
+        _line(out, Text(cell_line(cell), style=style.get(cell.result, "")))
 
     res = api.matrix(names, tlist, parse_quants(quants, tlist), device=device, out=out_dir,
                      reporter=RichReporter(err), on_cell=live, windows=windows, prompts=prompts)
     out.print(matrix_markdown(res), markup=False, highlight=False, soft_wrap=True)  # raw Markdown: logs keep it whole
     for what in OUTPUTS:
-        out.print(f"{what}: {res.path(what)}", highlight=False)
+        _line(out, f"{what}: {res.path(what)}", markup=False)
     if not res.passed:
-        # a Gemma4ExportError with exit code 1: main() prints it as one line (typer.Exit's code is lost there, since
-        # click returns it instead of raising in non-standalone mode)
+        # a Gemma4ExportError with exit code 1: main() prints it as one line
         from .validate.harness import ValidationFailed
 
         bad = [c.name for c in res.cells if c.result in ("fail", "error")]
         raise ValidationFailed(f"{len(bad)} of {len(res.cells)} cells did not pass: {', '.join(bad)}")
 
 
-def main() -> None:
+def _click_error_types() -> tuple[type[Exception], ...]:
+    """The exception classes of click's usage errors, as typer raises them. Since typer 0.2x, typer vendors its own
+    copy of click (typer._click), whose ClickException derives from typer.exceptions.TyperException, not from
+    click.ClickException; older typer raises click's own. Both, where present."""
+    import importlib
+
+    found: list[type[Exception]] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(module).ClickException)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def _with_usage_context(e: Exception) -> None:
+    """click raises some usage errors without the context that names the command (an option missing its value:
+    `gemma4-export gguf --quant`), and shows those as a bare `Error:` line. Find the command from the command line
+    and attach its context, so that the error gets its usage line and `Try ... --help` hint like the others."""
+    if not hasattr(e, "ctx") or e.ctx is not None:
+        return
     try:
-        app(standalone_mode=False)
+        from typer.main import get_command
+
+        group = get_command(app)
+        ctx = root = group.make_context("gemma4-export", [], resilient_parsing=True)
+        # the root has no option that takes a value, so the first word that is not an option names the command
+        name = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+        sub = group.get_command(root, name) if name else None
+        if sub is not None:
+            ctx = sub.make_context(name, [], parent=root, resilient_parsing=True)
+        e.ctx, e.cmd = ctx, ctx.command
+    except Exception:  # the bare error line is still right
+        pass
+
+
+def _interrupted() -> None:
+    err.print("interrupted; nothing was written under the final name", highlight=False)
+    sys.exit(130)
+
+
+def main() -> None:
+    """The console script. The app runs in click's non-standalone mode so that this function owns every exit: a
+    Gemma4ExportError prints one line and exits with its code, a usage error prints click's usage, hint and error
+    (exit 2), Ctrl-C exits 130."""
+    try:
+        # prog_name: the usage line says gemma4-export also under `python -m gemma4_export.cli`
+        rc = app(prog_name="gemma4-export", standalone_mode=False)
     except Gemma4ExportError as e:
         if os.environ.get("GEMMA4_EXPORT_DEBUG"):
             raise
         from rich.text import Text
 
-        err.print(Text("error: ", style="bold red") + Text(str(e)), highlight=False)
+        _line(err, Text("error: ", style="bold red") + Text(str(e)))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err.print("interrupted; nothing was written under the final name")
-        sys.exit(130)
+        _interrupted()
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except typer.Abort:
+    except typer.Abort as e:
+        # click turns Ctrl-C (and EOF at a prompt) into Abort; typer's vendored click turns Ctrl-C into Exit(130)
+        if isinstance(e.__context__, KeyboardInterrupt):
+            _interrupted()
         sys.exit(1)
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
+    except _click_error_types() as e:
+        # with no arguments, typer has printed the help already (rich), and the error's own message is empty
+        if not (type(e).__name__ == "NoArgsIsHelpError" and not e.format_message().strip()):
+            _with_usage_context(e)
             e.show()
-            sys.exit(e.exit_code)
-        raise
+        sys.exit(e.exit_code)
+    # In non-standalone mode click returns typer.Exit's code instead of raising it (--help and --version: 0), and
+    # typer's vendored click turns Ctrl-C into Exit(130), so an interrupted command arrives here as 130.
+    if rc == 130:
+        _interrupted()
+    if isinstance(rc, int) and not isinstance(rc, bool) and rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -70,4 +70,5 @@ class RichReporter:
                 p.update(tid, completed=total)
 
     def note(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        # one logical line, not wrapped by rich at the console's width (80 in a pipe or a log)
+        self.console.print(text, highlight=False, soft_wrap=True)
