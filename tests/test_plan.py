@@ -102,7 +102,20 @@ def test_row_length_checked_for_overrides():
 
 
 def test_every_matrix_role_has_a_rule():
-    """Coverage guard: every quantizable role reaches a rule in every preset (no silent default)."""
-    for preset in GGUF_PRESETS:
-        roles = {e.role for v in REAL for e in api.plan(v, preset=preset).entries}
-        assert {r.value for r in MATRIX_ROLES} <= roles
+    """Coverage guard: every quantizable role reaches a rule in every preset of every target (no silent default).
+    The published variants tie their head; an untied one (a fine-tune saved with tie_word_embeddings false) adds
+    the output head's role."""
+    import dataclasses
+
+    from gemma4_export.exporter.tensors import expected_text_tensors
+    from gemma4_export.exporter.variants import get_variant
+    from gemma4_export.quant.plan import build_plan
+
+    untied = dataclasses.replace(get_variant("e2b").arch(), tie_word_embeddings=False)
+    for (target, preset), p in PRESETS.items():
+        roles = {e.role for v in REAL for e in api.plan(v, target, preset).entries}
+        plan = build_plan(untied, expected_text_tensors(untied), p, "e2b-untied")
+        roles |= {e.role for e in plan.entries}
+        assert {r.value for r in MATRIX_ROLES} <= roles, (target, preset)
+        head = next(e for e in plan.entries if e.role == "output")
+        assert head.rule == "output-head" and head.type == p.embed

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import CheckpointError, CheckpointNotFoundError
 from .arch import Gemma4Arch, read_arch
-from .tensors import TensorSpec, detect_text_prefix, expected_text_tensors, is_tower
+from .tensors import Role, TensorSpec, detect_text_prefix, expected_text_tensors, is_tower
 
 # safetensors dtype -> (numpy dtype used to view the bytes, bytes per element). bf16 is viewed as uint16 and widened
 # to float32 by a shift (numpy has no bfloat16).
@@ -124,7 +124,11 @@ class Checkpoint:
                 self.tensors[name] = info
         self._check_index()
         self.text_prefix = detect_text_prefix(set(self.tensors))
-        self.expected: list[TensorSpec] = expected_text_tensors(self.arch, self.text_prefix)
+        # KV-shared layers read their donor's cache: the hub's checkpoints carry their unused k/v weights, while
+        # transformers' save_pretrained (every fine-tune) has no such modules to save. Either is accepted.
+        self.expected: list[TensorSpec] = [
+            s for s in expected_text_tensors(self.arch, self.text_prefix)
+            if s.role != Role.KV_SHARED_UNUSED or s.name in self.tensors]
         self._check_against_config()
         self._files: dict[Path, object] = {}
 

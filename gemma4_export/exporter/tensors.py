@@ -35,6 +35,7 @@ class Role(str, Enum):
     """What a tensor does, as the quantization rules see it."""
 
     TOKEN_EMBD = "token_embd"
+    OUTPUT = "output"  # an untied output head
     PLE_TABLE = "ple_table"
     PLE_MODEL_PROJ = "ple_model_proj"
     PLE_GATE = "ple_gate"
@@ -137,7 +138,7 @@ HF_NAMES: dict[Tensor, str] = {
 HF_HEAD = "lm_head.weight"
 
 ROLES: dict[Tensor, Role] = {
-    Tensor.TOKEN_EMBD: Role.TOKEN_EMBD, Tensor.OUTPUT: Role.TOKEN_EMBD, Tensor.PLE_TABLE: Role.PLE_TABLE,
+    Tensor.TOKEN_EMBD: Role.TOKEN_EMBD, Tensor.OUTPUT: Role.OUTPUT, Tensor.PLE_TABLE: Role.PLE_TABLE,
     Tensor.PLE_MODEL_PROJ: Role.PLE_MODEL_PROJ, Tensor.PLE_GATE: Role.PLE_GATE, Tensor.PLE_PROJ: Role.PLE_PROJ,
     Tensor.ATTN_Q: Role.ATTN_Q, Tensor.ATTN_K: Role.ATTN_K, Tensor.ATTN_V: Role.ATTN_V, Tensor.ATTN_OUT: Role.ATTN_O,
     Tensor.FFN_GATE: Role.MLP_GATE, Tensor.FFN_UP: Role.MLP_UP, Tensor.FFN_DOWN: Role.MLP_DOWN,
@@ -174,6 +175,7 @@ def parse_hf_name(name: str, prefix: str = TEXT_PREFIX) -> tuple[Tensor, int | N
 MATRIX_ROLES = frozenset(
     {
         Role.TOKEN_EMBD,
+        Role.OUTPUT,
         Role.PLE_TABLE,
         Role.PLE_MODEL_PROJ,
         Role.PLE_GATE,
@@ -230,6 +232,8 @@ def expected_text_tensors(arch: Gemma4Arch, prefix: str = TEXT_PREFIX) -> list[T
             _spec(Tensor.PLE_PROJ_NORM, (arch.ple_dim,), p),
         ]
     out.append(_spec(Tensor.OUTPUT_NORM, (h,), p))
+    if not arch.tie_word_embeddings:
+        out.append(_spec(Tensor.OUTPUT, (arch.vocab_size, h), p))
     for i in range(arch.num_layers):
         out += _layer_tensors(arch, i, p)
     return out

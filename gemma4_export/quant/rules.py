@@ -94,7 +94,11 @@ RULES: tuple[Rule, ...] = (
     Rule("ple-projection", frozenset({Role.PLE_GATE, Role.PLE_PROJ}), lambda c: c.preset.high,
          "PLE gate/projection: kept high, their output feeds every layer's residual stream"),
     Rule("token-embedding", frozenset({Role.TOKEN_EMBD}), lambda c: c.preset.embed,
-         "token embedding: tied, so it is also the output head; given the output head's type"),
+         "token embedding: tied in Gemma 4's published models, so it is also the output head; given the output "
+         "head's type"),
+    Rule("output-head", frozenset({Role.OUTPUT}), lambda c: c.preset.embed,
+         "untied output head (a fine-tune saved with tie_word_embeddings false): the preset's output-head type, "
+         "as the tied embedding gets"),
     Rule("more-bits", frozenset({Role.ATTN_V, Role.ATTN_K, Role.MLP_DOWN, Role.EXPERT_DOWN}), _more_bits,
          "K-quant mix: values (attn_v, or attn_k where K==V) and down projections get more bits on this layer"),
     Rule("matrix", frozenset({Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_O, Role.MLP_GATE, Role.MLP_UP,

@@ -248,7 +248,7 @@ def convert(ck: Checkpoint, src: ModelSource, plan: Plan, preset: Preset, out: P
         e = sources[entry.name]
         info = ck.info(e.name)
         src_dtype = info.dtype
-        if src_dtype == entry.type:  # same bytes: copy the range file to file, never through memory
+        if src_dtype == entry.type and info.file is not None:  # same bytes: copy file to file, never via memory
             task.advance(info.nbytes)
             yield FileRange(info.file, info.start, info.nbytes)
             return

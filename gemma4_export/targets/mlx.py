@@ -71,6 +71,7 @@ class _Job:
 # prefix), except the fused experts, which it splits for SwitchGLU. So a key maps to its checkpoint name under that
 # prefix, and the two expert keys to their SwitchGLU parameters.
 MLX_PREFIX = "language_model.model."
+MLX_HEAD = "language_model.lm_head.weight"  # an untied head sits beside the decoder, as in transformers
 MLX_EXPERTS = {
     Tensor.EXPERTS_GATE_UP: ("layers.{bid}.experts.switch_glu.gate_proj.weight",
                              "layers.{bid}.experts.switch_glu.up_proj.weight"),
@@ -96,7 +97,8 @@ def mlx_paths(entry: PlanEntry, prefix: str) -> list[tuple[str, list[tuple[int, 
         e, h, i = entry.shape
         return [(MLX_PREFIX + MLX_EXPERTS[key][0].format(bid=bid), [(0, e * h)], (e, h, i))]
     rows = int(np.prod(entry.shape[:-1])) if len(entry.shape) > 1 else 1
-    return [(hf_name(key, bid, MLX_PREFIX), [(0, rows)], entry.shape)]
+    name = MLX_HEAD if key is Tensor.OUTPUT else hf_name(key, bid, MLX_PREFIX)
+    return [(name, [(0, rows)], entry.shape)]
 
 
 def _outputs(path: str, shape: tuple[int, ...], type_name: str) -> list[_Out]:
@@ -120,7 +122,15 @@ def mlx_config(src_config: dict[str, Any], arch, plan: Plan, quant_paths: dict[s
     """config.json that current mlx-lm reads fully: every field it defaults to E2B's values is written explicitly,
     and global head dim / global KV heads sit at the top level even when the source used per_layer_config."""
     cfg = copy.deepcopy(src_config)
-    tc = cfg.setdefault("text_config", {})
+    if "text_config" not in cfg:
+        # A text-only checkpoint (Gemma4ForCausalLM, model_type gemma4_text): mlx-lm's gemma4_text model names its
+        # weights `model.*`, its gemma4 model `language_model.model.*`. The weights here are always named the second
+        # way, so the config takes the multimodal form, with the text config nested and no towers.
+        text = {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version", "dtype")}
+        text["model_type"] = "gemma4_text"
+        cfg = {"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4", "text_config": text,
+               "tie_word_embeddings": arch.tie_word_embeddings, "dtype": cfg.get("dtype")}
+    tc = cfg["text_config"]
     tc.pop("per_layer_config", None)
     tc.update(
         global_head_dim=arch.global_head_dim,

@@ -99,7 +99,10 @@ def build_decoder(g: Graph, a: Gemma4Arch, w: Weights) -> None:
         x = _layer(g, a, w, i, x, B, S, masks, rope, kv, ple)
 
     x = g.rms_norm(x, g.const(w.vector(w.name(T.OUTPUT_NORM))), a.rms_norm_eps, "final_norm")
-    logits = g.tied_head(x, emb_name, a.vocab_size, h)
+    if a.tie_word_embeddings:
+        logits = g.tied_head(x, emb_name, a.vocab_size, h)
+    else:  # an untied head (a fine-tune saved with tie_word_embeddings false): a linear layer of its own
+        logits = _lin(g, w, x, w.name(T.OUTPUT), a.vocab_size, h)
     if a.final_logit_softcapping:
         c = g.const(a.final_logit_softcapping)
         logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, c], "softcap.div")], "softcap.tanh"), c],
