@@ -36,8 +36,8 @@ Source = str | Path | ModelSource
 
 
 def open_source(source: Source | None = None, *, variant: str | None = None, model_dir: str | Path | None = None,
-                need_weights: bool = False) -> ModelSource:
-    """A ModelSource from a variant name, a directory, or an already open source."""
+                need_weights: bool = False, adapter: str | Path | None = None) -> ModelSource:
+    """A ModelSource from a variant name, a directory, or an already open source; with a LoRA adapter merged in."""
     if isinstance(source, ModelSource):
         return source
     if source is not None:
@@ -45,7 +45,7 @@ def open_source(source: Source | None = None, *, variant: str | None = None, mod
             model_dir = source
         else:
             variant = str(source)
-    return ModelSource.open(variant, model_dir, need_weights=need_weights)
+    return ModelSource.open(variant, model_dir, need_weights=need_weights, adapter=adapter)
 
 
 def _not_a_variant(name: str) -> bool:
@@ -56,13 +56,30 @@ def _not_a_variant(name: str) -> bool:
 
 def plan(source: Source | None = None, target: str = "gguf", preset: str | None = None, *,
          variant: str | None = None, model_dir: str | Path | None = None, overrides: list[str] | None = None,
-         ple_type: str | None = None, group_size: int | None = None) -> Plan:
+         ple_type: str | None = None, group_size: int | None = None, adapter: str | Path | None = None) -> Plan:
     """The per-tensor plan: from the shipped config for a published variant (no weights needed), from the weights
-    for a tiny variant or a checkpoint directory (so the plan lists the file's own tensors)."""
+    for a tiny variant or a checkpoint directory (so the plan lists the file's own tensors). With an adapter, the
+    tensors it merges into say so."""
     t = get_target(target)
-    src = open_source(source, variant=variant, model_dir=model_dir)
+    src = open_source(source, variant=variant, model_dir=model_dir, adapter=adapter)
     p = t.preset(preset, group_size)
-    return build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type)
+    try:
+        return _with_adapter(build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type), src)
+    finally:
+        if src.adapter is not None:
+            src.checkpoint.close()
+
+
+def _with_adapter(p: Plan, src: ModelSource) -> Plan:
+    """The plan's reasons name the tensors a LoRA adapter is merged into (in fp32, before quantization)."""
+    if src.adapter is None:
+        return p
+    from dataclasses import replace
+
+    merged = set(src.checkpoint.merged_names)
+    p.entries = [replace(e, reason=f"{e.reason}; LoRA adapter merged in fp32 first") if e.name in merged else e
+                 for e in p.entries]
+    return p
 
 
 @dataclass
@@ -102,20 +119,22 @@ def export(
     overrides: list[str] | None = None,
     ple_type: str | None = None,
     group_size: int | None = None,
+    adapter: str | Path | None = None,
     force: bool = False,
     reporter: Reporter | None = None,
     **options: Any,
 ) -> ExportResult:
-    """Export `source` as `target`'s artifact with `preset` (the target's default when None) into directory `out`."""
+    """Export `source` as `target`'s artifact with `preset` (the target's default when None) into directory `out`;
+    with `adapter`, a PEFT LoRA adapter merged into the weights in fp32 as they stream, before quantization."""
     t = get_target(target)
     t.require()
     reporter = reporter or Silent()
     t0 = time.perf_counter()
     p = t.preset(preset, group_size)  # an unknown preset fails before any checkpoint is opened
-    src = open_source(source, variant=variant, model_dir=model_dir, need_weights=True)
+    src = open_source(source, variant=variant, model_dir=model_dir, need_weights=True, adapter=adapter)
     ck = src.checkpoint
     try:
-        the_plan = build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type)
+        the_plan = _with_adapter(build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type), src)
         final = Path(out) / t.artifact_name(src.name, p, group_size)
         result = ExportResult(final, the_plan, t.name)
         job = ExportJob(t, src, ck, p, the_plan, final, None, reporter, options, result.seconds)
@@ -153,7 +172,7 @@ def write_plan(artifact: Path, p: Plan) -> Path:
 
 def validate(artifact: str | Path, source: Source | None = None, *, variant: str | None = None,
              model_dir: str | Path | None = None, device: str = "cpu", reporter: Reporter | None = None,
-             **kwargs: Any):
+             adapter: str | Path | None = None, **kwargs: Any):
     """Run an artifact in its own runtime against transformers in fp32; returns the report (written beside it)."""
     from .validate.harness import validate_artifact
 
@@ -165,7 +184,7 @@ def validate(artifact: str | Path, source: Source | None = None, *, variant: str
             model_dir = source
         else:
             variant = str(source)
-    return validate_artifact(artifact, variant, model_dir, device, reporter, **kwargs)
+    return validate_artifact(artifact, variant, model_dir, device, reporter, adapter=adapter, **kwargs)
 
 
 def matrix(variants: list[str], targets: list[str], quants: dict[str, list[str]] | None = None, *,

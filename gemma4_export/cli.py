@@ -88,6 +88,10 @@ def _validate_opt(name: str):
                                         help=f"Validate in {get_target(name).runtime_name} after export.")]
 
 
+AdapterOpt = Annotated[
+    Optional[Path], typer.Option("--adapter", help="A PEFT LoRA adapter directory (adapter_config.json, "
+                                 "adapter_model.safetensors), merged in fp32 before quantization.")
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing artifact.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
 
@@ -142,6 +146,7 @@ def plan(
     ple_type: PleTypeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
     all_rows: Annotated[bool, typer.Option("--all", help="List every tower tensor instead of one row per tower.")] = False,
+    adapter: AdapterOpt = None,
 ) -> None:
     """Show which type every tensor gets, and why, with totals (parameters, size, bits per weight).
 
@@ -153,7 +158,7 @@ def plan(
     from . import api
     from .report import plan_lines, plan_summary, plan_table
 
-    p = api.plan(target=target, preset=quant, variant=variant, model_dir=model_dir, overrides=tensor_type,
+    p = api.plan(target=target, preset=quant, variant=variant, model_dir=model_dir, overrides=tensor_type, adapter=adapter,
                  ple_type=ple_type, group_size=group_size)
     if as_json:
         sys.stdout.write(json.dumps(p.to_json()) + "\n")
@@ -162,14 +167,15 @@ def plan(
     _line(out, plan_summary(p))
 
 
-def _export(target: str, variant, model_dir, quant, out_dir, validate: bool, device: str, **kw) -> None:
+def _export(target: str, variant, model_dir, quant, out_dir, validate: bool, device: str, adapter=None,
+            **kw) -> None:
     """The shared body of the export commands: the library's one pipeline, then its summary and validation."""
     from . import api
     from .progress import RichReporter
 
-    r = api.export(target, preset=quant, out=out_dir, variant=variant, model_dir=model_dir,
+    r = api.export(target, preset=quant, out=out_dir, variant=variant, model_dir=model_dir, adapter=adapter,
                    reporter=RichReporter(err), **kw)
-    _finish(r, validate, variant, model_dir, device)
+    _finish(r, validate, variant, model_dir, device, adapter)
 
 
 @app.command()
@@ -183,6 +189,7 @@ def gguf(
     force: ForceOpt = False,
     validate: _validate_opt("gguf") = True,
     device: _device_opt("gguf") = "cpu",
+    adapter: AdapterOpt = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Quantizer threads (default: all cores).")] = None,
 ) -> None:
     """Export a GGUF for llama.cpp (writes <variant>-<quant>.gguf), then validate it against the fp32 model.
@@ -192,7 +199,7 @@ def gguf(
       gemma4-export gguf --variant e2b-it --quant q5_k_m --ple-type q8_0
       gemma4-export gguf --model-dir ./my-gemma4 --quant q8_0 --no-validate
     """
-    _export("gguf", variant, model_dir, quant, out, validate, device, overrides=tensor_type, ple_type=ple_type,
+    _export("gguf", variant, model_dir, quant, out, validate, device, adapter, overrides=tensor_type, ple_type=ple_type,
             force=force, threads=threads)
 
 
@@ -208,6 +215,7 @@ def mlx(
     force: ForceOpt = False,
     validate: _validate_opt("mlx") = True,
     device: _device_opt("mlx") = "cpu",
+    adapter: AdapterOpt = None,
 ) -> None:
     """Export an MLX directory for mlx-lm (<variant>-mlx-<quant>/), then validate it against the fp32 model.
 
@@ -215,7 +223,7 @@ def mlx(
       gemma4-export mlx --variant tiny-e2b --quant 4bit --out out/
       gemma4-export mlx --variant e4b-it --quant mixed --group-size 32 --device gpu
     """
-    _export("mlx", variant, model_dir, quant, out, validate, device, overrides=tensor_type, ple_type=ple_type,
+    _export("mlx", variant, model_dir, quant, out, validate, device, adapter, overrides=tensor_type, ple_type=ple_type,
             force=force, group_size=group_size)
 
 
@@ -230,6 +238,7 @@ def onnx(
     force: ForceOpt = False,
     validate: _validate_opt("onnx") = True,
     device: _device_opt("onnx") = "cpu",
+    adapter: AdapterOpt = None,
 ) -> None:
     """Export an ONNX decoder with KV cache for onnxruntime (<variant>-onnx-<quant>/), then validate it.
 
@@ -237,11 +246,11 @@ def onnx(
       gemma4-export onnx --variant tiny-e2b --quant int4 --out out/
       gemma4-export onnx --variant e2b-it --quant int4 --ple-type INT8 --device cuda
     """
-    _export("onnx", variant, model_dir, quant, out, validate, device, overrides=tensor_type, ple_type=ple_type,
+    _export("onnx", variant, model_dir, quant, out, validate, device, adapter, overrides=tensor_type, ple_type=ple_type,
             force=force)
 
 
-def _finish(r, validate: bool, variant, model_dir, device: str) -> None:
+def _finish(r, validate: bool, variant, model_dir, device: str, adapter=None) -> None:
     """After an export: its plan summary, where it went, then (unless --no-validate) its validation."""
     from .report import human_bytes, plan_summary
 
@@ -249,15 +258,16 @@ def _finish(r, validate: bool, variant, model_dir, device: str) -> None:
     _line(err, plan_summary(r.plan))
     _line(err, f"wrote {r.path} ({human_bytes(r.bytes)}; {secs})", markup=False)
     if validate:
-        _validate_and_exit(r.path, variant, model_dir, device)
+        _validate_and_exit(r.path, variant, model_dir, device, adapter)
 
 
-def _validate_and_exit(artifact: Path, variant, model_dir, device: str) -> None:
+def _validate_and_exit(artifact: Path, variant, model_dir, device: str, adapter=None) -> None:
     from . import api
     from .progress import RichReporter
     from .validate.harness import ValidationFailed
 
-    report = api.validate(artifact, variant=variant, model_dir=model_dir, device=device, reporter=RichReporter(err))
+    report = api.validate(artifact, variant=variant, model_dir=model_dir, device=device, adapter=adapter,
+                          reporter=RichReporter(err))
     from rich.markdown import Markdown
 
     out.print(Markdown(report.to_markdown()))
@@ -271,6 +281,7 @@ def validate(
     variant: VariantOpt = None,
     model_dir: ModelDirOpt = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or mps (reference and runtime).")] = "cpu",
+    adapter: AdapterOpt = None,
 ) -> None:
     """Run an artifact in its own runtime and compare it with transformers in fp32 on the same tokens.
 
@@ -278,7 +289,7 @@ def validate(
 
     Example: gemma4-export validate out/tiny-e2b-q4_k_m.gguf
     """
-    _validate_and_exit(artifact, variant, model_dir, device)
+    _validate_and_exit(artifact, variant, model_dir, device, adapter)
 
 
 @app.command()
@@ -299,6 +310,7 @@ def matrix(
                             "manifest.json.")] = Path("matrix-out"),
     windows: Annotated[Optional[int], typer.Option("--windows", help="Held-out windows scored per artifact.")] = None,
     prompts: Annotated[Optional[int], typer.Option("--prompts", help="Chat prompts for greedy generation.")] = None,
+    adapter: AdapterOpt = None,
 ) -> None:
     """Export every variant x target x preset, validate each in its own runtime against one fp32 reference per
     variant, and write a table, a JSON record, a KLD-against-size plot and a manifest of the artifacts.
@@ -325,7 +337,7 @@ def matrix(
     def live(cell) -> None:
         _line(out, Text(cell_line(cell), style=style.get(cell.result, "")))
 
-    res = api.matrix(names, tlist, parse_quants(quants, tlist), device=device, out=out_dir,
+    res = api.matrix(names, tlist, parse_quants(quants, tlist), device=device, out=out_dir, adapter=adapter,
                      reporter=RichReporter(err), on_cell=live, windows=windows, prompts=prompts)
     out.print(matrix_markdown(res), markup=False, highlight=False, soft_wrap=True)  # raw Markdown: logs keep it whole
     for what in OUTPUTS:

@@ -27,13 +27,22 @@ class ModelSource:
     arch: Gemma4Arch
     variant: Variant | None = None
     directory: Path | None = None  # local checkpoint directory, when weights are used
+    adapter: Path | None = None  # a PEFT LoRA adapter merged into the weights as they are read
+    base_name: str | None = None  # with an adapter: the base checkpoint's name (`name` is base-adapter)
 
     @classmethod
     def open(cls, variant: str | None = None, model_dir: str | Path | None = None, need_weights: bool = False,
-             download: bool = True) -> ModelSource:
+             download: bool = True, adapter: str | Path | None = None) -> ModelSource:
         if variant is None and model_dir is None:
             raise Gemma4ExportError("give --variant NAME or --model-dir PATH")
         var = get_variant(variant) if variant else None
+        if adapter is not None:
+            src = cls.open(variant, model_dir, True, download)
+            src.adapter = Path(adapter)
+            src.checkpoint  # noqa: B018 - loads and checks the adapter against the base now, before any work
+            src.base_name = src.name
+            src.name = f"{src.name}-{src.adapter.resolve().name}"
+            return src
         if model_dir is not None or (var is not None and (var.tiny or need_weights)):
             d = resolve_checkpoint(var, model_dir, download=download)
             cfg = load_config(d)
@@ -56,14 +65,27 @@ class ModelSource:
         out = {"name": self.name}
         if self.hub_id:
             out["hub_id"] = self.hub_id
+        if self.adapter is not None:
+            out["base"] = self.base_name or ""
+            out["adapter"] = self.adapter.resolve().name
         return out
 
     @cached_property
     def checkpoint(self) -> Checkpoint:
+        """The weights, read lazily; with an adapter, an AdaptedCheckpoint that merges it in as tensors are read."""
         if self.directory is None:
             d = resolve_checkpoint(self.variant)
             self.directory = d
-        return Checkpoint(self.directory)
+        ck = Checkpoint(self.directory)
+        if self.adapter is None:
+            return ck
+        from .adapter import AdaptedCheckpoint, Adapter
+
+        try:
+            return AdaptedCheckpoint(ck, Adapter.load(self.adapter, ck))
+        except BaseException:
+            ck.close()
+            raise
 
     def tensor_specs(self) -> list[TensorSpec]:
         if self.directory is not None:

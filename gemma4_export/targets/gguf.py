@@ -130,6 +130,10 @@ def write_metadata(w: GGUFWriter, a: Gemma4Arch, tok: TokenizerInfo, src: ModelS
     w.u32(Keys.General.FILE_TYPE, file_type(preset))
     w.string("gemma4_export.version", __version__)
     w.string("gemma4_export.preset", preset.name)
+    prov = src.provenance()
+    if "adapter" in prov:  # a LoRA merged in: the base it was merged into, and the adapter's directory name
+        w.string("gemma4_export.base", prov["base"])
+        w.string("gemma4_export.adapter", prov["adapter"])
 
     w.u32(k(Keys.LLM.CONTEXT_LENGTH), a.max_position_embeddings)
     w.u32(k(Keys.LLM.EMBEDDING_LENGTH), a.hidden_size)

@@ -162,8 +162,8 @@ def mlx_config(src_config: dict[str, Any], arch, plan: Plan, quant_paths: dict[s
         cfg["quantization_config"] = q
     cfg["gemma4_export"] = {"version": __version__, "preset": plan.preset, "target": "mlx",
                             "source": plan.variant, "ple_type": plan.ple_type, "overrides": plan.overrides}
-    if source is not None and source.hub_id:  # never a local path (ModelSource.provenance)
-        cfg["gemma4_export"]["hub_id"] = source.hub_id
+    if source is not None:  # name, hub id, base and adapter; never a local path (ModelSource.provenance)
+        cfg["gemma4_export"].update({k: v for k, v in source.provenance().items() if k != "name"})
     return cfg
 
 

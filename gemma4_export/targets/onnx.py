@@ -101,8 +101,8 @@ def inference_config(src: ModelSource, plan: Plan) -> dict:
                       "sliding_window": a.sliding_window if a.layer_types[i] == "sliding_attention" else None})
     meta = {"version": __version__, "preset": plan.preset, "target": "onnx", "source": src.name,
             "ple_type": plan.ple_type, "overrides": plan.overrides}
-    if src.hub_id:  # never a local path (ModelSource.provenance)
-        meta["hub_id"] = src.hub_id
+    # name, hub id, base and adapter; never a local path (ModelSource.provenance)
+    meta.update({k: v for k, v in src.provenance().items() if k != "name"})
     return {
         "format": "gemma4-export onnx decoder",
         "model": MODEL_FILE,

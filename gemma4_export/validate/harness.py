@@ -232,7 +232,7 @@ def _source_of(meta: dict, artifact: Path) -> tuple[str | None, Path | None]:
     id. Artifacts record no local paths, so one exported from a local directory needs --model-dir."""
     from ..exporter.variants import VARIANTS, get_variant
 
-    name = meta.get("general.name")
+    name = meta.get("base") or meta.get("general.name")  # with an adapter, the base it was merged into
     if name in VARIANTS:
         return name, None
     hub = meta.get("hub_id")
@@ -256,6 +256,7 @@ def validate_artifact(
     new_tokens: int = 64,
     write: bool = True,
     reference=None,
+    adapter: str | Path | None = None,
 ) -> Report:
     """Validate one artifact; `reference` (a validate.reference.Reference of the same checkpoint) may be shared
     between calls so that its logits and generations are computed once."""
@@ -271,7 +272,11 @@ def validate_artifact(
     preset = info.preset
     if variant is None and model_dir is None:
         variant, model_dir = _source_of(info.metadata, artifact)
-    src = ModelSource.open(variant, model_dir, need_weights=True)
+    recorded = info.metadata.get("adapter")
+    if recorded and adapter is None:
+        raise Gemma4ExportError(f"{artifact}: exported with the LoRA adapter {recorded}; pass --adapter with it, so "
+                                "that the reference is the merged model")
+    src = ModelSource.open(variant, model_dir, need_weights=True, adapter=adapter)
     spec = EvalSpec.for_arch(src.arch, windows, prompts, new_tokens)
     t = thresholds_for(target, preset)
 
@@ -279,7 +284,7 @@ def validate_artifact(
     from .reference import Reference
 
     t0 = time.perf_counter()
-    ref = reference if reference is not None else Reference(src.directory, device)
+    ref = reference if reference is not None else Reference(src.directory, device, adapter)
     runner = tgt.make_runner(artifact, spec, device, preset)
     load_s = time.perf_counter() - t0
     eos = read_tokenizer(src.directory, src.arch.vocab_size).eos_ids

@@ -78,6 +78,9 @@ def artifact_info(path: Path):
         raise Gemma4ExportError(f"{path}: not written by gemma4-export (no gemma4_export.preset key); "
                                 "its thresholds are unknown")
     meta = dict(g.metadata)
+    for k in ("base", "adapter"):
+        if f"gemma4_export.{k}" in meta:
+            meta[k] = meta[f"gemma4_export.{k}"]
     repo = str(meta.get("general.source.repo_url", ""))
     if repo.startswith("https://huggingface.co/"):
         meta["hub_id"] = repo[len("https://huggingface.co/"):]

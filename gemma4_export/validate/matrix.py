@@ -123,8 +123,9 @@ class MatrixResult:
 class _References:
     """One fp32 reference per variant, made when its first cell validates and shared by its other cells."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, adapter: str | Path | None = None):
         self.device = device
+        self.adapter = adapter
         self._ref: dict[str, Any] = {}
         self._err: dict[str, Exception] = {}
 
@@ -137,7 +138,7 @@ class _References:
 
             try:
                 src = ModelSource.open(variant, None, need_weights=True)
-                self._ref[variant] = Reference(src.directory, self.device)
+                self._ref[variant] = Reference(src.directory, self.device, self.adapter)
             except Exception as e:
                 self._err[variant] = e
                 raise
@@ -163,14 +164,15 @@ def run_cell(cell: Cell, refs: _References, out_dir: Path, force: bool, reporter
     cell.started = now()
     t0 = time.perf_counter()
     try:
-        r = export(cell.target, cell.variant, cell.preset, out_dir / ARTIFACT_DIR, force=force, reporter=reporter)
+        r = export(cell.target, cell.variant, cell.preset, out_dir / ARTIFACT_DIR, force=force, reporter=reporter,
+                   adapter=refs.adapter)
         cell.seconds["export"] = time.perf_counter() - t0
         cell.artifact, cell.plan_file = _rel(r.path, out_dir), _rel(r.plan_file, out_dir)
         cell.digest = artifact_digest(r.path)
         cell.bytes = cell.digest["bytes"]
         t1 = time.perf_counter()
         rep = validate_artifact(r.path, cell.variant, None, cell.device, reporter, windows, prompts, new_tokens,
-                                write=True, reference=refs.get(cell.variant))
+                                write=True, reference=refs.get(cell.variant), adapter=refs.adapter)
         cell.seconds["validate"] = time.perf_counter() - t1
         cell.take_report(rep)
         cell.report_files = {k: _rel(p, out_dir) for k, p in report_paths(r.path).items() if p.is_file()}
@@ -194,8 +196,10 @@ def run_matrix(
     prompts: int | None = None,
     new_tokens: int = 64,
     force: bool = True,
+    adapter: str | Path | None = None,
 ) -> MatrixResult:
-    """Run every cell of variants x targets x presets on `device`; outputs are rewritten after each cell."""
+    """Run every cell of variants x targets x presets on `device`; outputs are rewritten after each cell. With
+    `adapter`, every variant is the base it is merged into (it must fit each of them)."""
     names = resolve_variants(variants)
     tq = resolve_quants(resolve_targets(targets), quants)
     check_new_tokens(tq, new_tokens)
@@ -207,10 +211,11 @@ def run_matrix(
     out_dir = Path(out_dir)
     (out_dir / ARTIFACT_DIR).mkdir(parents=True, exist_ok=True)
     settings = {"variants": names, "targets": list(tq), "quants": tq, "windows": windows, "prompts": prompts,
+                "adapter": Path(adapter).resolve().name if adapter else None,
                 "new_tokens": new_tokens, "force": force}
     res = MatrixResult(cells, out_dir, device, facts, settings, now())
     reporter = reporter or Silent()
-    refs = _References(device)
+    refs = _References(device, adapter)
     for v in names:
         for cell in (c for c in cells if c.variant == v):
             if cell.result == "pending":

@@ -29,7 +29,7 @@ def pick_device(device: str) -> str:
 class Reference:
     """transformers' own Gemma 4 class, loaded from safetensors only, never with remote code."""
 
-    def __init__(self, directory: str | Path, device: str = "cpu"):
+    def __init__(self, directory: str | Path, device: str = "cpu", adapter: str | Path | None = None):
         import torch
         import transformers
 
@@ -37,7 +37,22 @@ class Reference:
         cfg = load_config(self.dir)
         cls = getattr(transformers, (cfg.get("architectures") or ["Gemma4ForConditionalGeneration"])[0])
         self.device = pick_device(device)
-        self.model = cls.from_pretrained(self.dir, dtype=torch.float32, use_safetensors=True).to(self.device).eval()
+        self.model = cls.from_pretrained(self.dir, dtype=torch.float32, use_safetensors=True)
+        self.adapter = None
+        if adapter is not None:
+            # the merged model is the reference: the adapter merged in fp32 by torch (an implementation apart from
+            # the exporters' streamed one; tests/test_adapter.py holds both to peft's own merge_and_unload)
+            from ..exporter.adapter import Adapter, apply_to_torch_model
+            from ..exporter.checkpoint import Checkpoint
+
+            with Checkpoint(self.dir) as ck:
+                a = Adapter.load(adapter, ck)
+                try:
+                    apply_to_torch_model(self.model, a)
+                finally:
+                    a.close()
+            self.adapter = Path(adapter).resolve().name
+        self.model = self.model.to(self.device).eval()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.dir)
         self.tokenizer.model_max_length = 1 << 30  # held-out text is tokenized whole, then cut into windows
         self._torch = torch
@@ -48,7 +63,10 @@ class Reference:
     def describe(self) -> dict:
         import transformers
 
-        return {"runtime": f"transformers {transformers.__version__}", "dtype": "float32", "device": self.device}
+        d = {"runtime": f"transformers {transformers.__version__}", "dtype": "float32", "device": self.device}
+        if self.adapter:
+            d["adapter"] = f"{self.adapter} (merged in fp32)"
+        return d
 
     def logits(self, ids: list[int]) -> np.ndarray:
         key = ("logits", tuple(ids))
