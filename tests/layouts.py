@@ -1,0 +1,112 @@
+"""Checkpoints in every layout transformers' own Gemma 4 classes write, made here with those classes and
+`save_pretrained`, from the trained weights of a shipped tiny model (so that quantization error and thresholds
+behave as on trained weights, not on random ones).
+
+Each layout is a recipe: which class saves it (Gemma4ForCausalLM: text only, `model.*`; the multimodal class:
+`model.language_model.*`, with towers, one of them, or none), tied or untied head, a vocabulary resized for added
+tokens, the dtype on disk, one file or shards, softcapping on or off. save_pretrained never writes the k/v weights
+of KV-shared layers (transformers has no such modules), unlike the hub's checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+ADDED_TOKENS = ["<tool_call_v2>", "<tool_result_v2>", " gemma4_export_rocks"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    base: str = "tiny-e2b"
+    text_only: bool = False  # Gemma4ForCausalLM
+    towers: tuple[str, ...] | None = None  # None: as the base has them; () none; ("vision",) one
+    tied: bool = True
+    added_tokens: int = 0
+    dtype: str = "bfloat16"
+    shard: str | None = None  # max_shard_size
+    softcap: bool = True
+
+
+LAYOUTS: dict[str, Layout] = {
+    "causal-lm": Layout(text_only=True),
+    "multimodal": Layout(),
+    "vision-only": Layout(towers=("vision",)),
+    "no-towers": Layout(towers=()),
+    "untied-head": Layout(text_only=True, tied=False),
+    "resized-vocab": Layout(added_tokens=len(ADDED_TOKENS)),
+    "fp16": Layout(dtype="float16", text_only=True),
+    "fp32-sharded": Layout(dtype="float32", shard="8MB"),
+    "no-softcap": Layout(softcap=False, text_only=True),
+    "unified-12b": Layout(base="tiny-12b"),
+    "moe-26b": Layout(base="tiny-26b-a4b", text_only=True, tied=False),
+    "k-eq-v-31b": Layout(base="tiny-31b", towers=()),
+}
+
+
+def build(name: str, out: Path) -> Path:
+    """Write layout `name` into `out` (a new directory) and return it."""
+    import torch
+    import transformers
+
+    from gemma4_export.exporter.variants import get_variant
+
+    lay = LAYOUTS[name]
+    src = get_variant(lay.base).local_dir
+    cfg = json.loads((src / "config.json").read_text())
+    full = getattr(transformers, cfg["architectures"][0]).from_pretrained(src, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    text_cfg = full.config.text_config
+    text_cfg.tie_word_embeddings = lay.tied
+    if not lay.softcap:
+        text_cfg.final_logit_softcapping = None
+
+    if lay.text_only:
+        text_cfg.architectures = ["Gemma4ForCausalLM"]
+        model = transformers.Gemma4ForCausalLM(text_cfg)
+        state = {k.replace("model.language_model.", "model."): v for k, v in full.state_dict().items()
+                 if k.startswith("model.language_model.")}
+    else:
+        c = full.config
+        c.tie_word_embeddings = lay.tied
+        if lay.towers is not None:
+            for t in ("vision", "audio"):
+                if t not in lay.towers and hasattr(c, f"{t}_config"):
+                    setattr(c, f"{t}_config", None)
+        model = type(full)(c)
+        state = full.state_dict()
+    if not lay.tied:
+        # an untied head that differs from the embedding, as after fine-tuning with tie_word_embeddings false
+        emb = state[next(k for k in state if k.endswith("embed_tokens.weight"))]
+        g = torch.Generator().manual_seed(0)
+        state["lm_head.weight"] = emb + 0.02 * emb.std() * torch.randn(emb.shape, generator=g)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not any(s in k for s in ("k_proj", "v_proj", "k_norm"))
+               and not (lay.tied and k == "lm_head.weight")]
+    if missing:
+        raise RuntimeError(f"layout {name}: weights not carried over: {missing[:5]}")
+    if lay.added_tokens:
+        tok.add_tokens(ADDED_TOKENS[: lay.added_tokens])
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+        with torch.no_grad():  # new rows, as a fine-tune that taught the added tokens would leave them
+            g = torch.Generator().manual_seed(1)
+            for p in (model.get_input_embeddings().weight, *_ple_tables(model), *_untied_head(model)):
+                n = lay.added_tokens
+                p[-n:] = p[:-n].std() * torch.randn(p[-n:].shape, generator=g) + p[:-n].mean(0)
+    model.generation_config = full.generation_config  # as from_pretrained + fine-tuning keeps it
+    model = model.to(getattr(torch, lay.dtype))
+    model.save_pretrained(out, max_shard_size=lay.shard or "5GB")
+    tok.save_pretrained(out)
+    return Path(out)
+
+
+def _ple_tables(model):
+    return [p for n, p in model.named_parameters() if n.endswith("embed_tokens_per_layer.weight")]
+
+
+def _untied_head(model):
+    head = model.get_output_embeddings()
+    if head is None or head.weight is model.get_input_embeddings().weight:
+        return []
+    return [head.weight]

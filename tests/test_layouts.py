@@ -1,0 +1,165 @@
+"""Every checkpoint layout transformers' own Gemma 4 classes write (tests/layouts.py), through every target, against
+transformers on that very checkpoint.
+
+Two kinds of check:
+- Layouts whose weights are the hub tiny model's own (text-only class, towers on/off, fp32 on disk, shards,
+  the 12B unified class, a K==V model): every target at a float and a quantized preset gives tensor data
+  byte-identical to the artifact of the hub-layout checkpoint (which test_gguf/test_onnx/test_mlx validate in full),
+  and the float artifacts are also validated against transformers on the layout itself.
+- Layouts with weights of their own (an untied head, a resized vocabulary with added tokens, softcapping off, fp16
+  on disk, an MoE model with an untied head): validated in full (the standard windows and prompts, the presets' own thresholds)
+  at a float and a quantized preset per target; the added tokens are checked token by token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gemma4_export import api
+from gemma4_export.targets.registry import get_target
+from layouts import ADDED_TOKENS, LAYOUTS, build
+
+pytestmark = pytest.mark.slow
+
+FLOAT = {"gguf": "f32", "onnx": "fp32", "mlx": "bf16"}
+QUANT = {"gguf": "q4_k_m", "onnx": "int4", "mlx": "4bit"}
+# fp32 holds bf16 values exactly; fp16 does not (its exponent is narrower), so an fp16 save has weights of its own
+SAME_WEIGHTS = ["causal-lm", "multimodal", "vision-only", "no-towers", "fp32-sharded", "unified-12b", "k-eq-v-31b"]
+OWN_WEIGHTS = ["untied-head", "resized-vocab", "no-softcap", "fp16", "moe-26b"]
+assert sorted(SAME_WEIGHTS + OWN_WEIGHTS) == sorted(LAYOUTS)
+
+
+def _available(target: str) -> None:
+    from gemma4_export.errors import Gemma4ExportError
+
+    try:
+        get_target(target).require()
+        if target == "gguf":
+            import llama_cpp  # noqa: F401
+    except (Gemma4ExportError, ImportError) as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("layouts")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(root):
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = build(name, root / name)
+        return made[name]
+    return get
+
+
+@pytest.fixture(scope="module")
+def references(checkpoint):
+    from gemma4_export.validate.reference import Reference
+
+    refs: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in refs:
+            refs.clear()  # one fp32 model in memory at a time
+            refs[name] = Reference(checkpoint(name))
+        return refs[name]
+    return get
+
+
+def _tensor_bytes(target: str, path: Path) -> dict[str, bytes]:
+    """Every weight's stored bytes, by the artifact's own tensor name (metadata and names of the source aside)."""
+    if target == "gguf":
+        from gemma4_export.targets.gguf_file import read_gguf
+
+        g = read_gguf(path, arrays=False)
+        with open(path, "rb") as f:
+            out = {}
+            for n, t in g.tensors.items():
+                f.seek(t.offset)
+                out[n] = f.read(t.nbytes)
+            return out
+    if target == "mlx":
+        from safetensors.numpy import load_file
+
+        out = {}
+        for f in sorted(path.glob("*.safetensors")):
+            out.update({k: v.tobytes() for k, v in load_file(str(f)).items()})
+        return out
+    return {"model.onnx.data": (path / "model.onnx.data").read_bytes()}
+
+
+@pytest.mark.parametrize("target", ["gguf", "onnx", "mlx"])
+@pytest.mark.parametrize("layout", SAME_WEIGHTS)
+def test_same_weights_same_artifact(layout, target, checkpoint, root, references):
+    _available(target)
+    lay = LAYOUTS[layout]
+    d = checkpoint(layout)
+    for preset in (FLOAT[target], QUANT[target]):
+        hub = api.export(target, lay.base, preset, root / "hub-out", force=True)
+        mine = api.export(target, d, preset, root / f"{layout}-out", force=True)
+        a, b = _tensor_bytes(target, hub.path), _tensor_bytes(target, mine.path)
+        assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
+        differ = [n for n in a if a[n] != b[n]]
+        assert not differ, f"{layout} {target} {preset}: {differ[:5]} differ from the hub layout's artifact"
+        if preset == FLOAT[target] and target != "mlx":  # mlx-lm computes in bf16: see the full validations
+            rep = api.validate(mine.path, d, windows=2, prompts=2, write=False, reference=references(layout))
+            assert rep.passed, (layout, target, rep.failures)
+
+
+@pytest.mark.parametrize("target", ["gguf", "onnx", "mlx"])
+@pytest.mark.parametrize("layout", OWN_WEIGHTS)
+def test_own_weights_validate_in_full(layout, target, checkpoint, root, references):
+    _available(target)
+    d = checkpoint(layout)
+    presets = [FLOAT[target]]
+    # MLX's quantized kernels are slow on a CPU (over 2 minutes a validation): the quantized MLX path runs on the
+    # layout whose head is its own, the one part of the artifact that differs from a tied model's
+    if target != "mlx" or layout == "untied-head":
+        presets.append(QUANT[target])
+    for preset in presets:
+        r = api.export(target, d, preset, root / f"{layout}-out", force=True)
+        rep = api.validate(r.path, d, write=False, reference=references(layout))
+        lg, gm = rep.logits, rep.generation
+        print(f"\n{layout} {target} {preset}: KLD {lg.kld_mean:.3g} top-1 {lg.top1_agreement:.4f} "
+              f"PPL ratio {lg.ppl_ratio:.5f} greedy exact {gm.exact_match_rate:.3f} "
+              f"first div {gm.mean_first_divergence:.1f} max diff {lg.max_logit_diff:.3g}")
+        assert rep.passed, (layout, target, preset, rep.failures)
+        if layout == "resized-vocab":
+            _added_tokens_match(target, r.path, preset, d, references(layout))
+
+
+def _added_tokens_match(target, path, preset, d, ref):
+    """The added tokens are tokenized as transformers does and get transformers' logits, as inputs and as
+    predictions (the new rows of the embedding, the PLE table and the head)."""
+    from gemma4_export.validate.harness import EvalSpec
+
+    cfg = json.loads((d / "config.json").read_text())
+    vocab = (cfg.get("text_config") or cfg)["vocab_size"]
+    text = f"def f(x):{ADDED_TOKENS[0]} return x{ADDED_TOKENS[1]}{ADDED_TOKENS[2]} done"
+    ids = ref.tokenize(text)
+    new = [vocab - len(ADDED_TOKENS) + i for i in range(len(ADDED_TOKENS))]
+    assert set(new) <= set(ids), (ids, new)
+    t = get_target(target)
+    runner = t.make_runner(path, EvalSpec(256, 1, 1, 8), "cpu", preset)
+    try:
+        if hasattr(runner, "tokenize"):
+            assert runner.tokenize(text) == ids
+        seq = [2] + ids
+        r, a = ref.logits(seq), runner.logits(seq)
+        assert a.shape == r.shape and r.shape[-1] == vocab
+        tol = {"gguf": 0.05, "onnx": 1e-3, "mlx": 0.5}[target] if preset == FLOAT[target] else 2.5
+        assert np.abs(a - r).max() < tol
+        assert np.abs(a[:, new] - r[:, new]).max() < tol  # the new rows of the head
+        if preset == FLOAT[target] and target != "mlx":
+            assert (a.argmax(-1) == r.argmax(-1)).all()
+    finally:
+        if hasattr(runner, "close"):
+            runner.close()
