@@ -442,6 +442,59 @@ def build(names: list[str], steps: int, seq: int, batch: int, seed: int = 0, log
     return report
 
 
+# ---- a fine-tune in the layout transformers writes -------------------------------------------------------------
+
+FT_NAME = "tiny-e2b-ft"
+FT_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>"]
+
+
+def _tool_chats(chats: list, n: int = 600) -> list:
+    """Conversations whose answers call a tool with the added tokens, as a tool-use fine-tune would teach."""
+    out = []
+    for c in chats[:n]:
+        user, answer = c[0]["content"], c[-1]["content"]
+        first = answer.split("\n", 1)[0]
+        out.append([{"role": "user", "content": user},
+                    {"role": "model", "content": f"{FT_TOKENS[0]}{first}{FT_TOKENS[1]}\n{FT_TOKENS[2]}ok\n{answer}"}])
+    return out
+
+
+def finetune(steps: int, seq: int, batch: int, seed: int = 0, log=print) -> dict[str, Any]:
+    """tiny-e2b trained further, with tokens added to its vocabulary, saved by transformers' save_pretrained: the
+    layout every fine-tune leaves in (no k/v weights for the KV-shared layers, transformers' config form, the
+    tokenizer as transformers writes it), so quantized results on that layout are realistic."""
+    import torch
+    import transformers
+
+    base = OUT_DIR / "tiny-e2b"
+    model = transformers.Gemma4ForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(FT_TOKENS)
+    model.resize_token_embeddings(len(tok))
+    backend = tok.backend_tokenizer
+    text = read_corpus("train")
+    chats = chat_samples(text)
+    stream = encode_corpus(backend, text, chats[:2000] + _tool_chats(chats[2000:]))
+    held = np.asarray(backend.encode(read_corpus("heldout"), add_special_tokens=False).ids, dtype=np.int64)
+    log(f"{FT_NAME}: {len(tok)} tokens ({len(FT_TOKENS)} added); training {steps} steps of {batch}x{seq} tokens")
+    t0 = time.time()
+    final = train(model, stream, steps, seq, batch, lr=1e-3, seed=seed + 1, log=log)
+    ev = evaluate(model, backend, held)
+    out = OUT_DIR / FT_NAME
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    model.to(torch.bfloat16).save_pretrained(out)
+    tok.save_pretrained(out)
+    report = {"base": "tiny-e2b", "added_tokens": FT_TOKENS, "steps": steps, "seq": seq, "batch": batch,
+              "train_loss_ema": final, "train_seconds": round(time.time() - t0, 1), **ev}
+    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"{FT_NAME}: loss {final:.3f}, held-out loss {ev['heldout_loss']:.3f}, "
+        f"mean top-1 prob {ev['heldout_mean_top1_prob']:.3f}, top-1 acc {ev['heldout_top1_accuracy']:.3f}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", choices=sorted(tiny_configs()), help="build just these")
@@ -450,9 +503,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--corpus", action="store_true", help="re-extract the corpus from this Python's stdlib first")
+    ap.add_argument("--finetune", type=int, metavar="STEPS", help=f"only (re)build {FT_NAME}: tiny-e2b trained "
+                    "STEPS more steps with added tokens, saved by transformers' save_pretrained")
     a = ap.parse_args(argv)
     if a.corpus or not (CORPUS_DIRS["train"] / "train.txt.gz").exists():
         make_corpus()
+    if a.finetune:
+        finetune(a.finetune, a.seq, a.batch, a.seed)
+        return
     build(a.only or list(tiny_configs()), a.steps, a.seq, a.batch, a.seed)
 
 

@@ -136,16 +136,16 @@ def test_own_weights_validate_in_full(layout, target, checkpoint, root, referenc
             _added_tokens_match(target, r.path, preset, d, references(layout))
 
 
-def _added_tokens_match(target, path, preset, d, ref):
+def _added_tokens_match(target, path, preset, d, ref, tokens=ADDED_TOKENS):
     """The added tokens are tokenized as transformers does and get transformers' logits, as inputs and as
     predictions (the new rows of the embedding, the PLE table and the head)."""
     from gemma4_export.validate.harness import EvalSpec
 
     cfg = json.loads((d / "config.json").read_text())
     vocab = (cfg.get("text_config") or cfg)["vocab_size"]
-    text = f"def f(x):{ADDED_TOKENS[0]} return x{ADDED_TOKENS[1]}{ADDED_TOKENS[2]} done"
+    text = f"def f(x):{tokens[0]} return x{tokens[1]}{tokens[2]} done"
     ids = ref.tokenize(text)
-    new = [vocab - len(ADDED_TOKENS) + i for i in range(len(ADDED_TOKENS))]
+    new = [vocab - len(tokens) + i for i in range(len(tokens))]
     assert set(new) <= set(ids), (ids, new)
     t = get_target(target)
     runner = t.make_runner(path, EvalSpec(256, 1, 1, 8), "cpu", preset)
@@ -163,3 +163,27 @@ def _added_tokens_match(target, path, preset, d, ref):
     finally:
         if hasattr(runner, "close"):
             runner.close()
+
+
+@pytest.mark.parametrize("target", ["gguf", "onnx", "mlx"])
+def test_shipped_finetune_validates_in_full(target, root):
+    """tiny-e2b-ft: a trained fine-tune in the layout save_pretrained writes, with tokens added to its vocabulary,
+    validated in full at a float and a quantized preset per target."""
+    from gemma4_export.exporter.variants import get_variant
+    from gemma4_export.validate.reference import Reference
+
+    _available(target)
+    d = get_variant("tiny-e2b-ft").local_dir
+    assert not any("layers.9.self_attn.k_proj" in line for line in (d / "model.safetensors").open("rb").read(20000)
+                   .decode("latin-1").split('"'))  # saved by transformers: KV-shared layers carry no k/v
+    ref = Reference(d)
+    for preset in (FLOAT[target], QUANT[target]):
+        r = api.export(target, "tiny-e2b-ft", preset, root / "ft-out", force=True)
+        rep = api.validate(r.path, write=False, reference=ref)  # found from the artifact's own record
+        lg = rep.logits
+        print(f"\ntiny-e2b-ft {target} {preset}: {r.bytes / 1e6:.2f} MB KLD {lg.kld_mean:.3g} "
+              f"top-1 {lg.top1_agreement:.4f} PPL ratio {lg.ppl_ratio:.5f} "
+              f"greedy exact {rep.generation.exact_match_rate:.3f}")
+        assert rep.passed, (target, preset, rep.failures)
+        _added_tokens_match(target, r.path, preset, d, ref, tokens=["<tool_call>", "</tool_call>",
+                                                                       "<tool_response>"])

@@ -70,6 +70,10 @@ _PUBLISHED = {
 }
 # Tiny checkpoints: trained, small, and built with the same layout and features as the variant they are named after.
 TINY = ("tiny-e2b", "tiny-12b", "tiny-26b-a4b", "tiny-31b")
+# A fine-tune of tiny-e2b in the layout transformers' save_pretrained writes (no k/v weights on the KV-shared layers,
+# transformers' config form), trained further with tokens added to its vocabulary: the form users' own checkpoints
+# come in (scripts/build_tiny.py --finetune). Not in TINY, so the default matrix stays one model per architecture.
+TINY_FINETUNES = ("tiny-e2b-ft",)
 
 
 def _build() -> dict[str, Variant]:
@@ -79,6 +83,8 @@ def _build() -> dict[str, Variant]:
         reg[f"{name}-it"] = Variant(f"{name}-it", f"{hub}-it", name, instruction_tuned=True, published_parameters=params)
     for name in TINY:
         reg[name] = Variant(name, None, name.removeprefix("tiny-"), tiny=True)
+    for name in TINY_FINETUNES:
+        reg[name] = Variant(name, None, name.removeprefix("tiny-").removesuffix("-ft"), tiny=True)
     return reg
 
 
