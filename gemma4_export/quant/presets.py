@@ -110,13 +110,18 @@ PRESET_LIST: tuple[Preset, ...] = (
     # embedding / output head stays bf16: measured on tiny-e2b at 8 bits, quantizing it alone raises mean KLD
     # six-fold (0.0038 against 0.00063 with a bf16 head), more than every other module together.
     # mlx-lm computes in bf16, so even bf16 weights give KLD ~2e-4; MoE tails widest (docs/thresholds-mlx.md).
+    # The PPL-ratio limits of the quantized presets follow the same rule (2x the worst excess) with tiny-e2b-ft in
+    # the measured set: that fine-tune is the most PPL-sensitive model under mlx-lm (4bit 1.0102, 8bit 1.0024,
+    # 6bit 1.0037, mixed 1.0080). The cause is measured, not guessed: the same 4bit weights run with float32
+    # activations give 1.0063, and the bf16 weights with float32 activations match the reference exactly (KLD 2e-12),
+    # so the excess is 4-bit weights compounded by mlx-lm's bf16 compute, not the export.
     _mlx("bf16", None, None, None, T(5e-4, 5e-2, 0.96, 1.002, 0.25, 22), description="bfloat16, as trained"),
-    _mlx("8bit", 8, None, 8, T(5e-3, 0.35, 0.925, 1.002, 0.0, 9), description="8-bit affine, bf16 tied head"),
-    _mlx("6bit", 6, None, 8, T(6e-3, 0.25, 0.91, 1.003, 0.0, 11),
+    _mlx("8bit", 8, None, 8, T(5e-3, 0.35, 0.925, 1.005, 0.0, 9), description="8-bit affine, bf16 tied head"),
+    _mlx("6bit", 6, None, 8, T(6e-3, 0.25, 0.91, 1.0075, 0.0, 11),
          description="6-bit affine, 8-bit PLE projections, bf16 tied head"),
-    _mlx("4bit", 4, None, 8, T(2e-2, 0.35, 0.83, 1.008, 0.0, 8),
+    _mlx("4bit", 4, None, 8, T(2e-2, 0.35, 0.83, 1.021, 0.0, 8),
          description="4-bit affine, 8-bit PLE projections, bf16 tied head"),
-    _mlx("mixed", 4, None, 8, T(2e-2, 0.25, 0.83, 1.007, 0.0, 8), more_bits=6,
+    _mlx("mixed", 4, None, 8, T(2e-2, 0.25, 0.83, 1.016, 0.0, 8), more_bits=6,
          description="4-bit with 6-bit values/down projections on the layers a K-quant mix favours, 8-bit PLE "
                      "projections, bf16 head"),
 )
