@@ -3,7 +3,7 @@
     python scripts/calibrate.py [--target gguf|mlx|onnx] [--out docs/thresholds-gguf.md]
 
 Prints one row per variant and preset, and per preset the worst value of each metric across variants: the
-thresholds in gemma4_export/validate/thresholds.py sit at about 2x those worst values (PPL excess and 1 - top-1
+thresholds in gemma4_export/quant/presets.py sit at about 2x those worst values (PPL excess and 1 - top-1
 likewise), rounded. Not a test.
 """
 

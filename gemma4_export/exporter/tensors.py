@@ -10,6 +10,7 @@ that `plan --variant 31b` works with no weights and `plan --model-dir` shows the
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -204,10 +205,7 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def row_length(self) -> int:

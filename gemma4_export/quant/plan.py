@@ -5,6 +5,7 @@ Every target writes exactly its plan, and tests read artifacts back to check tha
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -51,10 +52,7 @@ class PlanEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass
