@@ -8,7 +8,6 @@ these is onnx_decoder.py.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
