@@ -40,18 +40,21 @@ def open_source(source: Source | None = None, *, variant: str | None = None, mod
     """A ModelSource from a variant name, a directory, or an already open source; with a LoRA adapter merged in."""
     if isinstance(source, ModelSource):
         return source
-    if source is not None:
-        if isinstance(source, Path) or (Path(source).is_dir() and _not_a_variant(str(source))):
-            model_dir = source
-        else:
-            variant = str(source)
+    variant, model_dir = _split_source(source, variant, model_dir)
     return ModelSource.open(variant, model_dir, need_weights=need_weights, adapter=adapter)
 
 
-def _not_a_variant(name: str) -> bool:
+def _split_source(source: str | Path | None, variant: str | None, model_dir: str | Path | None
+                  ) -> tuple[str | None, str | Path | None]:
+    """(variant, model_dir) from a source: a Path is a directory; a string is a registered variant, or else an
+    existing directory."""
+    if source is None:
+        return variant, model_dir
     from .exporter.variants import VARIANTS
 
-    return name not in VARIANTS
+    if isinstance(source, Path) or (str(source) not in VARIANTS and Path(source).is_dir()):
+        return None, source
+    return str(source), None
 
 
 def plan(source: Source | None = None, target: str = "gguf", preset: str | None = None, *,
@@ -96,7 +99,6 @@ class ExportResult:
 class ExportJob:
     """What a target's `write` gets: the open checkpoint, the plan, and where to write."""
 
-    target: Target
     source: ModelSource
     checkpoint: Checkpoint
     preset: Preset
@@ -137,7 +139,7 @@ def export(
         the_plan = _with_adapter(build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type), src)
         final = Path(out) / t.artifact_name(src.name, p, group_size)
         result = ExportResult(final, the_plan, t.name)
-        job = ExportJob(t, src, ck, p, the_plan, final, None, reporter, options, result.seconds)
+        job = ExportJob(src, ck, p, the_plan, final, None, reporter, options, result.seconds)
         atomic = atomic_file if t.artifact_kind == "file" else atomic_dir
         with atomic(final, force, t.need_bytes(job)) as st:
             job.path, job.staging = st.path, st
@@ -179,11 +181,8 @@ def validate(artifact: str | Path, source: Source | None = None, *, variant: str
     if isinstance(source, ModelSource):
         variant, model_dir = (source.variant.name if source.variant and not source.directory else None,
                               source.directory)
-    elif source is not None:
-        if isinstance(source, Path) or (Path(source).is_dir() and _not_a_variant(str(source))):
-            model_dir = source
-        else:
-            variant = str(source)
+    else:
+        variant, model_dir = _split_source(source, variant, model_dir)
     return validate_artifact(artifact, variant, model_dir, device, reporter, adapter=adapter, **kwargs)
 
 

@@ -98,9 +98,6 @@ class Tensor(str, Enum):
     def per_layer(self) -> bool:
         return "{bid}" in self.value
 
-    def format(self, bid: int | None = None) -> str:
-        return self.value.format(bid=bid) if self.per_layer else self.value
-
 
 # The Hugging Face spelling of every key, under the text prefix: the only place it is written.
 HF_NAMES: dict[Tensor, str] = {
