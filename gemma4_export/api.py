@@ -186,6 +186,32 @@ def validate(artifact: str | Path, source: Source | None = None, *, variant: str
     return validate_artifact(artifact, variant, model_dir, device, reporter, adapter=adapter, **kwargs)
 
 
+def reference(source: Source | None = None, *, variant: str | None = None, model_dir: str | Path | None = None,
+              out: str | Path | None = None, device: str = "cpu", adapter: str | Path | None = None,
+              windows: int | None = None, prompts: int | None = None, new_tokens: int = 64,
+              reporter: Reporter | None = None, force: bool = False, keep_bytes: int | None = None):
+    """Compute the fp32 reference results of a checkpoint with the streamed model (one decoder layer in memory at a
+    time); with `out`, store them there (a directory `validate(reference=...)` and `matrix(reference=...)` read).
+    Returns a validate.refdata.ReferenceData."""
+    from .validate.harness import EvalSpec
+    from .validate.refdata import ReferenceData
+
+    if isinstance(source, ModelSource):
+        src = source
+    else:
+        variant, model_dir = _split_source(source, variant, model_dir)
+        src = ModelSource.open(variant, model_dir, need_weights=True, adapter=adapter)
+    if out is not None and Path(out).exists() and not force:
+        from .errors import Gemma4ExportError
+
+        raise Gemma4ExportError(f"{out} exists (pass --force to replace it)")
+    spec = EvalSpec.for_arch(src.arch, windows, prompts, new_tokens)
+    data = ReferenceData.compute(src, spec, device, reporter, keep_bytes)
+    if out is not None:
+        data.save(out, tokenizer_from=src.checkpoint.dir, force=force)
+    return data
+
+
 def matrix(variants: list[str], targets: list[str], quants: dict[str, list[str]] | None = None, *,
            device: str = "cpu", out: str | Path = "matrix-out", **kwargs: Any):
     """Export and validate every variant x target x preset; see validate.matrix.run_matrix."""

@@ -17,7 +17,6 @@ from gemma4_export.exporter.variants import TINY, get_variant
 from gemma4_export import api
 from gemma4_export.quant.presets import presets_of
 from gemma4_export.validate.harness import validate_artifact
-from gemma4_export.validate.reference import Reference
 
 
 def export(target: str, variant: str, preset: str, out: Path) -> Path:
@@ -32,7 +31,7 @@ def main() -> None:
     rows, worst = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for v in TINY:
-            ref = Reference(get_variant(v).local_dir)
+            ref = api.reference(v)
             for p in presets_of(a.target):
                 rep = validate_artifact(export(a.target, v, p, Path(tmp)), v, reference=ref, write=False)
                 lg, gm = rep.logits, rep.generation

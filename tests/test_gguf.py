@@ -32,14 +32,11 @@ def out_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def references():
     """One fp32 reference per tiny variant, shared by the validations of its presets."""
-    from gemma4_export.validate.reference import Reference
-    from gemma4_export.exporter.variants import get_variant
-
     cache = {}
 
     def get(name):
         if name not in cache:
-            cache[name] = Reference(get_variant(name).local_dir)
+            cache[name] = api.reference(name)
         return cache[name]
 
     return get

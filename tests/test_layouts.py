@@ -62,15 +62,13 @@ def checkpoint(root):
 
 @pytest.fixture(scope="module")
 def references(checkpoint):
-    from gemma4_export.validate.reference import Reference
-
     refs: dict[str, object] = {}
 
-    def get(name: str):
-        if name not in refs:
-            refs.clear()  # one fp32 model in memory at a time
-            refs[name] = Reference(checkpoint(name))
-        return refs[name]
+    def get(name: str, windows: int | None = None, prompts: int | None = None):
+        key = (name, windows, prompts)
+        if key not in refs:
+            refs[key] = api.reference(model_dir=checkpoint(name), windows=windows, prompts=prompts)
+        return refs[key]
     return get
 
 
@@ -110,7 +108,7 @@ def test_same_weights_same_artifact(layout, target, checkpoint, root, references
         differ = [n for n in a if a[n] != b[n]]
         assert not differ, f"{layout} {target} {preset}: {differ[:5]} differ from the hub layout's artifact"
         if preset == FLOAT[target] and target != "mlx":  # mlx-lm computes in bf16: see the full validations
-            rep = api.validate(mine.path, d, windows=2, prompts=2, write=False, reference=references(layout))
+            rep = api.validate(mine.path, d, windows=2, prompts=2, write=False, reference=references(layout, 2, 2))
             assert rep.passed, (layout, target, rep.failures)
 
 
@@ -170,13 +168,14 @@ def test_shipped_finetune_validates_in_full(target, root):
     """tiny-e2b-ft: a trained fine-tune in the layout save_pretrained writes, with tokens added to its vocabulary,
     validated in full at a float and a quantized preset per target."""
     from gemma4_export.exporter.variants import get_variant
-    from gemma4_export.validate.reference import Reference
+    from gemma4_export.validate.reference import WholeModelReference
 
     _available(target)
     d = get_variant("tiny-e2b-ft").local_dir
     assert not any("layers.9.self_attn.k_proj" in line for line in (d / "model.safetensors").open("rb").read(20000)
                    .decode("latin-1").split('"'))  # saved by transformers: KV-shared layers carry no k/v
-    ref = Reference(d)
+    ref = api.reference("tiny-e2b-ft")
+    whole = WholeModelReference(d)  # full-vocabulary logits of chosen tokens, for the added rows
     for preset in (FLOAT[target], QUANT[target]):
         r = api.export(target, "tiny-e2b-ft", preset, root / "ft-out", force=True)
         rep = api.validate(r.path, write=False, reference=ref)  # found from the artifact's own record
@@ -185,5 +184,5 @@ def test_shipped_finetune_validates_in_full(target, root):
               f"top-1 {lg.top1_agreement:.4f} PPL ratio {lg.ppl_ratio:.5f} "
               f"greedy exact {rep.generation.exact_match_rate:.3f}")
         assert rep.passed, (target, preset, rep.failures)
-        _added_tokens_match(target, r.path, preset, d, ref, tokens=["<tool_call>", "</tool_call>",
+        _added_tokens_match(target, r.path, preset, d, whole, tokens=["<tool_call>", "</tool_call>",
                                                                        "<tool_response>"])

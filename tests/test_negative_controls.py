@@ -40,10 +40,8 @@ WRONG_SOFTCAP = 50.0  # Gemma 2's attention-logit softcap, a value converters ha
 
 @pytest.fixture(scope="module")
 def reference():
-    """One fp32 transformers reference for every validation in this module (it memoises its logits/generations)."""
-    from gemma4_export.validate.reference import Reference
-
-    return Reference(get_variant(VARIANT).local_dir)
+    """One set of fp32 reference results for every validation in this module."""
+    return api.reference(VARIANT, windows=2, prompts=2)
 
 
 @pytest.fixture(scope="module")

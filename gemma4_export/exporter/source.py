@@ -68,7 +68,17 @@ class ModelSource:
         if self.adapter is not None:
             out["base"] = self.base_name or ""
             out["adapter"] = self.adapter.resolve().name
+        if self.directory is not None:
+            out["source_digest"] = self.digest
         return out
+
+    @cached_property
+    def digest(self) -> str:
+        """SHA-256 of the weights (config, index, shards; an adapter's files too): what a stored reference is
+        matched against (exporter/digest.py)."""
+        from .digest import checkpoint_digest
+
+        return checkpoint_digest(self.checkpoint.dir, list(self.checkpoint.files), self.adapter)
 
     @cached_property
     def checkpoint(self) -> Checkpoint:

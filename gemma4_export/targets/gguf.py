@@ -134,6 +134,8 @@ def write_metadata(w: GGUFWriter, a: Gemma4Arch, tok: TokenizerInfo, src: ModelS
     if "adapter" in prov:  # a LoRA merged in: the base it was merged into, and the adapter's directory name
         w.string("gemma4_export.base", prov["base"])
         w.string("gemma4_export.adapter", prov["adapter"])
+    if "source_digest" in prov:  # the weights it came from, to match a stored reference
+        w.string("gemma4_export.source_digest", prov["source_digest"])
 
     w.u32(k(Keys.LLM.CONTEXT_LENGTH), a.max_position_embeddings)
     w.u32(k(Keys.LLM.EMBEDDING_LENGTH), a.hidden_size)

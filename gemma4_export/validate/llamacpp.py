@@ -78,7 +78,7 @@ def artifact_info(path: Path):
         raise Gemma4ExportError(f"{path}: not written by gemma4-export (no gemma4_export.preset key); "
                                 "its thresholds are unknown")
     meta = dict(g.metadata)
-    for k in ("base", "adapter"):
+    for k in ("base", "adapter", "source_digest"):
         if f"gemma4_export.{k}" in meta:
             meta[k] = meta[f"gemma4_export.{k}"]
     repo = str(meta.get("general.source.repo_url", ""))

@@ -121,24 +121,34 @@ class MatrixResult:
 
 
 class _References:
-    """One fp32 reference per variant, made when its first cell validates and shared by its other cells."""
+    """One set of reference results per variant: read from a stored reference directory when one is given (a
+    directory per variant under it, or one reference), else computed by the streamed fp32 model when the variant's
+    first cell validates, and shared by its other cells."""
 
-    def __init__(self, device: str, adapter: str | Path | None = None):
+    def __init__(self, device: str, adapter: str | Path | None = None, stored: str | Path | None = None,
+                 reporter: Reporter | None = None):
         self.device = device
         self.adapter = adapter
+        self.stored = Path(stored) if stored is not None else None
+        self.reporter = reporter
         self._ref: dict[str, Any] = {}
         self._err: dict[str, Exception] = {}
 
-    def get(self, variant: str):
+    def get(self, variant: str, windows: int | None, prompts: int | None, new_tokens: int):
         if variant in self._err:
             raise self._err[variant]
         if variant not in self._ref:
             from ..exporter.source import ModelSource
-            from .reference import Reference
+            from .harness import EvalSpec
+            from .refdata import ReferenceData
 
             try:
-                src = ModelSource.open(variant, None, need_weights=True)
-                self._ref[variant] = Reference(src.directory, self.device, self.adapter)
+                if self.stored is not None:
+                    self._ref[variant] = ReferenceData.load(stored_reference(self.stored, variant))
+                else:
+                    src = ModelSource.open(variant, None, need_weights=True, adapter=self.adapter)
+                    spec = EvalSpec.for_arch(src.arch, windows, prompts, new_tokens)
+                    self._ref[variant] = ReferenceData.compute(src, spec, self.device, self.reporter)
             except Exception as e:
                 self._err[variant] = e
                 raise
@@ -146,6 +156,18 @@ class _References:
 
     def drop(self, variant: str) -> None:
         self._ref.pop(variant, None)
+
+
+def stored_reference(root: Path, variant: str) -> Path:
+    """The reference directory of `variant` under `root`: root/<variant>, or root itself when it is one."""
+    from .refdata import JSON_FILE
+
+    if (root / variant / JSON_FILE).is_file():
+        return root / variant
+    if (root / JSON_FILE).is_file():
+        return root
+    raise Gemma4ExportError(f"{root}: no stored reference for {variant} (expected {root / variant / JSON_FILE}); "
+                            f"make one with `gemma4-export reference --variant {variant} --out {root / variant}`")
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -172,7 +194,8 @@ def run_cell(cell: Cell, refs: _References, out_dir: Path, force: bool, reporter
         cell.bytes = cell.digest["bytes"]
         t1 = time.perf_counter()
         rep = validate_artifact(r.path, cell.variant, None, cell.device, reporter, windows, prompts, new_tokens,
-                                write=True, reference=refs.get(cell.variant), adapter=refs.adapter)
+                                write=True, reference=refs.get(cell.variant, windows, prompts, new_tokens),
+                                adapter=refs.adapter)
         cell.seconds["validate"] = time.perf_counter() - t1
         cell.take_report(rep)
         cell.report_files = {k: _rel(p, out_dir) for k, p in report_paths(r.path).items() if p.is_file()}
@@ -197,6 +220,7 @@ def run_matrix(
     new_tokens: int = 64,
     force: bool = True,
     adapter: str | Path | None = None,
+    reference: str | Path | None = None,
 ) -> MatrixResult:
     """Run every cell of variants x targets x presets on `device`; outputs are rewritten after each cell. With
     `adapter`, every variant is the base it is merged into (it must fit each of them)."""
@@ -212,10 +236,11 @@ def run_matrix(
     (out_dir / ARTIFACT_DIR).mkdir(parents=True, exist_ok=True)
     settings = {"variants": names, "targets": list(tq), "quants": tq, "windows": windows, "prompts": prompts,
                 "adapter": Path(adapter).resolve().name if adapter else None,
+                "reference": str(reference) if reference else None,
                 "new_tokens": new_tokens, "force": force}
     res = MatrixResult(cells, out_dir, device, facts, settings, now())
     reporter = reporter or Silent()
-    refs = _References(device, adapter)
+    refs = _References(device, adapter, reference, reporter)
     for v in names:
         for cell in (c for c in cells if c.variant == v):
             if cell.result == "pending":
@@ -223,7 +248,7 @@ def run_matrix(
             write_outputs(res)
             if on_cell:
                 on_cell(cell)
-        refs.drop(v)  # free the fp32 model before the next variant's
+        refs.drop(v)  # free this variant's reference results before the next variant's
     res.finished = now()
     write_outputs(res)
     return res

@@ -1,4 +1,8 @@
-"""The reference: the checkpoint in transformers, in float32, on the same token ids the artifact sees."""
+"""The whole-model reference: the checkpoint's own transformers class loaded whole in float32.
+
+Validation does not use it (it needs the whole model in fp32 memory: 20 GB for E2B): validation's reference is the
+streamed one (streamed.py, refdata.py). This one stays as the independent check of the streamed model (tests hold
+the two to the same logits) and as the baseline the benchmark measures the streamed reference against."""
 
 from __future__ import annotations
 
@@ -8,25 +12,10 @@ import numpy as np
 
 from ..errors import Gemma4ExportError
 from ..exporter.arch import load_config
+from .streamed import pick_device
 
 
-def pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise Gemma4ExportError("--device cuda: torch sees no CUDA device")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise Gemma4ExportError("--device mps: torch sees no Metal device")
-    return device
-
-
-class Reference:
+class WholeModelReference:
     """transformers' own Gemma 4 class, loaded from safetensors only, never with remote code."""
 
     def __init__(self, directory: str | Path, device: str = "cpu", adapter: str | Path | None = None):
@@ -97,7 +86,7 @@ class Reference:
                 out.append(nxt)
                 if len(out) == n:
                     break
-                r = self.model(input_ids=t.tensor([[nxt]], device=self.device), past_key_values=r.past_key_values,
+                r = self.model(input_ids=t.tensor([[nxt]], device=self.device), cache=r.past_key_values,
                                use_cache=True)
         return out
 

@@ -1,0 +1,343 @@
+"""The fp32 reference, streamed: transformers' own Gemma 4 modules, driven one decoder layer at a time.
+
+The text model is built on PyTorch's meta device (no memory), and each decoder layer gets its weights only while it
+runs: read from the safetensors shards by the checkpoint reader, upcast to float32, applied to every sequence, and
+freed (or kept, while a memory budget allows, for the next pass). Embedding and per-layer-embedding rows are read
+only for the token ids in use, the output head runs in blocks of vocabulary rows that are reduced at once, and the
+vision and audio towers are never read. The math is transformers' own: its decoder layers, attention, MLP and MoE,
+its PLE methods, rotary embedding, masks and norms; this module only feeds them, as the model's forward does.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import CheckpointError, Gemma4ExportError
+from ..exporter.tensors import HF_NAMES, Role, Tensor, hf_name
+
+# Decoder-layer weights kept in memory between passes (greedy decoding runs every layer once per token).
+DEFAULT_KEEP_BYTES = 1 << 30
+# Vocabulary rows of the output head computed per block: with E2B's width, 8192 rows are 50 MB of float32.
+HEAD_BLOCK_ROWS = 8192
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise Gemma4ExportError("--device cuda: torch sees no CUDA device")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise Gemma4ExportError("--device mps: torch sees no Metal device")
+    if device not in ("cpu", "cuda", "mps"):
+        raise Gemma4ExportError(f"--device {device}: use cpu, cuda, mps or auto")
+    return device
+
+
+@dataclass
+class _Seq:
+    """One sequence on its way through the layers."""
+
+    ids: list[int]
+    hidden: object  # torch [1, T, H]
+    ple: object | None  # torch [1, T, L, P]: the per-layer inputs, projected
+    positions: object  # torch [1, T]
+    masks: dict
+    rotary: dict
+    shared: object  # transformers' KVSharingDict for this forward
+    cache: object | None  # a DynamicCache while generating, else None
+
+
+class StreamedModel:
+    """A Gemma 4 checkpoint's text model in float32, one layer in memory at a time (plus what `keep_bytes` allows)."""
+
+    def __init__(self, directory, device: str = "cpu", adapter=None, keep_bytes: int = DEFAULT_KEEP_BYTES):
+        import torch
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+        from ..exporter.checkpoint import Checkpoint
+
+        self.torch = torch
+        self.device = pick_device(device)
+        ck = Checkpoint(directory)
+        if adapter is not None:
+            from ..exporter.adapter import AdaptedCheckpoint, Adapter
+
+            try:
+                ck = AdaptedCheckpoint(ck, Adapter.load(adapter, ck))
+            except BaseException:
+                ck.close()
+                raise
+        self.ck = ck
+        self.arch = ck.arch
+        self.prefix = ck.text_prefix
+        config = transformers.AutoConfig.from_pretrained(directory)  # config only: never remote code
+        text = config.get_text_config()
+        text._attn_implementation = "sdpa"  # what from_pretrained picks for the whole-model class
+        self.config = text
+        try:
+            cls = MODEL_MAPPING[type(text)]
+        except KeyError:
+            raise Gemma4ExportError(f"{directory}: transformers {transformers.__version__} has no text model for "
+                                    f"{type(text).__name__}") from None
+        with torch.device("meta"):
+            self.shell = cls(text)  # the modules, with no memory behind them
+        self._embedding_cls = type(self.shell.embed_tokens)
+        self.has_ple = bool(getattr(self.shell, "hidden_size_per_layer_input", 0))
+        self.softcap = getattr(text, "final_logit_softcapping", None)
+        self.keep_bytes = keep_bytes
+        self._kept: dict[int, object] = {}
+        self._kept_bytes = 0
+        self._head: object | None = None
+        self.head_name = hf_name(Tensor.OUTPUT) if not self.arch.tie_word_embeddings else \
+            hf_name(Tensor.TOKEN_EMBD, prefix=self.prefix)
+        self.vocab = self.ck.info(self.head_name).shape[0]
+        # the globals stay: final norm, and the PLE projection and its norm (small next to a layer)
+        self._load(self.shell.norm, {"weight": Tensor.OUTPUT_NORM})
+        if self.has_ple:
+            self._load(self.shell.per_layer_model_projection, {"weight": Tensor.PLE_MODEL_PROJ})
+            self._load(self.shell.per_layer_projection_norm, {"weight": Tensor.PLE_PROJ_NORM})
+        self.rotary = type(self.shell.rotary_emb)(config=text, device=self.device)
+        self.layers_read = 0  # layer loads from the checkpoint (a pass over a kept layer reads nothing)
+
+    # ---- weights -------------------------------------------------------------------------------------------------
+    def _tensor(self, name: str):
+        """One checkpoint tensor as a float32 torch tensor on the device."""
+        torch = self.torch
+        info = self.ck.info(name)
+        raw = self.ck.raw(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only buffer: it is copied by the upcast below
+            if info.dtype == "BF16":
+                t = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+            else:
+                t = torch.from_numpy(raw)
+            return t.to(device=self.device, dtype=torch.float32, copy=True)
+
+    def _load(self, module, names: dict[str, Tensor | str], bid: int | None = None) -> int:
+        """Give `module` its weights: param name -> canonical key (or checkpoint name). Returns the bytes."""
+        state = {}
+        for pname, key in names.items():
+            cname = hf_name(key, bid, self.prefix) if isinstance(key, Tensor) else key
+            state[pname] = self._tensor(cname)
+        module.load_state_dict(state, strict=True, assign=True)
+        return sum(t.numel() * 4 for t in state.values())
+
+    def _layer_names(self, i: int) -> dict[str, Tensor]:
+        lead = f"layers.{i}."
+        out = {}
+        for spec in self.ck.expected:
+            if spec.layer != i or spec.role == Role.KV_SHARED_UNUSED or spec.key is None:
+                continue
+            rel = HF_NAMES[spec.key].format(bid=i)
+            out[rel[len(lead):]] = spec.key
+        return out
+
+    def layer(self, i: int):
+        """Decoder layer i with its weights in memory."""
+        if i in self._kept:
+            return self._kept[i]
+        layer = self.shell.layers[i]
+        try:
+            size = self._load(layer, self._layer_names(i), i)
+        except (RuntimeError, KeyError) as e:  # strict loading: the module and the checkpoint disagree
+            raise CheckpointError(f"{self.ck.dir}: layer {i} does not match transformers' "
+                                  f"{type(layer).__name__}: {e}") from None
+        self.layers_read += 1
+        if self._kept_bytes + size <= self.keep_bytes:
+            self._kept[i] = layer
+            self._kept_bytes += size
+        return layer
+
+    def release(self, i: int) -> None:
+        if i not in self._kept:
+            self.shell.layers[i].to("meta")  # drops the weights
+
+    def head_blocks(self) -> Iterator[tuple[int, object]]:
+        """(first row, float32 block of the output head's rows) over the vocabulary."""
+        if self._head is not None:
+            yield 0, self._head
+            return
+        info = self.ck.info(self.head_name)
+        if info.numel * 4 <= self.keep_bytes - self._kept_bytes:
+            self._head = self._tensor(self.head_name)
+            self._kept_bytes += info.numel * 4
+            yield 0, self._head
+            return
+        for r in range(0, self.vocab, HEAD_BLOCK_ROWS):
+            yield r, self._rows(self.head_name, r, min(self.vocab, r + HEAD_BLOCK_ROWS))
+
+    def _rows(self, name: str, start: int, stop: int):
+        torch = self.torch
+        info = self.ck.info(name)
+        raw = self.ck.rows(name, start, stop)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16) if info.dtype == "BF16" else \
+                torch.from_numpy(raw)
+            return t.to(device=self.device, dtype=torch.float32, copy=True)
+
+    def _gather(self, key: Tensor, ids: np.ndarray):
+        """Rows `ids` (sorted, unique) of a lookup table, read in runs of consecutive ids."""
+        torch = self.torch
+        name = hf_name(key, prefix=self.prefix)
+        parts, i = [], 0
+        while i < len(ids):
+            j = i + 1
+            while j < len(ids) and ids[j] == ids[j - 1] + 1:
+                j += 1
+            parts.append(self._rows(name, int(ids[i]), int(ids[j - 1]) + 1))
+            i = j
+        return torch.cat(parts) if parts else torch.zeros(0, device=self.device)
+
+    def _embedding(self, key: Tensor, ids: np.ndarray, dim: int, scale: float):
+        """transformers' scaled embedding module over just the rows `ids`."""
+        with self.torch.device("meta"):
+            emb = self._embedding_cls(len(ids), dim, None, embed_scale=scale)
+        emb.load_state_dict({"weight": self._gather(key, ids)}, strict=False, assign=True)
+        emb.embed_scale = self.torch.tensor(scale, device=self.device)  # its non-persistent buffer
+        return emb
+
+    # ---- the forward ---------------------------------------------------------------------------------------------
+    def start(self, sequences: list[list[int]], caches: list | None = None) -> list[_Seq]:
+        """Embed each sequence (its tokens continue its cache, when it has one) and prepare its masks and rotary
+        embeddings, as Gemma 4's text model does before its layers."""
+        torch = self.torch
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        caches = caches or [None] * len(sequences)
+        used = np.unique(np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]))
+        if used.size and (used[0] < 0 or used[-1] >= self.arch.vocab_size):
+            raise Gemma4ExportError(f"token id {int(used[-1])} is outside the vocabulary ({self.arch.vocab_size})")
+        cfg = self.config
+        shell = self.shell
+        shell.embed_tokens = self._embedding(Tensor.TOKEN_EMBD, used, cfg.hidden_size, cfg.hidden_size ** 0.5)
+        if self.has_ple:
+            p = cfg.hidden_size_per_layer_input
+            shell.embed_tokens_per_layer = self._embedding(Tensor.PLE_TABLE, used, cfg.num_hidden_layers * p,
+                                                           p ** 0.5)
+        out = []
+        with torch.no_grad():
+            for ids, cache in zip(sequences, caches):
+                local = torch.as_tensor(np.searchsorted(used, np.asarray(ids, dtype=np.int64)),
+                                        device=self.device)[None]
+                x = shell.embed_tokens(local)
+                ple = None
+                if self.has_ple:
+                    ple = shell.project_per_layer_inputs(x, shell.get_per_layer_inputs(local, x))
+                past = cache.get_seq_length() if cache is not None else 0
+                pos = (torch.arange(x.shape[1], device=self.device) + past)[None]
+                kw = {"config": cfg, "inputs_embeds": x, "attention_mask": None, "cache": cache,
+                      "position_ids": pos}
+                masks = {"full_attention": create_causal_mask(**kw),
+                         "sliding_attention": create_sliding_window_causal_mask(**kw)}
+                rot = {t: self.rotary(x, pos, t) for t in set(cfg.layer_types)}
+                out.append(_Seq(list(ids), x, ple, pos, masks, rot, _kv_sharing_dict(), cache))
+        shell.embed_tokens = shell.embed_tokens_per_layer = None
+        return out
+
+    def run_layers(self, seqs: list[_Seq], on_layer=None) -> None:
+        """Every decoder layer over every sequence, loading each layer once; on_layer(i) after each."""
+        torch = self.torch
+        types = self.config.layer_types
+        with torch.no_grad():
+            for i in range(self.config.num_hidden_layers):
+                layer = self.layer(i)
+                for s in seqs:
+                    kw = {"shared_kv_states": s.shared, "position_embeddings": s.rotary[types[i]],
+                          "attention_mask": s.masks[types[i]], "position_ids": s.positions, "cache": s.cache}
+                    if self.has_ple:
+                        kw["per_layer_input"] = s.ple[:, :, i, :]
+                    s.hidden = layer(s.hidden, **kw)
+                self.release(i)
+                if on_layer is not None:
+                    on_layer(i)
+        for s in seqs:
+            with torch.no_grad():
+                s.hidden = self.shell.norm(s.hidden)
+            s.ple = s.masks = s.rotary = s.shared = None
+
+    def final_hidden(self, sequences: list[list[int]], caches: list | None = None) -> list:
+        """The final normed hidden states [T, H] of each sequence."""
+        seqs = self.start(sequences, caches)
+        self.run_layers(seqs)
+        return [s.hidden[0] for s in seqs]
+
+    # ---- the head ------------------------------------------------------------------------------------------------
+    def _logits(self, h, w):
+        z = h @ w.T
+        if self.softcap is not None:  # as transformers' Gemma 4 heads apply it
+            z = z / self.softcap
+            z = self.torch.tanh(z)
+            z = z * self.softcap
+        return z
+
+    def logits(self, h) -> np.ndarray:
+        """Full-vocabulary logits [T, V] (for small vocabularies and tests: V x T float32 in memory)."""
+        with self.torch.no_grad():
+            return self.torch.cat([self._logits(h, w) for _, w in self.head_blocks()], dim=1).cpu().numpy()
+
+    def reduce(self, h, targets: np.ndarray | None, top: int) -> dict[str, np.ndarray]:
+        """The head over hidden states h [T, H], reduced block by block: per row the log-sum-exp, the `top` largest
+        logits with their ids (sorted, largest first) and, with targets, each row's logit of its target."""
+        torch = self.torch
+        n = h.shape[0]
+        m = torch.full((n,), -math.inf, dtype=torch.float64, device=self.device)
+        s = torch.zeros(n, dtype=torch.float64, device=self.device)
+        best_v = torch.empty(n, 0, device=self.device)
+        best_i = torch.empty(n, 0, dtype=torch.int64, device=self.device)
+        tgt = torch.as_tensor(targets, device=self.device) if targets is not None else None
+        tgt_logit = torch.zeros(n, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for v0, w in self.head_blocks():
+                z = self._logits(h, w)
+                zd = z.double()
+                bm = zd.max(dim=1).values
+                new_m = torch.maximum(m, bm)
+                s = s * torch.exp(m - new_m) + torch.exp(zd - new_m[:, None]).sum(dim=1)
+                m = new_m
+                if tgt is not None:
+                    inside = (tgt >= v0) & (tgt < v0 + z.shape[1])
+                    rows = inside.nonzero().flatten()
+                    tgt_logit[rows] = zd[rows, tgt[rows] - v0]
+                cand_v = torch.cat([best_v, z], dim=1)
+                cand_i = torch.cat([best_i, torch.arange(v0, v0 + z.shape[1], device=self.device).expand(n, -1)],
+                                   dim=1)
+                k = min(top, cand_v.shape[1])
+                best_v, idx = cand_v.topk(k, dim=1, sorted=True)
+                best_i = cand_i.gather(1, idx)
+        out = {"lse": (m + torch.log(s)).cpu().numpy(), "top_logits": best_v.cpu().numpy(),
+               "top_ids": best_i.cpu().numpy().astype(np.int32)}
+        if tgt is not None:
+            out["target_logit"] = tgt_logit.cpu().numpy()
+        return out
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+    def close(self) -> None:
+        self._kept.clear()
+        self._head = None
+        self.ck.close()
+
+
+def _kv_sharing_dict():
+    """A fresh store for the KV-shared layers' donor keys and values (transformers' own type where it has one)."""
+    try:
+        from transformers.models.gemma4.modeling_gemma4 import KVSharingDict
+    except ImportError:  # pragma: no cover - older layouts of the module
+        return {}
+    return KVSharingDict(None)
