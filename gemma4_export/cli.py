@@ -60,6 +60,10 @@ TensorTypeOpt = Annotated[
     Optional[list[str]],
     typer.Option("--tensor-type", help="Override one tensor's type: PATTERN=TYPE (regex on the name). Repeatable."),
 ]
+ReferenceOpt = Annotated[
+    Optional[Path], typer.Option("--reference", help="A stored reference directory (`gemma4-export reference`): "
+                                                     "validate against it without loading the checkpoint.")
+]
 PleTypeOpt = Annotated[
     Optional[str], typer.Option("--ple-type", help="Type of the per-layer-embedding table (E2B/E4B).")
 ]
@@ -261,13 +265,13 @@ def _finish(r, validate: bool, variant, model_dir, device: str, adapter=None) ->
         _validate_and_exit(r.path, variant, model_dir, device, adapter)
 
 
-def _validate_and_exit(artifact: Path, variant, model_dir, device: str, adapter=None) -> None:
+def _validate_and_exit(artifact: Path, variant, model_dir, device: str, adapter=None, reference=None) -> None:
     from . import api
     from .progress import RichReporter
     from .validate.harness import ValidationFailed
 
     report = api.validate(artifact, variant=variant, model_dir=model_dir, device=device, adapter=adapter,
-                          reporter=RichReporter(err))
+                          reporter=RichReporter(err), reference=reference)
     from rich.markdown import Markdown
 
     out.print(Markdown(report.to_markdown()))
@@ -282,14 +286,63 @@ def validate(
     model_dir: ModelDirOpt = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or mps (reference and runtime).")] = "cpu",
     adapter: AdapterOpt = None,
+    reference: ReferenceOpt = None,
 ) -> None:
     """Run an artifact in its own runtime and compare it with transformers in fp32 on the same tokens.
 
-    Writes ARTIFACT.validation.json and .md beside it; exits 1 when any threshold fails.
+    The fp32 reference is computed here (streamed: one decoder layer in memory at a time), or read from a directory
+    that `gemma4-export reference` wrote (--reference): then the checkpoint is not loaded at all. Writes
+    ARTIFACT.validation.json and .md beside it; exits 1 when any threshold fails.
 
-    Example: gemma4-export validate out/tiny-e2b-q4_k_m.gguf
+    Examples:
+      gemma4-export validate out/tiny-e2b-q4_k_m.gguf
+      gemma4-export validate out/e2b-it-q4_k_m.gguf --reference ref/e2b-it
     """
-    _validate_and_exit(artifact, variant, model_dir, device, adapter)
+    if reference is not None and (variant or model_dir or adapter):
+        raise typer.BadParameter("--reference replaces --variant, --model-dir and --adapter: the stored reference "
+                                 "says which weights it is of", param_hint="--reference")
+    _validate_and_exit(artifact, variant, model_dir, device, adapter, reference)
+
+
+@app.command()
+def reference(
+    variant: VariantOpt = None,
+    model_dir: ModelDirOpt = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory to write (reference.json, logprobs.npz, "
+                                                             "tokenizer/).")] = ...,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or mps: where the layers run.")] = "cpu",
+    windows: Annotated[Optional[int], typer.Option("--windows", help="Held-out windows to score.")] = None,
+    prompts: Annotated[Optional[int], typer.Option("--prompts", help="Chat prompts for greedy generation.")] = None,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Greedy tokens per prompt.")] = 64,
+    adapter: AdapterOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace DIR if it exists.")] = False,
+) -> None:
+    """Compute the fp32 reference once and store it: every artifact of these weights is then validated against it
+    (validate --reference, matrix --reference) without loading the checkpoint.
+
+    The checkpoint runs through transformers' own Gemma 4 modules one decoder layer at a time (under 2.5 GB for
+    E2B); the directory holds the evaluation token ids, compact log-probabilities, greedy continuations with their
+    margins, the tokenizer-parity ids and the checkpoint's digest.
+
+    Examples:
+      gemma4-export reference --variant tiny-e2b --out ref/tiny-e2b
+      gemma4-export reference --model-dir ./my-finetune --out ref/my-finetune
+    """
+    from . import api
+    from .progress import RichReporter
+    from .report import human_bytes
+
+    data = api.reference(variant=variant, model_dir=model_dir, out=out_dir, device=device, adapter=adapter,
+                         windows=windows, prompts=prompts, new_tokens=new_tokens, force=force,
+                         reporter=RichReporter(err))
+    m = data.meta
+    size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
+    _line(out, f"reference of {m['source']} ({m['source_digest'][:19]}...): {len(data.windows)} windows of "
+               f"{data.spec['window']} tokens, {len(data.generations)} prompts x {data.spec['new_tokens']} greedy "
+               f"tokens; {m['entries_per_position']:.0f} stored log-probabilities per scored token (tail mass "
+               f"{m['tail_mass_mean']:.1e}); transformers {m['transformers']}, {m['dtype']}, {m['device']}; "
+               f"{m['seconds']['total']:.1f}s", markup=False)
+    _line(out, f"wrote {out_dir} ({human_bytes(size)})", markup=False)
 
 
 @app.command()
@@ -311,6 +364,9 @@ def matrix(
     windows: Annotated[Optional[int], typer.Option("--windows", help="Held-out windows scored per artifact.")] = None,
     prompts: Annotated[Optional[int], typer.Option("--prompts", help="Chat prompts for greedy generation.")] = None,
     adapter: AdapterOpt = None,
+    reference: Annotated[Optional[Path], typer.Option(
+        "--reference", help="Stored references: DIR/<variant>/ for each variant (from `gemma4-export reference`); "
+                            "the fp32 model is then never loaded.")] = None,
 ) -> None:
     """Export every variant x target x preset, validate each in its own runtime against one fp32 reference per
     variant, and write a table, a JSON record, a KLD-against-size plot and a manifest of the artifacts.
@@ -321,6 +377,7 @@ def matrix(
       gemma4-export matrix --out matrix-out
       gemma4-export matrix --variants tiny-31b,tiny-e2b --quants gguf:q4_k_m,q8_0 --quants onnx:int4
       gemma4-export matrix --device cuda --targets gguf,onnx
+      gemma4-export matrix --reference references --out matrix-out
     """
     from rich.text import Text
 
@@ -338,7 +395,7 @@ def matrix(
         _line(out, Text(cell_line(cell), style=style.get(cell.result, "")))
 
     res = api.matrix(names, tlist, parse_quants(quants, tlist), device=device, out=out_dir, adapter=adapter,
-                     reporter=RichReporter(err), on_cell=live, windows=windows, prompts=prompts)
+                     reporter=RichReporter(err), on_cell=live, windows=windows, prompts=prompts, reference=reference)
     out.print(matrix_markdown(res), markup=False, highlight=False, soft_wrap=True)  # raw Markdown: logs keep it whole
     for what in OUTPUTS:
         _line(out, f"{what}: {res.path(what)}", markup=False)

@@ -127,3 +127,21 @@ def test_cli_adapter_and_its_errors(adapter, tmp_path):
     assert p.returncode == 2 and "DoRA" in p.stderr and "Traceback" not in p.stderr
     p = run("mlx", "--variant", "tiny-e2b", "--adapter", str(adapter), "--out", str(tmp_path))
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+
+
+def test_streamed_reference_with_adapter_equals_the_torch_merge(adapter, whole_reference):
+    """The streamed reference merges the adapter as tensors are read (the exporter's AdaptedCheckpoint); the whole
+    model merges it with torch (apply_to_torch_model): two merges, one answer."""
+    import numpy as np
+
+    from gemma4_export.validate.streamed import StreamedModel
+    from gemma4_export.validate.texts import heldout_text
+
+    ids = [2] + whole_reference.tokenize(heldout_text())[:200]
+    sm = StreamedModel(get_variant(BASE).local_dir, adapter=adapter, keep_bytes=0)
+    try:
+        a = sm.logits(sm.final_hidden([ids])[0])
+    finally:
+        sm.close()
+    assert np.abs(a - whole_reference.logits(ids)).max() <= 1e-4
+    assert np.abs(a - _base_reference().logits(ids)).max() > 0.1  # and the adapter changed the model

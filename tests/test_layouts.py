@@ -186,3 +186,23 @@ def test_shipped_finetune_validates_in_full(target, root):
         assert rep.passed, (target, preset, rep.failures)
         _added_tokens_match(target, r.path, preset, d, whole, tokens=["<tool_call>", "</tool_call>",
                                                                        "<tool_response>"])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_streamed_reference_equals_the_whole_model(layout, checkpoint):
+    """The streamed fp32 reference (one decoder layer at a time, the checkpoint reader's names) gives the logits of
+    transformers' own class loaded whole by from_pretrained, in every layout: within 1e-4, past the sliding window."""
+    from gemma4_export.validate.reference import WholeModelReference
+    from gemma4_export.validate.streamed import StreamedModel
+
+    d = checkpoint(layout)
+    whole = WholeModelReference(d)
+    ids = [2] + whole.tokenize("def walk(tree):\n    for node in tree.children:\n        yield node\n" * 12)[:299]
+    sm = StreamedModel(d, keep_bytes=0)
+    try:
+        a = sm.logits(sm.final_hidden([ids])[0])
+    finally:
+        sm.close()
+    b = whole.logits(ids)
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= 1e-4, (layout, float(np.abs(a - b).max()))

@@ -313,3 +313,49 @@ def test_several_prompts_averaged():
 def test_no_prompts():
     g = compare_generations([], [], 16, [])
     assert g.prompts == 0 and g.exact_match_rate == 0.0 and g.mean_first_divergence == 0.0
+
+
+# ---- near-ties and the compact reference ---------------------------------------------------------------------------
+
+
+def test_a_divergence_on_a_near_tie_is_reported_not_counted():
+    ref = [[5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 7, 8]]
+    art = [[5, 6, 7, 8], [5, 9, 7, 8], [5, 6, 4, 8]]
+    # the reference's margins and second choices: step 1 of prompt 2 is a near-tie won by 6 over 9; step 2 of
+    # prompt 3 is not (margin 0.5), so taking 4 there is a real divergence
+    choices = [([1.0, 1.0, 1.0, 1.0], [1, 1, 1, 1]), ([1.0, 0.004, 1.0, 1.0], [1, 9, 1, 1]),
+               ([1.0, 1.0, 0.5, 1.0], [1, 1, 4, 1])]
+    texts = [("p", "r", "a")] * 3
+    g = compare_generations(ref, art, 4, texts, choices)
+    assert g.exact_match_rate == pytest.approx(1 / 3) and g.near_ties == 1
+    assert g.agreement_rate == pytest.approx(2 / 3)
+    assert g.mean_first_divergence == pytest.approx((4 + 1 + 2) / 3)
+    assert g.mean_first_divergence_ties_ok == pytest.approx((4 + 4 + 2) / 3)
+    assert g.samples[1]["near_tie_at"] == 1 and "near_tie_at" not in g.samples[2]
+    # a near-tie margin, but the artifact took neither of the reference's two choices: a real divergence
+    g = compare_generations([[5, 6]], [[5, 3]], 2, texts, [([1.0, 0.001], [1, 9])])
+    assert g.near_ties == 0 and g.agreement_rate == 0.0
+
+
+def test_compact_kld_by_hand():
+    from gemma4_export.validate.refdata import CompactRows
+
+    ref_row = [2.0, 1.0, 0.0, -1.0, -3.0]
+    art_row = [1.5, 1.2, 0.3, -1.0, -2.0]
+    p, q = softmax(ref_row), softmax(art_row)
+    lse = math.log(sum(math.exp(x) for x in ref_row))
+    # stored: the two most likely tokens; the other three are one bucket
+    rows = CompactRows(np.array([0, 2]), np.array([0, 1], dtype=np.int32),
+                       np.array([math.log(p[0]), math.log(p[1])], dtype=np.float32),
+                       np.array([math.log(p[3])], dtype=np.float32), np.array([lse]))
+    st = TokenStats.empty()
+    diff = st.add_compact(rows, np.array([art_row], dtype=np.float32), np.array([3]))
+    pr, qr = sum(p[2:]), sum(q[2:])
+    want = p[0] * math.log(p[0] / q[0]) + p[1] * math.log(p[1] / q[1]) + pr * math.log(pr / qr)
+    assert st.kld[0] == pytest.approx(want, rel=1e-5)
+    assert want <= kl(p, q)  # the bucket makes it a lower bound
+    assert st.same_top1 == [True]
+    assert st.nll_ref[0] == pytest.approx(-math.log(p[3]), rel=1e-5)
+    assert st.nll_art[0] == pytest.approx(-math.log(q[3]), rel=1e-6)
+    assert st.dp[0] == pytest.approx(q[3] - p[3], abs=1e-6)
+    assert diff == pytest.approx(max(abs(ref_row[0] - art_row[0]), abs(ref_row[1] - art_row[1])), abs=1e-5)

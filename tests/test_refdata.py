@@ -1,0 +1,225 @@
+"""The streamed fp32 reference and stored reference results (validate/streamed.py, validate/refdata.py).
+
+The streamed model is held to transformers' own whole-model class loaded by `from_pretrained` (an independent
+loader and forward): same logits and same greedy continuations on every tiny variant. Its streaming is checked by
+what it reads (each layer once per pass, no tower, only the embedding rows in use), the compact log-probabilities
+against the full-vocabulary metrics of real artifacts, and the stored form by a round trip and by its refusals.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from gemma4_export import api
+from gemma4_export.errors import Gemma4ExportError
+from gemma4_export.exporter.source import ModelSource
+from gemma4_export.exporter.variants import TINY, get_variant
+from gemma4_export.validate.harness import EvalSpec
+from gemma4_export.validate.metrics import TokenStats, summarize
+from gemma4_export.validate.refdata import ReferenceData, ReferenceMismatch
+from gemma4_export.validate.reference import WholeModelReference
+from gemma4_export.validate.streamed import StreamedModel
+
+SMALL = EvalSpec(window=256, windows=2, prompts=3, new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def whole():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache.clear()
+            cache[name] = WholeModelReference(get_variant(name).local_dir)
+        return cache[name]
+    return get
+
+
+@pytest.fixture(scope="module")
+def computed():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = ReferenceData.compute(ModelSource.open(name, need_weights=True), SMALL)
+        return cache[name]
+    return get
+
+
+@pytest.mark.parametrize("variant", TINY)
+def test_streamed_logits_equal_the_whole_model(variant, whole):
+    ref = whole(variant)
+    rng = np.random.default_rng(1)
+    vocab = ref.model.config.get_text_config().vocab_size
+    # Text only: the multimodal class treats its image/audio/video placeholder ids as media slots (their embeddings
+    # are replaced), which text never holds; the streamed model is the text model, as llama.cpp's is.
+    media = {v for k, v in ref.model.config.to_dict().items() if k.endswith("_token_id") and isinstance(v, int)
+             and k not in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    pool = np.array([i for i in range(3, vocab) if i not in media])
+    # longer than the sliding window (64 in the tiny configs), and a short one, through one pass of the layers
+    seqs = [[2] + rng.choice(pool, 300).tolist(), [2] + rng.choice(pool, 17).tolist()]
+    sm = StreamedModel(get_variant(variant).local_dir, keep_bytes=0)
+    try:
+        hs = sm.final_hidden(seqs)
+        for s, h in zip(seqs, hs):
+            a, b = sm.logits(h), ref.logits(s)
+            assert a.shape == b.shape == (len(s), vocab)
+            assert np.abs(a - b).max() <= 1e-4
+        # the reduced head gives the full head's answers
+        r = sm.reduce(hs[0], np.asarray(seqs[0][1:] + [0]), 5)
+        full = sm.logits(hs[0]).astype(np.float64)
+        lse = np.log(np.exp(full - full.max(1, keepdims=True)).sum(1)) + full.max(1)
+        assert np.allclose(r["lse"], lse, atol=1e-6)
+        assert (r["top_ids"][:, 0] == full.argmax(1)).all()
+        assert np.allclose(r["target_logit"], full[np.arange(len(full)), seqs[0][1:] + [0]], atol=1e-5)
+    finally:
+        sm.close()
+
+
+@pytest.mark.parametrize("variant", TINY)
+def test_streamed_greedy_equals_the_whole_model(variant, whole, computed):
+    data, ref = computed(variant), whole(variant)
+    eos = data.eos_ids
+    for g in data.generations:
+        want = ref.greedy(g.ids, SMALL.new_tokens)
+        cut = next((i + 1 for i, t in enumerate(want) if t in eos), len(want))
+        assert g.tokens == want[:cut]
+        assert len(g.margins) == len(g.second) == len(g.tokens)
+        assert all(m >= 0 for m in g.margins) and all(s != t for s, t in zip(g.second, g.tokens))
+    # and the stored log-probability of each scored token is the whole model's
+    for w, win in enumerate(data.windows):
+        full = ref.logits(win.ids).astype(np.float64)[win.half:-1]
+        lp = full - (np.log(np.exp(full - full.max(1, keepdims=True)).sum(1)) + full.max(1))[:, None]
+        c = data.compact(w)
+        assert np.abs(c.target_logprob - lp[np.arange(len(c)), win.ids[win.half + 1:]]).max() < 1e-4
+        assert (c.top1 == full.argmax(1)).all()
+
+
+def test_streaming_reads_each_layer_per_pass_and_never_a_tower(monkeypatch):
+    d = get_variant("tiny-e2b").local_dir
+    read: list[str] = []
+    from gemma4_export.exporter.checkpoint import Checkpoint
+
+    orig_raw, orig_rows = Checkpoint.raw, Checkpoint.rows
+    monkeypatch.setattr(Checkpoint, "raw", lambda self, n: read.append(n) or orig_raw(self, n))
+    monkeypatch.setattr(Checkpoint, "rows", lambda self, n, a, b: read.append(f"{n}[{a}:{b}]") or
+                        orig_rows(self, n, a, b))
+    sm = StreamedModel(d, keep_bytes=0)
+    n_layers = sm.config.num_hidden_layers
+    try:
+        ids = [2, 10, 11, 12, 500]
+        sm.final_hidden([ids])
+        sm.final_hidden([[7]])
+    finally:
+        sm.close()
+    assert sm.layers_read == 2 * n_layers  # nothing kept: every pass reads every layer again
+    assert not [n for n in read if "tower" in n or "embed_vision" in n or "embed_audio" in n]
+    embd = [n for n in read if "embed_tokens.weight[" in n]
+    # rows of the ids in use only, in runs of consecutive ids: [2], [10..12], [500]; then [7]
+    assert embd == [f"model.language_model.embed_tokens.weight[{a}:{b}]" for a, b in
+                    ((2, 3), (10, 13), (500, 501), (7, 8))]
+
+
+def test_keeping_layers_changes_nothing_but_reads():
+    d = get_variant("tiny-26b-a4b").local_dir
+    seqs = [[2, 5, 6, 7, 8, 9]]
+    out = []
+    for keep in (0, 1 << 30):
+        sm = StreamedModel(d, keep_bytes=keep)
+        try:
+            sm.final_hidden(seqs)
+            out.append((sm.logits(sm.final_hidden(seqs)[0]), sm.layers_read))
+        finally:
+            sm.close()
+    assert np.array_equal(out[0][0], out[1][0])
+    assert out[0][1] == 12 and out[1][1] == 6  # 6 layers, read twice streamed, once kept
+
+
+def _full_and_compact(data: ReferenceData, whole: WholeModelReference, art) -> tuple[float, float, dict, dict]:
+    full, comp = TokenStats.empty(), TokenStats.empty()
+    for w, win in enumerate(data.windows):
+        a = art.logits(win.ids)[win.half:-1]
+        targets = np.asarray(win.ids[win.half + 1:])
+        full.add(whole.logits(win.ids)[win.half:-1], a, targets)
+        comp.add_compact(data.compact(w), a, targets)
+    f, c = summarize(full), summarize(comp)
+    return f.kld_mean, c.kld_mean, vars(f), vars(c)
+
+
+@pytest.mark.parametrize("variant", TINY)
+def test_compact_kld_within_two_percent_of_full_vocabulary(variant, whole, computed, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from gemma4_export.validate.llamacpp import LlamaCppRunner
+
+    data, ref = computed(variant), whole(variant)
+    for preset in ("q4_0", "q8_0"):  # 4 and 8 bits
+        r = api.export("gguf", variant, preset, tmp_path)
+        runner = LlamaCppRunner(r.path, n_ctx=512)
+        try:
+            kf, kc, f, c = _full_and_compact(data, ref, runner)
+        finally:
+            runner.close()
+        print(f"\n{variant} {preset}: full-vocabulary KLD {kf:.6g}, compact {kc:.6g} ({(kc - kf) / kf:+.3%})")
+        assert kc <= kf * (1 + 1e-9) and kc >= 0.98 * kf
+        for k in ("top1_agreement", "ppl_ref", "ppl_artifact", "ppl_ratio", "tokens"):  # exact
+            assert c[k] == pytest.approx(f[k], rel=1e-6), k
+
+
+def test_stored_reference_round_trip_and_refusals(computed, tmp_path):
+    pytest.importorskip("llama_cpp")
+    data = computed("tiny-e2b")
+    src = ModelSource.open("tiny-e2b", need_weights=True)
+    out = data.save(tmp_path / "ref", tokenizer_from=src.directory)
+    again = ReferenceData.load(out)
+    assert again.meta == json.loads(json.dumps(data.meta))
+    for k, v in data.arrays.items():
+        assert np.array_equal(v, again.arrays[k]), k
+    assert again.decode(data.generations[0].tokens) == data.decode(data.generations[0].tokens)
+    with pytest.raises(Gemma4ExportError, match="exists"):
+        data.save(out)
+
+    r = api.export("gguf", "tiny-e2b", "q8_0", tmp_path / "art")
+    live = api.validate(r.path, write=False, reference=data)
+    stored = api.validate(r.path, write=False, reference=out)
+    assert stored.passed == live.passed and stored.logits == live.logits
+    assert stored.generation.exact_match_rate == live.generation.exact_match_rate
+    assert stored.reference["stored"] == "ref"
+
+    # a reference of other weights is refused: the artifact records the digest of the checkpoint it came from
+    other = ReferenceData.load(out)
+    other.meta["source_digest"] = "sha256:" + "0" * 64
+    with pytest.raises(ReferenceMismatch, match="other weights"):
+        api.validate(r.path, write=False, reference=other)
+    other = computed("tiny-31b")
+    with pytest.raises(ReferenceMismatch):
+        api.validate(r.path, write=False, reference=other)
+    # it cannot answer for another evaluation than the one it holds
+    with pytest.raises(ReferenceMismatch, match="windows"):
+        api.validate(r.path, write=False, reference=out, windows=5)
+    # damaged or foreign directories get a clear error
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    (bad / "logprobs.npz").write_bytes(b"not an npz")
+    with pytest.raises(Gemma4ExportError, match="damaged reference"):
+        ReferenceData.load(bad)
+    with pytest.raises(Gemma4ExportError, match="not a reference directory"):
+        ReferenceData.load(tmp_path / "art")
+
+
+def test_live_validation_refuses_an_artifact_of_other_weights(tmp_path):
+    pytest.importorskip("llama_cpp")
+    r = api.export("gguf", "tiny-e2b", "q8_0", tmp_path)
+    ft = get_variant("tiny-e2b").local_dir
+    copy = tmp_path / "copy"
+    shutil.copytree(ft, copy)
+    rep = api.validate(r.path, model_dir=copy, write=False, windows=1, prompts=1, new_tokens=8)  # same bytes: fine
+    assert rep.logits.tokens > 0
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["text_config"]["rms_norm_eps"] = 2e-6  # other weights/config: another checkpoint
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ReferenceMismatch, match="other weights"):
+        api.validate(r.path, model_dir=copy, write=False, windows=1, prompts=1, new_tokens=8)
