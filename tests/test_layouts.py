@@ -131,7 +131,9 @@ def test_own_weights_validate_in_full(layout, target, checkpoint, root, referenc
               f"first div {gm.mean_first_divergence:.1f} max diff {lg.max_logit_diff:.3g}")
         assert rep.passed, (layout, target, preset, rep.failures)
         if layout == "resized-vocab":
-            _added_tokens_match(target, r.path, preset, d, references(layout))
+            from gemma4_export.validate.reference import WholeModelReference
+
+            _added_tokens_match(target, r.path, preset, d, WholeModelReference(d))
 
 
 def _added_tokens_match(target, path, preset, d, ref, tokens=ADDED_TOKENS):

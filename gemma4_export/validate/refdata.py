@@ -37,7 +37,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # in them. The rest is one bucket: KLD from the compact form is then a lower bound of the full-vocabulary KLD, short
 # of it by about the bucket's mass times the KLD within it (tests/test_refdata.py measures it).
 COVERAGE = 1e-3
-TOP_CAP = 8192
+TOP_CAP = 4096
 
 
 class ReferenceMismatch(Gemma4ExportError):

@@ -21,7 +21,7 @@ from ..errors import CheckpointError, Gemma4ExportError
 from ..exporter.tensors import HF_NAMES, Role, Tensor, hf_name
 
 # Decoder-layer weights kept in memory between passes (greedy decoding runs every layer once per token).
-DEFAULT_KEEP_BYTES = 1 << 30
+DEFAULT_KEEP_BYTES = 512 << 20
 # Vocabulary rows of the output head computed per block: with E2B's width, 8192 rows are 50 MB of float32.
 HEAD_BLOCK_ROWS = 8192
 
@@ -290,11 +290,11 @@ class StreamedModel:
 
     def reduce(self, h, targets: np.ndarray | None, top: int) -> dict[str, np.ndarray]:
         """The head over hidden states h [T, H], reduced block by block: per row the log-sum-exp, the `top` largest
-        logits with their ids (sorted, largest first) and, with targets, each row's logit of its target."""
+        logits with their ids (largest first; equal logits by id, as argmax picks) and, with targets, each row's
+        logit of its target. A block only enters the running top-k where it beats a row's current k-th logit."""
         torch = self.torch
         n = h.shape[0]
-        m = torch.full((n,), -math.inf, dtype=torch.float64, device=self.device)
-        s = torch.zeros(n, dtype=torch.float64, device=self.device)
+        lse = torch.full((n,), -math.inf, dtype=torch.float64, device=self.device)
         best_v = torch.empty(n, 0, device=self.device)
         best_i = torch.empty(n, 0, dtype=torch.int64, device=self.device)
         tgt = torch.as_tensor(targets, device=self.device) if targets is not None else None
@@ -302,22 +302,27 @@ class StreamedModel:
         with torch.no_grad():
             for v0, w in self.head_blocks():
                 z = self._logits(h, w)
-                zd = z.double()
-                bm = zd.max(dim=1).values
-                new_m = torch.maximum(m, bm)
-                s = s * torch.exp(m - new_m) + torch.exp(zd - new_m[:, None]).sum(dim=1)
-                m = new_m
+                lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1).double())
                 if tgt is not None:
                     inside = (tgt >= v0) & (tgt < v0 + z.shape[1])
                     rows = inside.nonzero().flatten()
-                    tgt_logit[rows] = zd[rows, tgt[rows] - v0]
+                    tgt_logit[rows] = z[rows, tgt[rows] - v0].double()
+                cols = torch.arange(v0, v0 + z.shape[1], device=self.device)
+                if best_v.shape[1] >= top:  # only columns that beat some row's k-th logit can enter
+                    keep = (z >= best_v.min(dim=1).values[:, None]).any(dim=0).nonzero().flatten()
+                    if keep.numel() == 0:
+                        continue
+                    z, cols = z[:, keep], cols[keep]
                 cand_v = torch.cat([best_v, z], dim=1)
-                cand_i = torch.cat([best_i, torch.arange(v0, v0 + z.shape[1], device=self.device).expand(n, -1)],
-                                   dim=1)
+                cand_i = torch.cat([best_i, cols.expand(n, -1)], dim=1)
                 k = min(top, cand_v.shape[1])
-                best_v, idx = cand_v.topk(k, dim=1, sorted=True)
+                best_v, idx = cand_v.topk(k, dim=1, sorted=False)
                 best_i = cand_i.gather(1, idx)
-        out = {"lse": (m + torch.log(s)).cpu().numpy(), "top_logits": best_v.cpu().numpy(),
+            by_id = best_i.argsort(dim=1)
+            best_v, best_i = best_v.gather(1, by_id), best_i.gather(1, by_id)
+            order = torch.sort(best_v, dim=1, descending=True, stable=True).indices
+            best_v, best_i = best_v.gather(1, order), best_i.gather(1, order)
+        out = {"lse": lse.cpu().numpy(), "top_logits": best_v.cpu().numpy(),
                "top_ids": best_i.cpu().numpy().astype(np.int32)}
         if tgt is not None:
             out["target_logit"] = tgt_logit.cpu().numpy()
