@@ -104,10 +104,16 @@ def test_streaming_reads_each_layer_per_pass_and_never_a_tower(monkeypatch):
     read: list[str] = []
     from gemma4_export.exporter.checkpoint import Checkpoint
 
-    orig_raw, orig_rows = Checkpoint.raw, Checkpoint.rows
-    monkeypatch.setattr(Checkpoint, "raw", lambda self, n: read.append(n) or orig_raw(self, n))
-    monkeypatch.setattr(Checkpoint, "rows", lambda self, n, a, b: read.append(f"{n}[{a}:{b}]") or
-                        orig_rows(self, n, a, b))
+    orig = {m: getattr(Checkpoint, m) for m in ("raw", "rows", "read_into", "iter_rows")}
+
+    def spy(method):
+        def f(self, name, *a):
+            rows = a[1] if method == "read_into" and len(a) > 1 else (a if method == "rows" else None)
+            read.append(f"{name}[{rows[0]}:{rows[1]}]" if rows else name)
+            return orig[method](self, name, *a)
+        return f
+    for m in orig:
+        monkeypatch.setattr(Checkpoint, m, spy(m))
     sm = StreamedModel(d, keep_bytes=0)
     n_layers = sm.config.num_hidden_layers
     try:

@@ -183,6 +183,12 @@ class AdaptedCheckpoint:
             out[r: r + len(block)] = block
         return out.reshape(info.shape)
 
+    def read_into(self, name: str, buf: np.ndarray, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """As Checkpoint.read_into; a merged tensor is computed into new memory (float32), not into `buf`."""
+        if name not in self._merged:
+            return self.base.read_into(name, buf, rows)
+        return self.raw(name) if rows is None else self._merged_rows(name, *rows)
+
     def iter_rows(self, name: str, max_bytes: int = 64 << 20) -> Iterator[tuple[int, np.ndarray]]:
         if name not in self._merged:
             yield from self.base.iter_rows(name, max_bytes)

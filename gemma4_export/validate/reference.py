@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import Gemma4ExportError
 from ..exporter.arch import load_config
 from .streamed import pick_device
 

@@ -11,7 +11,6 @@ its PLE methods, rotary embedding, masks and norms; this module only feeds them,
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -97,6 +96,8 @@ class StreamedModel:
         self.has_ple = bool(getattr(self.shell, "hidden_size_per_layer_input", 0))
         self.softcap = getattr(text, "final_logit_softcapping", None)
         self.keep_bytes = keep_bytes
+        self._stage = np.empty(0, dtype=np.uint8)  # the bytes of the tensor being read
+        self._pool: dict[tuple[int, ...], list] = {}  # float32 tensors of released layers, by shape
         self._kept: dict[int, object] = {}
         self._kept_bytes = 0
         self._head: object | None = None
@@ -112,18 +113,24 @@ class StreamedModel:
         self.layers_read = 0  # layer loads from the checkpoint (a pass over a kept layer reads nothing)
 
     # ---- weights -------------------------------------------------------------------------------------------------
-    def _tensor(self, name: str):
-        """One checkpoint tensor as a float32 torch tensor on the device."""
+    def _tensor(self, name: str, out=None, rows: tuple[int, int] | None = None):
+        """One checkpoint tensor (or rows of it) as float32 on the device: read into a reused staging buffer and
+        upcast into `out` or a float32 tensor of its shape from the pool (memory that earlier layers gave back). New
+        memory for every read costs page faults that take longer than the upcast itself."""
         torch = self.torch
         info = self.ck.info(name)
-        raw = self.ck.raw(name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only buffer: it is copied by the upcast below
-            if info.dtype == "BF16":
-                t = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
-            else:
-                t = torch.from_numpy(raw)
-            return t.to(device=self.device, dtype=torch.float32, copy=True)
+        need = info.nbytes if rows is None else (rows[1] - rows[0]) * info.shape[-1] * info.nbytes // info.numel
+        if self._stage.nbytes < need:
+            self._stage = np.empty(need, dtype=np.uint8)
+        arr = self.ck.read_into(name, self._stage, rows)
+        src = torch.from_numpy(arr)
+        if arr.dtype == np.uint16:  # bf16 bit patterns
+            src = src.view(torch.bfloat16)
+        if out is None:
+            free = self._pool.get(tuple(arr.shape))
+            out = free.pop() if free else torch.empty(arr.shape, dtype=torch.float32, device=self.device)
+        out.copy_(src.reshape(out.shape))
+        return out
 
     def _load(self, module, names: dict[str, Tensor | str], bid: int | None = None) -> int:
         """Give `module` its weights: param name -> canonical key (or checkpoint name). Returns the bytes."""
@@ -161,8 +168,14 @@ class StreamedModel:
         return layer
 
     def release(self, i: int) -> None:
-        if i not in self._kept:
-            self.shell.layers[i].to("meta")  # drops the weights
+        """Drop layer i's weights (unless kept); their memory goes to the pool for the next layer's tensors."""
+        if i in self._kept:
+            return
+        layer = self.shell.layers[i]
+        for t in list(layer.parameters()) + list(layer.buffers()):
+            if t.device.type != "meta":
+                self._pool.setdefault(tuple(t.shape), []).append(t.data)
+        layer.to("meta")
 
     def head_blocks(self) -> Iterator[tuple[int, object]]:
         """(first row, float32 block of the output head's rows) over the vocabulary."""
@@ -175,18 +188,13 @@ class StreamedModel:
             self._kept_bytes += info.numel * 4
             yield 0, self._head
             return
-        for r in range(0, self.vocab, HEAD_BLOCK_ROWS):
-            yield r, self._rows(self.head_name, r, min(self.vocab, r + HEAD_BLOCK_ROWS))
+        buf = self.torch.empty(min(HEAD_BLOCK_ROWS, self.vocab), info.shape[1], device=self.device)
+        for r in range(0, self.vocab, HEAD_BLOCK_ROWS):  # one buffer: a block is used before the next is read
+            stop = min(self.vocab, r + HEAD_BLOCK_ROWS)
+            yield r, self._rows(self.head_name, r, stop, buf[: stop - r])
 
-    def _rows(self, name: str, start: int, stop: int):
-        torch = self.torch
-        info = self.ck.info(name)
-        raw = self.ck.rows(name, start, stop)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16) if info.dtype == "BF16" else \
-                torch.from_numpy(raw)
-            return t.to(device=self.device, dtype=torch.float32, copy=True)
+    def _rows(self, name: str, start: int, stop: int, out=None):
+        return self._tensor(name, out, (start, stop))
 
     def _gather(self, key: Tensor, ids: np.ndarray):
         """Rows `ids` (sorted, unique) of a lookup table, read in runs of consecutive ids."""
@@ -335,6 +343,7 @@ class StreamedModel:
 
     def close(self) -> None:
         self._kept.clear()
+        self._pool.clear()
         self._head = None
         self.ck.close()
 
