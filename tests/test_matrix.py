@@ -133,6 +133,10 @@ def test_device_check():
         R.check_device("mps", LINUX)
     with pytest.raises(Gemma4ExportError, match="unknown device"):
         R.check_device("gpu", MAC)
+    # with stored references torch runs nothing here: a Mac whose torch has no Metal still runs MLX on Metal
+    R.check_device("mps", LINUX, stored_reference=True)
+    with pytest.raises(Gemma4ExportError, match="unknown device"):
+        R.check_device("gpu", MAC, stored_reference=True)
 
 
 def test_cells_are_decided_before_running():

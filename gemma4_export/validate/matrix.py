@@ -229,7 +229,7 @@ def run_matrix(
     check_new_tokens(tq, new_tokens)
     device = device.strip().lower()
     facts = probe_platform(list(tq))
-    check_device(device, facts)
+    check_device(device, facts, stored_reference=reference is not None)
     cells = plan_cells(names, tq, device, facts)
 
     out_dir = Path(out_dir)

@@ -99,10 +99,13 @@ def parse_quants(specs: list[str] | None, targets: list[str]) -> dict[str, list[
     return out
 
 
-def check_device(device: str, p: Platform) -> None:
-    """Raises when the fp32 reference (torch) cannot run on `device` here: then no cell can."""
+def check_device(device: str, p: Platform, stored_reference: bool = False) -> None:
+    """Raises when the fp32 reference (torch) cannot run on `device` here: then no cell can. With stored references
+    the reference does not run here, and only the device's name is checked."""
     if device not in DEVICES:
         raise Gemma4ExportError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
+    if stored_reference:
+        return
     if device == "cuda" and not p.torch_cuda:
         raise Gemma4ExportError("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False), "
                                 "so the fp32 reference cannot run on it; use a CUDA build of torch on a CUDA machine")

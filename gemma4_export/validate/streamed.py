@@ -302,19 +302,20 @@ class StreamedModel:
         logit of its target. A block only enters the running top-k where it beats a row's current k-th logit."""
         torch = self.torch
         n = h.shape[0]
-        lse = torch.full((n,), -math.inf, dtype=torch.float64, device=self.device)
+        acc = torch.float32 if self.device == "mps" else torch.float64  # Metal has no float64
+        lse = torch.full((n,), -math.inf, dtype=acc, device=self.device)
         best_v = torch.empty(n, 0, device=self.device)
         best_i = torch.empty(n, 0, dtype=torch.int64, device=self.device)
         tgt = torch.as_tensor(targets, device=self.device) if targets is not None else None
-        tgt_logit = torch.zeros(n, dtype=torch.float64, device=self.device)
+        tgt_logit = torch.zeros(n, dtype=acc, device=self.device)
         with torch.no_grad():
             for v0, w in self.head_blocks():
                 z = self._logits(h, w)
-                lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1).double())
+                lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1).to(acc))
                 if tgt is not None:
                     inside = (tgt >= v0) & (tgt < v0 + z.shape[1])
                     rows = inside.nonzero().flatten()
-                    tgt_logit[rows] = z[rows, tgt[rows] - v0].double()
+                    tgt_logit[rows] = z[rows, tgt[rows] - v0].to(acc)
                 cols = torch.arange(v0, v0 + z.shape[1], device=self.device)
                 if best_v.shape[1] >= top:  # only columns that beat some row's k-th logit can enter
                     keep = (z >= best_v.min(dim=1).values[:, None]).any(dim=0).nonzero().flatten()
@@ -330,10 +331,10 @@ class StreamedModel:
             best_v, best_i = best_v.gather(1, by_id), best_i.gather(1, by_id)
             order = torch.sort(best_v, dim=1, descending=True, stable=True).indices
             best_v, best_i = best_v.gather(1, order), best_i.gather(1, order)
-        out = {"lse": lse.cpu().numpy(), "top_logits": best_v.cpu().numpy(),
+        out = {"lse": lse.cpu().double().numpy(), "top_logits": best_v.cpu().numpy(),
                "top_ids": best_i.cpu().numpy().astype(np.int32)}
         if tgt is not None:
-            out["target_logit"] = tgt_logit.cpu().numpy()
+            out["target_logit"] = tgt_logit.cpu().double().numpy()
         return out
 
     def new_cache(self):
