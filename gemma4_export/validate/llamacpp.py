@@ -10,6 +10,9 @@ from .. import llama_log
 from ..errors import Gemma4ExportError
 
 
+BATCH = 512
+
+
 class LlamaCppRunner:
     name = "llama.cpp"
 
@@ -31,7 +34,10 @@ class LlamaCppRunner:
         self.kv_type = kv_type
         try:
             self.llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                # batches of at most 512 tokens: llama.cpp's output and compute buffers follow the batch (512 x
+                # 262,144 vocabulary logits are 0.5 GB each), and the KV cache carries the window between batches
+                model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, BATCH), n_ubatch=min(n_ctx, BATCH),
+                logits_all=True,
                 n_gpu_layers=-1 if gpu else 0, type_k=kv, type_v=kv, verbose=False, n_threads=threads,
                 swa_full=True,
             )
@@ -43,9 +49,13 @@ class LlamaCppRunner:
                 "kv_cache": self.kv_type}
 
     def logits(self, ids: list[int]) -> np.ndarray:
+        """[len(ids), V] logits: a read-only view of llama-cpp-python's own scores, valid until the next call (a
+        copy would be another window x vocabulary array in memory)."""
         self.llm.reset()
         self.llm.eval(ids)
-        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+        v = self.llm.scores[: len(ids)].view()
+        v.flags.writeable = False
+        return v
 
     def greedy(self, ids: list[int], n: int) -> list[int]:
         self.llm.reset()
