@@ -23,6 +23,8 @@ from ..exporter.tensors import HF_NAMES, Role, Tensor, hf_name
 DEFAULT_KEEP_BYTES = 512 << 20
 # Vocabulary rows of the output head computed per block: with E2B's width, 8192 rows are 50 MB of float32.
 HEAD_BLOCK_ROWS = 8192
+# Checkpoint bytes read per step into the staging buffer (then upcast into float32 memory).
+STAGE_BYTES = 64 << 20
 
 
 def pick_device(device: str) -> str:
@@ -114,22 +116,32 @@ class StreamedModel:
 
     # ---- weights -------------------------------------------------------------------------------------------------
     def _tensor(self, name: str, out=None, rows: tuple[int, int] | None = None):
-        """One checkpoint tensor (or rows of it) as float32 on the device: read into a reused staging buffer and
-        upcast into `out` or a float32 tensor of its shape from the pool (memory that earlier layers gave back). New
-        memory for every read costs page faults that take longer than the upcast itself."""
+        """One checkpoint tensor (or rows of its 2-D form) as float32 on the device: read into a reused staging
+        buffer of at most STAGE_BYTES at a time and upcast into `out`, or into a float32 tensor of its shape from
+        the pool (memory that released layers gave back). New memory for every read costs page faults that take
+        longer than the upcast itself, and one staging block bounds the bytes in flight (an expert tensor of 26B-A4B
+        is 1 GB of bf16)."""
         torch = self.torch
         info = self.ck.info(name)
-        need = info.nbytes if rows is None else (rows[1] - rows[0]) * info.shape[-1] * info.nbytes // info.numel
-        if self._stage.nbytes < need:
-            self._stage = np.empty(need, dtype=np.uint8)
-        arr = self.ck.read_into(name, self._stage, rows)
-        src = torch.from_numpy(arr)
-        if arr.dtype == np.uint16:  # bf16 bit patterns
-            src = src.view(torch.bfloat16)
+        width = info.shape[-1] if info.shape else 1
+        start, stop = rows if rows is not None else (0, info.numel // width if width else 0)
+        shape = info.shape if rows is None else (stop - start, width)
         if out is None:
-            free = self._pool.get(tuple(arr.shape))
-            out = free.pop() if free else torch.empty(arr.shape, dtype=torch.float32, device=self.device)
-        out.copy_(src.reshape(out.shape))
+            free = self._pool.get(tuple(shape))
+            out = free.pop() if free else torch.empty(shape, dtype=torch.float32, device=self.device)
+        flat = out.view(-1, width) if info.shape else out.view(1, 1)
+        per = max(1, STAGE_BYTES // max(1, width * info.nbytes // max(1, info.numel)))
+        for r in range(start, stop, per):
+            r1 = min(stop, r + per)
+            need = (r1 - r) * width * info.nbytes // max(1, info.numel)
+            if self._stage.nbytes < need:
+                self._stage = np.empty(need, dtype=np.uint8)
+            arr = self.ck.read_into(name, self._stage, (r, r1)) if info.shape else \
+                self.ck.read_into(name, self._stage).reshape(1, 1)
+            src = torch.from_numpy(arr)
+            if arr.dtype == np.uint16:  # bf16 bit patterns
+                src = src.view(torch.bfloat16)
+            flat[r - start: r1 - start].copy_(src.reshape(r1 - r, width))
         return out
 
     def _load(self, module, names: dict[str, Tensor | str], bid: int | None = None) -> int:
