@@ -4,7 +4,7 @@
 
 Builds a checkpoint with the variant's published config (exporter/configs/<variant>.json: every layer, the real
 widths, the 262,144-token vocabulary, the towers) and random weights, written by transformers' own save_pretrained in
-bfloat16 (E2B: about 10.3 GB) with the tokenizer of the shipped tiny-e2b checkpoint. Then it runs, each in a fresh
+bfloat16 (E2B: 10.2 GB) with the tokenizer of the shipped tiny-e2b checkpoint. Then it runs, each in a fresh
 process whose own peak resident memory (ru_maxrss from wait4) and seconds it records:
 
   reference  gemma4-export reference --model-dir CKPT --out REF   (the streamed fp32 reference, stored)
