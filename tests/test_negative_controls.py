@@ -219,11 +219,13 @@ def test_gguf_wrong_final_softcap_fails(gguf_clean, reference, tmp_path):
 def test_gguf_layer0_attn_norm_one_plus_w_fails(gguf_clean, reference, tmp_path):
     """blk.0.attn_norm.weight alone stored as 1 + w (a converter applying the Gemma 1-3 norm offset to one kind of
     norm only). A subtle defect: mean KLD (~8e-5) and max |logit difference| (~0.3) stay under the f32 limits, so
-    it is top-1 agreement and the greedy generations that catch it."""
+    it is top-1 agreement that catches it. The greedy generations show it too (one of the two prompts diverges),
+    but on a near-tie of the reference, which by design is reported and not counted as a defect."""
     p = _gguf_copy(gguf_clean, tmp_path)
     gguf_edit_tensor(p, "blk.0.attn_norm.weight", lambda w: 1.0 + w)
     rep = _validate(p, reference)
-    _assert_caught(rep, "top-1", "greedy")
+    _assert_caught(rep, "top-1")
+    assert rep.generation.exact_match_rate < 1.0
 
 
 # ---- MLX: edits of the safetensors shard --------------------------------------------------------------------------
