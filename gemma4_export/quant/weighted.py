@@ -1,0 +1,264 @@
+"""Importance-weighted block quantizers: the objective llama.cpp's quantizers minimise when given an imatrix.
+
+A linear layer's weight W [rows, cols] is stored as [out, in]; its blocks (groups) run along a row, i.e. along the
+input dimension. The importance imp [cols] (>= 0) is the mean squared activation of each input channel over
+calibration data, so sum_i imp_i * (w_i - deq_i)^2 is the expected squared error the quantization adds to the
+layer's output (diagonal approximation). Instead of plain round-to-nearest over min/max, each block's parameters are
+searched to minimise that weighted error; imp=None means uniform weights.
+
+Two storage formats:
+
+* ``mlx_affine``: mlx's affine layout (``mx.quantize``): w = scale * q + bias, q in 0..2^bits-1, codes packed
+  little-endian as a bit stream into uint32 words, scale/bias per group. Candidates as llama.cpp's make_qkx2_quants:
+  a range of inverse scales around the min/max one, each followed by the closed-form weighted least-squares fit of
+  (scale, bias). The artifact stores scale and bias as bfloat16, whose 8 significant bits are coarse next to a
+  quantization step (at 8 bits a scale's rounding moves the top code by up to half a step), so every candidate is
+  scored as stored: the fitted scale is rounded to bf16, the bias refitted to it and rounded, and q recomputed with
+  the rounded values; the neighbouring bf16 values of the winner are tried last. The stored triple is exactly what
+  was scored, and is self-consistent.
+* ``int_blocks``: onnxruntime's MatMulNBits symmetric layout (no zero_points input: the implied zero point is
+  2^(bits-1)): codes q + zp packed into uint8 [rows, cols/block, block*bits/8] (4 bits: element 2j in the low
+  nibble, 2j+1 in the high), float32 scales [rows, cols/block], w = scale * q. With imp=None this is byte for byte
+  onnxruntime's own quantizer (scale = -extreme / 2^(bits-1), q = roundf(w / scale)). With imp, candidates as
+  llama.cpp's make_qx_quants, each with its weighted least-squares scale, the round-to-nearest one included (pass
+  np.ones(cols) for the search under uniform weights).
+
+Everything is vectorised over rows and blocks and runs over blocks of rows, so memory follows ROW_BLOCK_ELEMS,
+not the matrix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..targets import bf16_bits
+
+ROW_BLOCK_ELEMS = 1 << 20  # elements of W processed at once (a few MB per temporary)
+AFFINE_STEPS = np.arange(-10, 11)  # iscale = (nmax + AFFINE_DELTA * k) / (max - min)
+AFFINE_DELTA = 0.1
+SYM_STEPS = np.arange(-9, 10)  # iscale = -(nmax + 0.1 * k) / extreme
+
+
+def _bf16_round(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 (kept as float32)."""
+    return (bf16_bits(x).astype(np.uint32) << 16).view(np.float32)
+
+
+def _check(w: np.ndarray, imp, block: int) -> tuple[np.ndarray, np.ndarray | None]:
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2 or w.shape[1] % block:
+        raise ValueError(f"need a 2-D weight whose row length is a multiple of {block}, got {w.shape}")
+    if imp is not None:
+        imp = np.asarray(imp, dtype=np.float32)
+        if imp.shape not in ((w.shape[1],), w.shape) or not np.all(np.isfinite(imp)) or np.any(imp < 0):
+            raise ValueError(f"importance must be {w.shape[1]} (or {w.shape[0]} x {w.shape[1]}: one vector per "
+                             "row) finite values >= 0")
+    return w, imp
+
+
+def _group_weights(imp, cols: int, block: int, sl: slice | None = None) -> np.ndarray:
+    """Per-group importance [1 or rows, G, block] (rows `sl` of a per-row importance), normalised to mean 1 in each
+    group (the argmin within a group is unchanged; the sums stay well scaled). A group whose importance is all zero
+    gets uniform weights."""
+    if imp is None:
+        return np.ones((1, cols // block, block), np.float32)
+    if imp.ndim == 2:  # one vector per row (an expert tensor: each expert's rows have their own statistics)
+        imp = imp[sl]
+    g = imp.reshape(imp.shape[0] if imp.ndim == 2 else 1, -1, block).astype(np.float32)
+    mean = g.mean(-1, keepdims=True)
+    return np.where(mean > 0, g / np.where(mean > 0, mean, 1), np.float32(1))
+
+
+def _row_blocks(rows: int, cols: int):
+    step = max(1, ROW_BLOCK_ELEMS // cols)
+    for r in range(0, rows, step):
+        yield slice(r, min(r + step, rows))
+
+
+def weighted_error(w: np.ndarray, deq: np.ndarray, imp=None) -> float:
+    """sum_ij imp_j * (w_ij - deq_ij)^2 over a [rows, cols] matrix (imp [cols]; None = uniform), in float64."""
+    d = np.asarray(w, np.float64) - np.asarray(deq, np.float64)
+    d *= d
+    return float(d.sum() if imp is None else (d @ np.asarray(imp, np.float64)).sum())
+
+
+# -- mlx affine --------------------------------------------------------------------------------------------------
+
+def pack_mlx(q: np.ndarray, bits: int) -> np.ndarray:
+    """Codes q [rows, cols] (0..2^bits-1) packed as mlx packs them: a little-endian bit stream (code i at bits
+    i*bits.., low bits first; 6-bit codes straddle words) read as uint32 words: [rows, cols*bits/32]."""
+    q = np.asarray(q)
+    rows, cols = q.shape
+    if cols * bits % 32:
+        raise ValueError(f"{cols} codes of {bits} bits do not fill whole uint32 words")
+    stream = ((q[..., None].astype(np.uint32) >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    by = np.packbits(stream.reshape(rows, cols * bits), axis=-1, bitorder="little")
+    return np.ascontiguousarray(by).view("<u4").astype(np.uint32)
+
+
+def unpack_mlx(wq: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of pack_mlx: uint32 [rows, words] -> codes uint8 [rows, words*32/bits]."""
+    wq = np.ascontiguousarray(wq, dtype="<u4")
+    rows = wq.shape[0]
+    stream = np.unpackbits(wq.view(np.uint8), axis=-1, bitorder="little").reshape(rows, -1, bits)
+    return (stream.astype(np.uint32) << np.arange(bits, dtype=np.uint32)).sum(-1).astype(np.uint8)
+
+
+def _keep(best, cand):
+    """Per group, whichever of two (..., error [R, G]) tuples has the lower error (other members [R, G, 1 or g])."""
+    better = cand[-1] < best[-1]
+    return tuple(np.where(better if b.ndim == 2 else better[..., None], c, b) for b, c in zip(best, cand))
+
+
+def _affine_eval(w, iw, s, b, nmax):
+    """Score one candidate (s, b) [R, G, 1] as it would be stored: both rounded to bf16, q recomputed with the
+    rounded values. Returns (s, b, q, weighted error [R, G]); a NaN candidate scores NaN and is never kept."""
+    s, b = _bf16_round(s), _bf16_round(b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.clip(np.rint((w - b) / s), 0, nmax)
+        q[np.broadcast_to(s == 0, q.shape)] = 0
+        d = s * q + b - w
+        return s, b, q, (iw * d * d).sum(-1)
+
+
+def _affine_block(w, iw, bits):
+    """Best (scale, bias, q) per group of w [R, G, g] under the weights iw [1, G, g]."""
+    nmax = np.float32(2**bits - 1)
+    mn, mx = w.min(-1, keepdims=True), w.max(-1, keepdims=True)
+    rng = mx - mn
+    # The plain min/max candidate (what round-to-nearest stores) is in the set, so the result is never worse.
+    best = _affine_eval(w, iw, rng / nmax, mn, nmax)
+    safe = np.where(rng > 0, rng, np.float32(1))
+    wm = w - mn
+    s1 = iw.sum(-1, keepdims=True)
+    sw = (iw * w).sum(-1, keepdims=True)
+    for k in AFFINE_STEPS:  # make_qkx2_quants: inverse scales around the min/max one, each refitted
+        iscale = (nmax + np.float32(AFFINE_DELTA * k)) / safe
+        q = np.clip(np.rint(wm * iscale), 0, nmax)
+        iq = iw * q
+        sq, sqq, sqw = iq.sum(-1, keepdims=True), (iq * q).sum(-1, keepdims=True), (iq * w).sum(-1, keepdims=True)
+        # weighted least squares of w ~ s*q + b: [sqq sq; sq s1] [s; b] = [sqw; sw]; a singular system (one
+        # distinct code, or the weight on one element) keeps the candidate's own (s, b)
+        det = s1 * sqq - sq * sq
+        ok = det > 1e-6 * s1 * sqq
+        s = np.where(ok, (s1 * sqw - sq * sw) / np.where(ok, det, np.float32(1)), 1 / iscale)
+        s = _bf16_round(s)  # the stored scale is bf16: round it first, then fit the bias to the rounded scale
+        b = np.where(ok, (sw - s * sq) / s1, mn)
+        best = _keep(best, _affine_eval(w, iw, s, b, nmax))
+    # bf16 has 8 significant bits, coarse next to an 8-bit step: try the neighbouring bf16 values of the best pair
+    s0, b0 = (bf16_bits(x).astype(np.int32) for x in best[:2])
+    for ds in (-1, 0, 1):
+        for db in (-2, -1, 0, 1, 2):
+            if ds or db:
+                s, b = (((x + d).astype(np.uint32) << 16).view(np.float32) for x, d in ((s0, ds), (b0, db)))
+                best = _keep(best, _affine_eval(w, iw, s, b, nmax))
+    return best[0][..., 0], best[1][..., 0], best[2]
+
+
+def mlx_affine(w: np.ndarray, imp=None, bits: int = 4, group: int = 64):
+    """Quantize w [rows, cols] to mlx's affine layout minimising sum_i imp_i * (w_i - deq_i)^2 per group (imp
+    [cols], or [rows, cols] for one vector per row).
+
+    Returns (wq, scales, biases) as ``mx.quantize(w, group_size=group, bits=bits)`` lays them out: wq uint32
+    [rows, cols*bits/32] (pack_mlx), scales and biases uint16 [rows, cols/group] holding bfloat16 bit patterns;
+    dequantized, w = scale * q + bias with q in 0..2^bits-1. Every candidate is scored after its scale and bias are
+    rounded to bf16 and q recomputed with them, so the error minimised is the stored triple's. imp=None: uniform.
+    bits 4, 6 or 8; group 32, 64 or 128."""
+    if bits not in (4, 6, 8) or group not in (32, 64, 128):
+        raise ValueError(f"mlx_affine supports bits 4/6/8 and groups 32/64/128, not bits={bits} group={group}")
+    w, imp = _check(w, imp, group)
+    rows, cols = w.shape
+    G = cols // group
+    wq = np.empty((rows, cols * bits // 32), np.uint32)
+    scales, biases = np.empty((rows, G), np.uint16), np.empty((rows, G), np.uint16)
+    for sl in _row_blocks(rows, cols):
+        blk = w[sl].reshape(-1, G, group)
+        s, b, q = _affine_block(blk, _group_weights(imp, cols, group, sl), bits)
+        wq[sl] = pack_mlx(q.reshape(blk.shape[0], cols).astype(np.uint8), bits)
+        scales[sl], biases[sl] = bf16_bits(s), bf16_bits(b)
+    return wq, scales, biases
+
+
+def mlx_dequant(wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group: int) -> np.ndarray:
+    """numpy dequantization of an mlx_affine triple (bf16 bit-pattern scales/biases) to float32 [rows, cols]."""
+    q = unpack_mlx(wq, bits).astype(np.float32)
+    rows, cols = q.shape
+    s = (scales.astype(np.uint32) << 16).view(np.float32)[..., None]
+    b = (biases.astype(np.uint32) << 16).view(np.float32)[..., None]
+    return (s * q.reshape(rows, -1, group) + b).reshape(rows, cols)
+
+
+# -- onnxruntime MatMulNBits (symmetric) ------------------------------------------------------------------------
+
+def _rtn_sym(w, bits):
+    """onnxruntime's symmetric block quantizer (MlasQuantizeBlockwise, no zero points) on w [R, B, block]:
+    scale = -extreme / 2^(bits-1) with extreme the signed value of largest magnitude (the min on a tie), code =
+    clip(roundf(w * (1/scale) + zp), 0, 2^bits-1) in float32. Returns (scale [R, B, 1], q = code - zp)."""
+    half = np.float32(2 ** (bits - 1))
+    mn, mx = w.min(-1, keepdims=True), w.max(-1, keepdims=True)
+    ext = np.where(np.abs(mx) > np.abs(mn), mx, mn)
+    scale = -ext / half
+    with np.errstate(divide="ignore"):
+        recip = np.where(scale != 0, np.float32(1) / scale, np.float32(0))
+    x = (w * recip + half).astype(np.float64)  # float32 product and sum, then C's roundf (half away from zero)
+    code = np.clip(np.trunc(x + np.copysign(0.5, x)), 0, 2 * half - 1)
+    return scale, (code - half).astype(np.float32)
+
+
+def _sym_block(w, iw, bits):
+    """Best (scale, q) per block of w [R, B, block] under the weights iw [1, B, block]: the round-to-nearest pair,
+    and make_qx_quants' candidates iscale = -(nmax + 0.1k) / extreme each with its least-squares scale."""
+    half = np.float32(2 ** (bits - 1))
+    s, q = _rtn_sym(w, bits)
+    d = s * q - w
+    best = s, q, (iw * d * d).sum(-1)
+    mn, mx = w.min(-1, keepdims=True), w.max(-1, keepdims=True)
+    ext = np.where(np.abs(mx) > np.abs(mn), mx, mn)
+    ext = np.where(ext != 0, ext, np.float32(1))  # an all-zero block keeps its round-to-nearest pair (error 0)
+    for k in SYM_STEPS:
+        q = np.clip(np.rint(w * (-(half + np.float32(0.1 * k)) / ext)), -half, half - 1)
+        iq = iw * q
+        sqq = (iq * q).sum(-1, keepdims=True)
+        s = (iq * w).sum(-1, keepdims=True) / np.where(sqq > 0, sqq, np.float32(1))
+        d = s * q - w
+        best = _keep(best, (s, q, (iw * d * d).sum(-1)))
+    return best[0][..., 0], best[1]
+
+
+def int_blocks(w: np.ndarray, imp=None, bits: int = 4, block: int = 32):
+    """Quantize w [rows, cols] ([out, in]) for onnxruntime's MatMulNBits (K=cols, N=rows, symmetric: no
+    zero_points input, implied zero point 2^(bits-1)), minimising sum_i imp_i * (w_i - scale * q_i)^2 per block
+    (imp [cols], or [rows, cols] for one vector per row).
+
+    Returns (packed uint8 [rows, cols/block, block*bits/8], scales float32 [rows, cols/block]); codes are q + zp
+    with q in -2^(bits-1)..2^(bits-1)-1, for 4 bits two per byte, the even element in the low nibble. With
+    imp=None the result is exactly onnxruntime's qbits_block_quant output (round to nearest, no search). bits 4 or
+    8."""
+    if bits not in (4, 8):
+        raise ValueError(f"int_blocks supports 4 and 8 bits, not {bits}")
+    w, imp = _check(w, imp, block)
+    rows, cols = w.shape
+    B = cols // block
+    packed = np.empty((rows, B, block * bits // 8), np.uint8)
+    scales = np.empty((rows, B), np.float32)
+    for sl in _row_blocks(rows, cols):
+        blk = w[sl].reshape(-1, B, block)
+        if imp is None:
+            s, q = _rtn_sym(blk, bits)
+            s = s[..., 0]
+        else:
+            s, q = _sym_block(blk, _group_weights(imp, cols, block, sl), bits)
+        code = (q + 2 ** (bits - 1)).astype(np.uint8)
+        packed[sl] = code if bits == 8 else code[..., 0::2] | (code[..., 1::2] << 4)
+        scales[sl] = s
+    return packed, scales
+
+
+def int_dequant(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
+    """numpy dequantization of an int_blocks pair to float32 [rows, cols]: (code - 2^(bits-1)) * scale."""
+    if bits == 4:
+        code = np.stack([packed & 0xF, packed >> 4], -1).reshape(*packed.shape[:2], -1)
+    else:
+        code = packed
+    q = code.astype(np.float32) - 2 ** (bits - 1)
+    return (q * scales[..., None]).reshape(packed.shape[0], -1)
