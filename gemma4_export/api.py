@@ -108,6 +108,7 @@ class ExportJob:
     reporter: Reporter
     options: dict[str, Any]  # target options (threads, ...)
     seconds: dict[str, float]
+    importance: Any = None  # quant.calibrate.Importance: what the quantizers weight their error by, or None
 
 
 def export(
@@ -124,10 +125,19 @@ def export(
     adapter: str | Path | None = None,
     force: bool = False,
     reporter: Reporter | None = None,
+    calibrate: bool | None = None,
+    calibration: str | Path | None = None,
+    imatrix: str | Path | None = None,
+    calibration_chunks: int | None = None,
+    calibration_device: str = "cpu",
     **options: Any,
 ) -> ExportResult:
     """Export `source` as `target`'s artifact with `preset` (the target's default when None) into directory `out`;
-    with `adapter`, a PEFT LoRA adapter merged into the weights in fp32 as they stream, before quantization."""
+    with `adapter`, a PEFT LoRA adapter merged into the weights in fp32 as they stream, before quantization.
+
+    Calibration (quant/calibrate.py): by default on when the plan quantizes below 8 bits. The statistics come from
+    `imatrix` (a llama.cpp GGUF imatrix file) when given, else from the streamed fp32 model on the shipped
+    calibration set or on the text file `calibration` (cached per checkpoint); `calibrate=False` turns it off."""
     t = get_target(target)
     t.require()
     reporter = reporter or Silent()
@@ -140,6 +150,16 @@ def export(
         final = Path(out) / t.artifact_name(src.name, p, group_size)
         result = ExportResult(final, the_plan, t.name)
         job = ExportJob(src, ck, p, the_plan, final, None, reporter, options, result.seconds)
+        if not force and final.exists():
+            from .atomic import prepare_output
+
+            prepare_output(final, force, 0)  # an existing artifact is refused before any calibration work
+        t1 = time.perf_counter()
+        job.importance = _importance(src, the_plan, t, calibrate, calibration, imatrix, calibration_chunks,
+                                     calibration_device, reporter)
+        if job.importance is not None:
+            result.seconds["calibrate"] = time.perf_counter() - t1
+            the_plan.calibration = describe_importance(job.importance)
         atomic = atomic_file if t.artifact_kind == "file" else atomic_dir
         with atomic(final, force, t.need_bytes(job)) as st:
             job.path, job.staging = st.path, st
@@ -150,6 +170,40 @@ def export(
     result.plan_file = write_plan(final, the_plan)
     result.seconds["total"] = time.perf_counter() - t0
     return result
+
+
+def needs_calibration(plan: Plan, target: Target) -> bool:
+    """The default: calibrate when the plan quantizes some tensor below 8 bits per weight."""
+    return any(not target.types[e.type].is_float and target.types[e.type].bits_per_weight < 8 for e in plan.kept)
+
+
+def _importance(src: ModelSource, the_plan: Plan, t: Target, calibrate: bool | None, calibration, imatrix,
+                chunks: int | None, device: str, reporter: Reporter):
+    from .errors import QuantError
+    from .quant import calibrate as cal
+
+    if calibrate is False:
+        if imatrix is not None or calibration is not None:
+            raise QuantError("--no-calibrate with --imatrix or --calibration: choose one")
+        needing = sorted({e.type for e in the_plan.kept if e.type in cal.NEEDS_CALIBRATION})
+        if needing:
+            raise QuantError(f"{', '.join(needing)} is only made with calibration (at 2 bits, plain rounding "
+                             "loses too much); drop --no-calibrate")
+        return None
+    if calibrate is None and imatrix is None and calibration is None and not needs_calibration(the_plan, t):
+        return None
+    if imatrix is not None:
+        imp = cal.read_imatrix(imatrix)
+        cal.check_matches(imp, src)
+        return imp
+    return cal.importance_for(src, calibration, chunks=chunks or cal.DEFAULT_CHUNKS, device=device,
+                              reporter=reporter)
+
+
+def describe_importance(imp) -> dict[str, Any]:
+    """What the plan file records about the calibration."""
+    return {"datasets": imp.datasets, "chunks": imp.chunk_count, "chunk_size": imp.chunk_size,
+            "entries": imp.entries, "imatrix": imp.path.name if imp.path else None, **imp.meta}
 
 
 def artifact_bytes(artifact: Path) -> int:
@@ -210,6 +264,24 @@ def reference(source: Source | None = None, *, variant: str | None = None, model
     if out is not None:
         data.save(out, tokenizer_from=src.checkpoint.dir, force=force)
     return data
+
+
+def imatrix(source: Source | None = None, *, variant: str | None = None, model_dir: str | Path | None = None,
+            out: str | Path | None = None, calibration: str | Path | None = None, chunks: int | None = None,
+            device: str = "cpu", adapter: str | Path | None = None, force: bool = False,
+            reporter: Reporter | None = None):
+    """The importance statistics of a checkpoint (quant.calibrate.Importance), measured on the streamed fp32 model
+    (or read from the cache); with `out`, also written there as a llama.cpp GGUF imatrix."""
+    from .atomic import prepare_output
+    from .quant import calibrate as cal
+
+    if out is not None:
+        prepare_output(out, force, 0)
+    src = open_source(source, variant=variant, model_dir=model_dir, need_weights=True, adapter=adapter)
+    imp = cal.importance_for(src, calibration, chunks=chunks or cal.DEFAULT_CHUNKS, device=device, reporter=reporter)
+    if out is not None:
+        cal.write_imatrix(imp, out)
+    return imp
 
 
 def matrix(variants: list[str], targets: list[str], quants: dict[str, list[str]] | None = None, *,

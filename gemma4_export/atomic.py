@@ -35,7 +35,7 @@ def free_bytes(directory: Path) -> int:
     return shutil.disk_usage(directory).free
 
 
-def _prepare(final: str | Path, force: bool, need_bytes: int) -> Path:
+def prepare_output(final: str | Path, force: bool, need_bytes: int) -> Path:
     """The output directory exists, the final name is free (or --force), and the disk has room."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +51,7 @@ def _prepare(final: str | Path, force: bool, need_bytes: int) -> Path:
 @contextmanager
 def atomic_file(final: str | Path, force: bool = False, need_bytes: int = 0) -> Iterator[Staging]:
     """Yields a Staging whose `.path` the caller writes; on success it is fsynced and renamed to `final`."""
-    final = _prepare(final, force, need_bytes)
+    final = prepare_output(final, force, need_bytes)
     st = Staging(final)
     try:
         with _disk_full_is_an_error(final):
@@ -91,7 +91,7 @@ def _fsync_dir(d: Path) -> None:
 def atomic_dir(final: str | Path, force: bool = False, need_bytes: int = 0) -> Iterator[Staging]:
     """Yields a Staging whose `.path` is a hidden temporary directory beside `final`; on success it replaces `final`
     (kept until then: an existing artifact is only removed once the new one is complete)."""
-    final = _prepare(final, force, need_bytes)
+    final = prepare_output(final, force, need_bytes)
     st = Staging(final)
     tmp, old = st.path, st.temp("old")
     try:

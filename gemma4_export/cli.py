@@ -97,6 +97,17 @@ AdapterOpt = Annotated[
                                  "adapter_model.safetensors), merged in fp32 before quantization.")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing artifact.")]
+CalibrateOpt = Annotated[Optional[bool], typer.Option(
+    "--calibrate/--no-calibrate", show_default=False,
+    help="Weight the quantization error by activation statistics from the fp32 model (default: on for presets "
+         "under 8 bits).")]
+CalibrationOpt = Annotated[Optional[Path], typer.Option(
+    "--calibration", help="A UTF-8 text file to calibrate on instead of the shipped calibration set.")]
+ImatrixOpt = Annotated[Optional[Path], typer.Option(
+    "--imatrix", help="Use this llama.cpp GGUF imatrix file (from `gemma4-export imatrix` or llama-imatrix) "
+                      "instead of calibrating.")]
+ChunksOpt = Annotated[Optional[int], typer.Option(
+    "--calibration-chunks", help="Calibration chunks of 1024 tokens (default 16).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
 
 
@@ -172,13 +183,15 @@ def plan(
 
 
 def _export(target: str, variant, model_dir, quant, out_dir, validate: bool, device: str, adapter=None,
-            **kw) -> None:
+            calibrate=None, calibration=None, imatrix=None, chunks=None, **kw) -> None:
     """The shared body of the export commands: the library's one pipeline, then its summary and validation."""
     from . import api
     from .progress import RichReporter
 
     r = api.export(target, preset=quant, out=out_dir, variant=variant, model_dir=model_dir, adapter=adapter,
-                   reporter=RichReporter(err), **kw)
+                   reporter=RichReporter(err), calibrate=calibrate, calibration=calibration, imatrix=imatrix,
+                   calibration_chunks=chunks, calibration_device=device if device in ("cuda", "mps") else "cpu",
+                   **kw)
     _finish(r, validate, variant, model_dir, device, adapter)
 
 
@@ -195,6 +208,10 @@ def gguf(
     device: _device_opt("gguf") = "cpu",
     adapter: AdapterOpt = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Quantizer threads (default: all cores).")] = None,
+    calibrate: CalibrateOpt = None,
+    calibration: CalibrationOpt = None,
+    imatrix: ImatrixOpt = None,
+    calibration_chunks: ChunksOpt = None,
 ) -> None:
     """Export a GGUF for llama.cpp (writes <variant>-<quant>.gguf), then validate it against the fp32 model.
 
@@ -203,8 +220,8 @@ def gguf(
       gemma4-export gguf --variant e2b-it --quant q5_k_m --ple-type q8_0
       gemma4-export gguf --model-dir ./my-gemma4 --quant q8_0 --no-validate
     """
-    _export("gguf", variant, model_dir, quant, out, validate, device, adapter, overrides=tensor_type, ple_type=ple_type,
-            force=force, threads=threads)
+    _export("gguf", variant, model_dir, quant, out, validate, device, adapter, calibrate, calibration, imatrix,
+            calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, threads=threads)
 
 
 @app.command()
@@ -220,6 +237,10 @@ def mlx(
     validate: _validate_opt("mlx") = True,
     device: _device_opt("mlx") = "cpu",
     adapter: AdapterOpt = None,
+    calibrate: CalibrateOpt = None,
+    calibration: CalibrationOpt = None,
+    imatrix: ImatrixOpt = None,
+    calibration_chunks: ChunksOpt = None,
 ) -> None:
     """Export an MLX directory for mlx-lm (<variant>-mlx-<quant>/), then validate it against the fp32 model.
 
@@ -227,8 +248,8 @@ def mlx(
       gemma4-export mlx --variant tiny-e2b --quant 4bit --out out/
       gemma4-export mlx --variant e4b-it --quant mixed --group-size 32 --device gpu
     """
-    _export("mlx", variant, model_dir, quant, out, validate, device, adapter, overrides=tensor_type, ple_type=ple_type,
-            force=force, group_size=group_size)
+    _export("mlx", variant, model_dir, quant, out, validate, device, adapter, calibrate, calibration, imatrix,
+            calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, group_size=group_size)
 
 
 @app.command()
@@ -243,6 +264,10 @@ def onnx(
     validate: _validate_opt("onnx") = True,
     device: _device_opt("onnx") = "cpu",
     adapter: AdapterOpt = None,
+    calibrate: CalibrateOpt = None,
+    calibration: CalibrationOpt = None,
+    imatrix: ImatrixOpt = None,
+    calibration_chunks: ChunksOpt = None,
 ) -> None:
     """Export an ONNX decoder with KV cache for onnxruntime (<variant>-onnx-<quant>/), then validate it.
 
@@ -250,8 +275,8 @@ def onnx(
       gemma4-export onnx --variant tiny-e2b --quant int4 --out out/
       gemma4-export onnx --variant e2b-it --quant int4 --ple-type INT8 --device cuda
     """
-    _export("onnx", variant, model_dir, quant, out, validate, device, adapter, overrides=tensor_type, ple_type=ple_type,
-            force=force)
+    _export("onnx", variant, model_dir, quant, out, validate, device, adapter, calibrate, calibration, imatrix,
+            calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force)
 
 
 def _finish(r, validate: bool, variant, model_dir, device: str, adapter=None) -> None:
@@ -343,6 +368,34 @@ def reference(
                f"{m['tail_mass_mean']:.1e}); transformers {m['transformers']}, {m['dtype']}, {m['device']}; "
                f"{m['seconds']['total']:.1f}s", markup=False)
     _line(out, f"wrote {out_dir} ({human_bytes(size)})", markup=False)
+
+
+@app.command()
+def imatrix(
+    variant: VariantOpt = None,
+    model_dir: ModelDirOpt = None,
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="The imatrix file to write (.gguf).")] = ...,
+    calibration: CalibrationOpt = None,
+    calibration_chunks: ChunksOpt = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or mps: where the layers run.")] = "cpu",
+    adapter: AdapterOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the file if it exists.")] = False,
+) -> None:
+    """Measure the importance matrix (each matrix's mean squared input activations) on the fp32 model and write it
+    as a llama.cpp GGUF imatrix, which `llama-quantize --imatrix` and `gemma4-export ... --imatrix` read.
+
+    Examples:
+      gemma4-export imatrix --variant tiny-e2b --out tiny-e2b.imatrix.gguf
+      gemma4-export imatrix --model-dir ./my-finetune --calibration my-text.txt --out my.imatrix.gguf
+    """
+    from . import api
+    from .progress import RichReporter
+
+    imp = api.imatrix(variant=variant, model_dir=model_dir, out=out_file, calibration=calibration,
+                      chunks=calibration_chunks, device=device, adapter=adapter, force=force,
+                      reporter=RichReporter(err))
+    _line(out, f"imatrix: {imp.entries} matrices, {imp.chunk_count} chunks x {imp.chunk_size} tokens of "
+               f"{', '.join(imp.datasets)}; wrote {out_file}", markup=False)
 
 
 @app.command()

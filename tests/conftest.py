@@ -5,6 +5,11 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Calibration statistics are cached per checkpoint: one cache for this test session, never the user's.
+if "GEMMA4_EXPORT_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["GEMMA4_EXPORT_CACHE"] = tempfile.mkdtemp(prefix="gemma4-export-test-cache-")
 
 import pytest  # noqa: E402
 

@@ -63,6 +63,7 @@ class Plan:
     entries: list[PlanEntry]
     ple_type: str | None = None
     overrides: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None  # set by the export when the quantizers were given an imatrix
 
     @property
     def kept(self) -> list[PlanEntry]:
@@ -100,6 +101,7 @@ class Plan:
             "total_bytes": self.total_bytes,
             "bits_per_weight": round(self.bits_per_weight, 4),
             "dropped": sum(1 for e in self.entries if e.dropped),
+            **({"calibration": self.calibration} if self.calibration else {}),
             "tensors": [
                 {k: (list(v) if k == "shape" else v) for k, v in asdict(e).items() if k not in ("rule", "layer")}
                 for e in self.entries

@@ -6,7 +6,10 @@ Adding a preset is one entry here; a test fails when a preset lacks any of its f
 How the thresholds were chosen: `python scripts/calibrate.py --target gguf` (and `--target onnx`, `--target mlx`)
 exports every tiny variant at every preset and validates it against the float32 reference on the same held-out
 windows (8 x 256 tokens, second halves scored, 1,016 tokens) and 8 chat prompts x 64 greedy tokens;
-docs/thresholds-{gguf,onnx,mlx}.md have the tables. Each limit sits at about 2x the worst variant's measured value
+docs/thresholds-{gguf,onnx,mlx}.md have the tables. Presets under 8 bits are measured calibrated (the default) and
+plain (--no-calibrate), and the worst of the two sets the limit; the GGUF presets added with calibration (q5_k_s,
+q4_k_s, iq4_xs, q3_k_m, q2_k) were set that way, the older ones kept their limits, which the calibrated exports
+meet with room. Each limit sits at about 2x the worst variant's measured value
 (KLD, 1 - top-1, PPL excess) and the greedy limits at about half the worst, rounded; a real defect (a wrong layout,
 a wrong type, a missing scale) moves these metrics by orders of magnitude, not by 2x. Float presets were also
 measured on a synthetic checkpoint with E2B's real widths (the one scripts/bench_export.py builds): wider rows and
@@ -43,6 +46,7 @@ class Preset:
     more_bits: str | None = None  # K-quant style mixes: values and down projections on the layers given more bits
     file_type: str | None = None  # the format's own name for the whole file's type (GGUF: a LlamaFileType member)
     description: str = ""
+    mix: str = ""  # which layers' values / down projections get more bits (rules._more_bits): "k_m", "k_s", ...
 
     @property
     def slots(self) -> dict[str, str | None]:
@@ -53,9 +57,10 @@ class Preset:
 T = Thresholds
 
 
-def _gguf(name, base, embed, ple_table, high, ple_proj, thresholds, file_type, more_bits=None, description=""):
+def _gguf(name, base, embed, ple_table, high, ple_proj, thresholds, file_type, more_bits=None, description="",
+          mix=None):
     return Preset(name, "gguf", base, embed, ple_table, high, ple_proj, "F32", thresholds, more_bits, file_type,
-                  description)
+                  description, mix if mix is not None else ("k_m" if more_bits else ""))
 
 
 def _onnx(name, base, embed, ple_table, high, ple_proj, thresholds, description=""):
@@ -65,7 +70,7 @@ def _onnx(name, base, embed, ple_table, high, ple_proj, thresholds, description=
 def _mlx(name, bits, embed_bits, high_bits, thresholds, more_bits=None, group=64, description=""):
     q = lambda b: "BF16" if b is None else f"Q{b}G{group}"  # noqa: E731
     return Preset(name, "mlx", q(bits), q(embed_bits), q(bits), q(high_bits), q(high_bits), "BF16", thresholds,
-                  q(more_bits) if more_bits else None, None, description)
+                  q(more_bits) if more_bits else None, None, description, "k_m" if more_bits else "")
 
 
 PRESET_LIST: tuple[Preset, ...] = (
@@ -91,8 +96,18 @@ PRESET_LIST: tuple[Preset, ...] = (
           "Q6_K", "5-bit K-quant mix"),
     _gguf("q4_k_m", "Q4_K", "Q6_K", "Q4_K", "Q8_0", "BF16", T(1.5e-2, 0.5, 0.86, 1.017, 0.0, 9), "MOSTLY_Q4_K_M",
           "Q6_K", "4-bit K-quant mix"),
+    _gguf("q5_k_s", "Q5_K", "Q6_K", "Q5_K", "Q8_0", "BF16", T(8e-3, 0.45, 0.89, 1.011, 0.125, 12), "MOSTLY_Q5_K_S",
+          description="5-bit K-quant"),
+    _gguf("q4_k_s", "Q4_K", "Q6_K", "Q4_K", "Q8_0", "BF16", T(1.4e-2, 0.5, 0.84, 1.023, 0.0, 8), "MOSTLY_Q4_K_S",
+          description="4-bit K-quant, more bits for the first layers' values and down projections", mix="k_s"),
+    _gguf("iq4_xs", "IQ4_XS", "Q6_K", "IQ4_XS", "Q8_0", "BF16", T(1.7e-2, 0.6, 0.83, 1.009, 0.0, 3),
+          "MOSTLY_IQ4_XS", description="4.25-bit non-linear blocks of 256", mix="iq4_xs"),
     _gguf("q4_0", "Q4_0", "Q6_K", "Q4_0", "Q8_0", "BF16", T(2.1e-2, 0.7, 0.83, 1.014, 0.0, 6), "MOSTLY_Q4_0",
           description="4-bit blocks of 32"),
+    _gguf("q3_k_m", "Q3_K", "Q6_K", "Q3_K", "Q8_0", "BF16", T(3.3e-2, 0.7, 0.72, 1.03, 0.0, 5), "MOSTLY_Q3_K_M",
+          description="3-bit K-quant mix", mix="q3_k_m"),
+    _gguf("q2_k", "Q2_K", "Q6_K", "Q2_K", "Q8_0", "BF16", T(7.2e-2, 0.9, 0.62, 1.08, 0.0, 5), "MOSTLY_Q2_K",
+          description="2-bit K-quant mix, calibrated only", mix="q2_k"),
     # ONNX: float weights, or block-wise MatMulNBits / GatherBlockQuantized (blocks of 32) for int8 and int4.
     # onnxruntime computes in float32. fp16 holds the bf16 checkpoints exactly (every bf16 value of the tiny models
     # lies in fp16's range), so fp32 and fp16 are both held to float rounding: worst measured KLD 1.4e-12; max logit

@@ -67,13 +67,39 @@ def _carries_values(c: Ctx) -> bool:
     return s.role == Role.ATTN_V or (s.role == Role.ATTN_K and s.layer is not None and not c.arch.has_v_proj(s.layer))
 
 
+def _value_index(c: Ctx) -> int:
+    """The position of this layer among the layers that own value weights (llama.cpp's i_attention_wv: KV-shared
+    layers have none)."""
+    return sum(1 for j in range(c.spec.layer or 0) if not c.arch.is_kv_shared(j))
+
+
 def _more_bits(c: Ctx) -> str | None:
-    s = c.spec
-    if c.preset.more_bits is None or s.layer is None or not use_more_bits(s.layer, c.arch.num_layers):
+    """llama.cpp's per-ftype mixes (llama-quant.cpp, llama_tensor_get_type), for the tensors they favour: values,
+    down projections (dense and expert) and, in the 2- and 3-bit mixes, the attention output."""
+    s, p, n = c.spec, c.preset, c.arch.num_layers
+    if not p.mix or s.layer is None:
         return None
-    if s.role in (Role.MLP_DOWN, Role.EXPERT_DOWN) or _carries_values(c):
-        return c.preset.more_bits
-    return None
+    values, down = _carries_values(c), s.role in (Role.MLP_DOWN, Role.EXPERT_DOWN)
+    out = s.role == Role.ATTN_O
+    i = s.layer
+    if p.mix == "k_m":  # Q4_K_M, Q5_K_M (and MLX's mixed): the first and last eighth and every third layer
+        return p.more_bits if (values or down) and use_more_bits(i, n) else None
+    if p.mix == "k_s":  # Q4_K_S: values of the first four layers, down projections of the first eighth
+        return "Q5_K" if (values and _value_index(c) < 4) or (down and i < n // 8) else None
+    if p.mix == "q3_k_m":
+        if values:
+            return "Q5_K" if _value_index(c) < 2 else "Q4_K"
+        if down:
+            return "Q5_K" if i < n // 16 else ("Q4_K" if use_more_bits(i, n) else None)
+        return "Q4_K" if out else None
+    if p.mix == "q2_k":
+        gqa = c.arch.num_heads // max(1, c.arch.layer_kv_heads(i))
+        if values:
+            return "Q4_K" if gqa >= 4 else "Q3_K"
+        return "Q3_K" if down or out else None
+    if p.mix == "iq4_xs":  # values with 4+ query heads per KV head
+        return "Q5_K" if values and c.arch.num_heads // max(1, c.arch.layer_kv_heads(i)) >= 4 else None
+    raise QuantError(f"preset {p.name}: unknown mix {p.mix!r}")
 
 
 RULES: tuple[Rule, ...] = (
@@ -99,8 +125,9 @@ RULES: tuple[Rule, ...] = (
     Rule("output-head", frozenset({Role.OUTPUT}), lambda c: c.preset.embed,
          "untied output head (a fine-tune saved with tie_word_embeddings false): the preset's output-head type, "
          "as the tied embedding gets"),
-    Rule("more-bits", frozenset({Role.ATTN_V, Role.ATTN_K, Role.MLP_DOWN, Role.EXPERT_DOWN}), _more_bits,
-         "K-quant mix: values (attn_v, or attn_k where K==V) and down projections get more bits on this layer"),
+    Rule("more-bits", frozenset({Role.ATTN_V, Role.ATTN_K, Role.MLP_DOWN, Role.EXPERT_DOWN, Role.ATTN_O}), _more_bits,
+         "K-quant mix (llama.cpp's for this file type): values (attn_v, or attn_k where K==V), down projections and, "
+         "at 2-3 bits, the attention output get more bits on this layer"),
     Rule("matrix", frozenset({Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_O, Role.MLP_GATE, Role.MLP_UP,
                               Role.MLP_DOWN, Role.EXPERT_GATE_UP, Role.EXPERT_DOWN}), lambda c: c.preset.base,
          "weight matrix: the preset's base type"),

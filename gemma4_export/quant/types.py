@@ -44,6 +44,8 @@ GGUF_TYPES: dict[str, StorageType] = {
         StorageType("Q4_0", 32, 18, False),
         StorageType("Q3_K", 256, 110, False),
         StorageType("Q2_K", 256, 84, False),
+        StorageType("IQ4_XS", 256, 136, False),
+        StorageType("IQ4_NL", 32, 18, False),
     )
 }
 ONNX_TYPES: dict[str, StorageType] = {
@@ -67,7 +69,7 @@ DROP = "DROP"
 
 # What a type becomes when a tensor's rows are not a multiple of its block: the 32-block type of about the same
 # bits, as llama.cpp's quantizer does (llama-quant.cpp, tensor_type_fallback); F16 when even that does not fit.
-FALLBACK = {"Q6_K": "Q8_0", "Q5_K": "Q5_1", "Q4_K": "Q5_0", "Q3_K": "Q4_0", "Q2_K": "Q4_0"}
+FALLBACK = {"Q6_K": "Q8_0", "Q5_K": "Q5_1", "Q4_K": "Q5_0", "Q3_K": "Q4_0", "Q2_K": "Q4_0", "IQ4_XS": "IQ4_NL"}
 
 
 def storage_type(name: str, table: dict[str, StorageType] = GGUF_TYPES) -> StorageType:

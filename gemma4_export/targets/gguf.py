@@ -1,16 +1,18 @@
 """GGUF target: Gemma 4 text decoder for llama.cpp.
 
-Two streaming passes. Convert: each checkpoint tensor is read in blocks of rows, renamed to llama.cpp's Gemma 4 name
-and written once, in its final type for float presets, or in its source float type for quantized presets (plus F32
-for everything the plan keeps at full precision). Quantize: llama.cpp's own quantizer (llama_model_quantize through
-llama-cpp-python) rewrites the file with one explicit type override per tensor, taken from the plan, and a bounded
-buffer. The result is read back and every tensor's type checked against the plan before the file is renamed into
-place.
+One streaming pass: each checkpoint tensor is read in blocks of rows, renamed to llama.cpp's Gemma 4 name, and
+written once in the plan's type. Float types are encoded here (or copied file to file when the bytes are the
+checkpoint's own); quantized types go through ggml's own quantizer (`ggml_quantize_chunk`, the function
+llama.cpp's `llama_model_quantize` calls) on every core, with each matrix's importance vector from the calibration
+(quant/calibrate.py) passed as llama.cpp passes an imatrix entry. No intermediate float file is written, and memory
+follows the row block, not the tensor. The result is read back and every tensor's type checked against the plan
+before the file is renamed into place.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import re
 import threading
@@ -19,7 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES, GGUFValueType, Keys, LlamaFileType
+from gguf import (GGML_QUANT_VERSION, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES, GGUFValueType, Keys,
+                  LlamaFileType)
 
 from .. import __version__, llama_log
 from ..errors import Gemma4ExportError
@@ -117,7 +120,7 @@ def _rope_freqs(a: Gemma4Arch) -> np.ndarray:
 
 
 def write_metadata(w: GGUFWriter, a: Gemma4Arch, tok: TokenizerInfo, src: ModelSource, preset: Preset,
-                   license_: str | None) -> None:
+                   license_: str | None, importance=None) -> None:
     k = lambda key: key.format(arch=ARCH)  # noqa: E731
     w.string(Keys.General.ARCHITECTURE, ARCH)
     w.string(Keys.General.TYPE, "model")
@@ -128,6 +131,12 @@ def write_metadata(w: GGUFWriter, a: Gemma4Arch, tok: TokenizerInfo, src: ModelS
         w.string(Keys.General.LICENSE, license_)
     w.string(Keys.General.QUANTIZED_BY, f"gemma4-export {__version__}")
     w.u32(Keys.General.FILE_TYPE, file_type(preset))
+    w.u32(Keys.General.QUANTIZATION_VERSION, GGML_QUANT_VERSION)
+    if importance is not None:  # the keys llama-quantize writes when it is given an imatrix
+        w.string("quantize.imatrix.file", (importance.path.name if importance.path else "imatrix.gguf")[:127])
+        w.string("quantize.imatrix.dataset", (importance.datasets[0] if importance.datasets else "")[:127])
+        w.u32("quantize.imatrix.entries_count", importance.entries)
+        w.u32("quantize.imatrix.chunks_count", importance.chunk_count)
     w.string("gemma4_export.version", __version__)
     w.string("gemma4_export.preset", preset.name)
     prov = src.provenance()
@@ -223,12 +232,16 @@ def _staged_type(e: PlanEntry, src_dtype: str) -> str:
 
 
 def convert(ck: Checkpoint, src: ModelSource, plan: Plan, preset: Preset, out: Path, staged: bool,
-            reporter: Reporter, block_bytes: int = 64 << 20) -> dict[str, str]:
-    """Write the float GGUF. Returns {gguf name: plan type} for the kept tensors."""
+            reporter: Reporter, block_bytes: int = 32 << 20, importance=None, threads: int | None = None
+            ) -> dict[str, str]:
+    """Write the GGUF in one pass: float tensors encoded (or copied byte for byte), quantized ones through ggml's
+    own quantizer in blocks of rows, each row block with its matrix's importance vector when `importance` (a
+    quant.calibrate.Importance) has one. With `staged`, quantized tensors are written in their source float type
+    instead (the input `llama_quantize` takes). Returns {gguf name: plan type} for the kept tensors."""
     a = src.arch
     tok = read_tokenizer(ck.dir, a.vocab_size)
     w = GGUFWriter()
-    write_metadata(w, a, tok, src, preset, read_license(ck.dir))
+    write_metadata(w, a, tok, src, preset, read_license(ck.dir), None if staged else importance)
     if tok.vocab_size != a.vocab_size:
         raise ExportError(f"tokenizer has {tok.vocab_size} tokens for {a.vocab_size} embedding rows")
     generated: dict[str, np.ndarray] = {}
@@ -254,6 +267,9 @@ def convert(ck: Checkpoint, src: ModelSource, plan: Plan, preset: Preset, out: P
         e = sources[entry.name]
         info = ck.info(e.name)
         src_dtype = info.dtype
+        if entry.type not in FLOAT_TYPES:
+            yield from _quantized_blocks(ck, e, entry.name, importance, quantizer, block_bytes, task)
+            return
         if src_dtype == entry.type and info.file is not None:  # same bytes: copy file to file, never via memory
             task.advance(info.nbytes)
             yield FileRange(info.file, info.start, info.nbytes)
@@ -263,16 +279,58 @@ def convert(ck: Checkpoint, src: ModelSource, plan: Plan, preset: Preset, out: P
             task.advance(enc.nbytes)
             yield enc
 
-    with reporter.task(f"convert {src.name}", total) as task, open(out, "wb", buffering=0) as f:
-        w.write(f, blocks_for)
+    what = "convert" if staged or all(t in FLOAT_TYPES for t in wanted.values()) else f"quantize {preset.name}"
+    quantizer = None if staged else _quantizer(wanted, threads)
+    try:
+        with reporter.task(f"{what} {src.name}", total) as task, open(out, "wb", buffering=0) as f:
+            w.write(f, blocks_for)
+    finally:
+        if quantizer is not None:
+            quantizer.close()
     return wanted
+
+
+def _quantizer(wanted: dict[str, str], threads: int | None):
+    if all(t in FLOAT_TYPES for t in wanted.values()):
+        return None
+    from .ggml_quant import Quantizer
+
+    return Quantizer(threads)
+
+
+def _quantized_blocks(ck: Checkpoint, e: PlanEntry, name: str, importance, quantizer, block_bytes: int, task
+                      ) -> Iterator[np.ndarray]:
+    """One tensor quantized in blocks of rows. An expert tensor [E, R, C] is E matrices of R rows, each with its own
+    importance vector (llama.cpp's imatrix holds one per expert); a block never spans two of them."""
+    from ..exporter.checkpoint import to_f32
+
+    info = ck.info(e.name)
+    per_matrix = math.prod(info.shape[1:-1]) if len(info.shape) > 2 else info.shape[0]
+    n_mat = info.numel // info.shape[-1] // per_matrix
+    imat = importance.weights(name) if importance is not None else None
+    if imat is not None and imat.shape != (n_mat, info.shape[-1]):
+        raise ExportError(f"the imatrix entry for {name} is {list(imat.shape)}, the tensor needs "
+                          f"[{n_mat}, {info.shape[-1]}]: it was computed for another model")
+    for r0, block in ck.iter_rows(e.name, block_bytes // 2):  # about block_bytes once widened to float32
+        rows = to_f32(block, info.dtype)
+        i = 0
+        while i < len(rows):
+            m = (r0 + i) // per_matrix
+            j = min(len(rows), (m + 1) * per_matrix - r0)
+            q = quantizer.quantize(e.type, rows[i:j], imat[m] if imat is not None else None)
+            task.advance(q.nbytes)
+            yield q
+            i = j
 
 
 # ---- quantization through llama.cpp ----------------------------------------------------------------------------
 
 
-def quantize(src_path: Path, dst_path: Path, plan: Plan, preset: Preset, names: dict[str, str],
-             reporter: Reporter, threads: int | None = None, max_buf: int = 256 << 20) -> None:
+def llama_quantize(src_path: Path, dst_path: Path, plan: Plan, preset: Preset, names: dict[str, str],
+                   reporter: Reporter, threads: int | None = None, max_buf: int = 256 << 20,
+                   importance=None) -> None:
+    """llama.cpp's own quantizer (llama_model_quantize) over a float GGUF, one explicit type per tensor and, with
+    `importance`, its imatrix vectors: the reference the one-pass writer is tested against."""
     try:
         import llama_cpp
     except ImportError:
@@ -293,6 +351,18 @@ def quantize(src_path: Path, dst_path: Path, plan: Plan, preset: Preset, names: 
     params.ftype = file_type(preset)
     params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     params.max_buf_size = max_buf
+    keep = []  # the imatrix arrays and names must outlive the call
+    if importance is not None:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(importance.sums) + 1))()
+        for i, name in enumerate(sorted(importance.sums)):
+            vec = np.ascontiguousarray(importance.weights(name).reshape(-1), dtype=np.float32)
+            keep += [vec, name.encode()]
+            entries[i].name = keep[-1]
+            entries[i].data = vec.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = vec.size
+        entries[len(importance.sums)].name = None
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        keep.append(entries)
     result: dict[str, int | BaseException] = {}
 
     def run():
@@ -348,26 +418,14 @@ class GGUFTarget(Target):
     def _quantized(self, plan: Plan) -> bool:
         return any(e.type not in FLOAT_TYPES for e in plan.kept)
 
-    def need_bytes(self, job) -> int:
-        staged = sum(job.checkpoint.info(e.name).nbytes if e.type not in FLOAT_TYPES else e.bytes
-                     for e in job.plan.kept)
-        return job.plan.total_bytes + (staged if self._quantized(job.plan) else 0) + (64 << 20)
-
     def write(self, job) -> None:
-        """Float presets: one conversion pass. Quantized ones: a float staging file, then llama.cpp's quantizer.
-        Either way the file is read back and every tensor's type checked against the plan."""
+        """One pass: every tensor streamed from the checkpoint in blocks of rows, encoded or quantized by ggml's own
+        kernels (with the calibration's importance weights when the job has them), and written once. The file is
+        then read back and every tensor's type checked against the plan."""
         t0 = time.perf_counter()
-        if self._quantized(job.plan):
-            staged = job.staging.temp("f.gguf")
-            names = convert(job.checkpoint, job.source, job.plan, job.preset, staged, True, job.reporter)
-            job.seconds["convert"] = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            quantize(staged, job.path, job.plan, job.preset, names, job.reporter, job.options.get("threads"))
-            staged.unlink()
-            job.seconds["quantize"] = time.perf_counter() - t1
-        else:
-            names = convert(job.checkpoint, job.source, job.plan, job.preset, job.path, False, job.reporter)
-            job.seconds["convert"] = time.perf_counter() - t0
+        names = convert(job.checkpoint, job.source, job.plan, job.preset, job.path, False, job.reporter,
+                        importance=job.importance, threads=job.options.get("threads"))
+        job.seconds["convert" if not self._quantized(job.plan) else "quantize"] = time.perf_counter() - t0
         check_types(job.path, names)
 
     def recognises(self, path: Path) -> bool:

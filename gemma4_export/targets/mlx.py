@@ -1,8 +1,9 @@
 """MLX target: a directory that `mlx_lm.load` reads with no patching.
 
 Weights are named as mlx-lm's Gemma 4 model holds them after its own `sanitize` (`language_model.model.*`, the MoE
-experts split into `switch_glu.{gate,up,down}_proj`), quantized with MLX's own `mx.quantize` (affine, per group) as
-the plan says, and streamed: the safetensors header is computed from the plan first, then each tensor is quantized
+experts split into `switch_glu.{gate,up,down}_proj`), quantized as the plan says into mlx's affine groups (MLX's
+own `mx.quantize`, or with calibration each group's scale and bias chosen to minimise the importance-weighted error,
+quant/weighted.py: the same tensors, which mlx-lm reads unchanged), and streamed: the safetensors header is computed from the plan first, then each tensor is quantized
 in blocks of rows and written at its offset. config.json names the type of every quantizable module in its
 `quantization` section (mlx-lm's per-module overrides), so `mlx_lm.load` builds exactly the plan.
 """
@@ -176,18 +177,31 @@ def _header(outs: list[_Out]) -> bytes:
     return len(b).to_bytes(8, "little") + b
 
 
-def _blocks(ck: Checkpoint, job: _Job, block_bytes: int) -> Iterator[np.ndarray]:
-    """Source rows in output order, in blocks of at most ~block_bytes."""
+def _blocks(ck: Checkpoint, job: _Job, block_bytes: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first source row, float32 block) over the source rows in output order, blocks of at most ~block_bytes."""
     info = ck.info(job.entry.name)
     row = info.shape[-1] if info.shape else 1
     per = max(1, block_bytes // (row * 2))
     for start, stop in job.source_rows:
         for r in range(start, stop, per):
-            yield to_f32(ck.rows(job.entry.name, r, min(stop, r + per)), info.dtype)
+            yield r, to_f32(ck.rows(job.entry.name, r, min(stop, r + per)), info.dtype)
+
+
+def _row_importance(imat: np.ndarray | None, entry: PlanEntry, first: int, n: int) -> np.ndarray | None:
+    """The importance of source rows first..first+n: the matrix's vector, or for an expert tensor [E, R, C] each
+    row's own expert's vector."""
+    if imat is None or imat.shape[0] == 1:
+        return None if imat is None else imat[0]
+    return imat[np.arange(first, first + n) // entry.shape[-2]]
 
 
 def _write(tmp: Path, ck: Checkpoint, jobs: list[_Job], outs: list[_Out], names: list[str], total: int,
-           reporter: Reporter, plan: Plan, mx) -> None:
+           reporter: Reporter, plan: Plan, mx, importance=None) -> None:
+    """Quantized modules go through `mx.quantize` (min/max affine groups), or, for a matrix the calibration has
+    statistics for, through quant.weighted.mlx_affine: the same affine layout, with each group's scale and bias
+    chosen to minimise the importance-weighted error."""
+    from ..quant.weighted import mlx_affine
+
     fds, bases = [], []
     try:
         for i, fname in enumerate(names):
@@ -200,9 +214,14 @@ def _write(tmp: Path, ck: Checkpoint, jobs: list[_Job], outs: list[_Out], names:
             for job in jobs:
                 bg = _bits_group(job.entry.type)
                 written = [0] * len(job.outs)
-                for block in _blocks(ck, job, 32 << 20):
+                imat = importance.for_tensor(job.entry.name, ck.text_prefix) if importance and bg else None
+                for r0, block in _blocks(ck, job, 32 << 20):
                     if bg is None:
                         parts = [encode_float(block, job.entry.type).tobytes()]
+                    elif imat is not None:
+                        wq, scales, biases = mlx_affine(block, _row_importance(imat, job.entry, r0, len(block)),
+                                                        bg[0], bg[1])
+                        parts = [wq.tobytes(), scales.tobytes(), biases.tobytes()]
                     else:
                         w = mx.array(block).astype(mx.bfloat16)
                         wq, scales, biases = mx.quantize(w, group_size=bg[1], bits=bg[0])
@@ -280,7 +299,7 @@ class MLXTarget(Target):
         names = ["model.safetensors"] if n_shards == 1 else [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
                                                              for i in range(n_shards)]
         total = sum(o.nbytes for o in outs)
-        _write(tmp, ck, jobs, outs, names, total, job.reporter, plan, mx)
+        _write(tmp, ck, jobs, outs, names, total, job.reporter, plan, mx, job.importance)
         index = {"metadata": {"total_size": total}, "weight_map": {o.name: names[o.shard] for o in outs}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         cfg = mlx_config(job.source.config, job.source.arch, plan, quant_paths, job.source)

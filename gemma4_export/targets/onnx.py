@@ -3,8 +3,10 @@
 The directory `<name>-onnx-<preset>/` holds model.onnx (the graph), model.onnx.data (every weight, as external
 data, so models over 2 GB load), inference_config.json (inputs, outputs, cache layout, special tokens, chat
 template: what an app needs to run it) and the tokenizer files. Weights stream from the checkpoint into their
-place in model.onnx.data while the graph is built (onnx_decoder.py over onnx_ops.py); int8/int4 weights are block-quantized by
-onnxruntime's own quantizer as the plan says, into MatMulNBits (matrices) and GatherBlockQuantized (lookup tables).
+place in model.onnx.data while the graph is built (onnx_decoder.py over onnx_ops.py); int8/int4 weights are block-quantized
+as the plan says, into MatMulNBits (matrices) and GatherBlockQuantized (lookup tables): by onnxruntime's own quantizer,
+or, for matrices the calibration has statistics for, with each block's scale chosen to minimise the
+importance-weighted error (quant/weighted.py), in the same layout.
 """
 
 from __future__ import annotations
@@ -176,6 +178,8 @@ class ONNXTarget(Target):
         try:
             with job.reporter.task(f"export {plan.preset} (onnx)", total) as task:
                 g = Graph(WeightFile(fd, DATA_FILE), advance=task.advance)
+                if job.importance is not None:
+                    g.importance = lambda name: job.importance.for_tensor(name, job.checkpoint.text_prefix)
                 build_decoder(g, src.arch, _weights(job.checkpoint, plan))
         finally:
             os.close(fd)

@@ -68,6 +68,8 @@ class Graph:
     _consts: dict = field(default_factory=dict)
     tables: dict = field(default_factory=dict)  # quantized weights written: name -> (data, scales, offset, bits)
     float_types: dict = field(default_factory=dict)  # float weights written: name -> FP32 / FP16
+    # checkpoint name -> importance [n_mat, in] from the calibration (None: no statistics); see quant_weight
+    importance: Callable[[str], np.ndarray | None] | None = None
 
     # -- plumbing ----------------------------------------------------------------------------------------------
     def _name(self, hint: str) -> str:
@@ -132,29 +134,58 @@ class Graph:
 
     def quant_weight(self, name: str, rows: int, cols: int, blocks: RowBlocks, bits: int,
                      table: bool = False) -> tuple[str, str]:
-        """Block-quantize an [rows, cols] matrix with onnxruntime's own quantizer (symmetric, blocks of 32 along
-        a row): packed uint8 [rows, cols/32, 32*bits/8] (MatMulNBits' layout; the same bytes as [rows,
-        cols*bits/8] for a lookup table) and float32 scales [rows, cols/32]."""
+        """Block-quantize an [rows, cols] matrix, symmetric, blocks of 32 along a row: packed uint8 [rows, cols/32,
+        32*bits/8] (MatMulNBits' layout; the same bytes as [rows, cols*bits/8] for a lookup table) and float32
+        scales [rows, cols/32]. Without calibration statistics for it: onnxruntime's own quantizer (round to
+        nearest). With them: quant.weighted.int_blocks, the same layout with each block's scale chosen to minimise
+        the importance-weighted error."""
         from onnx import TensorProto
-        from onnxruntime.quantization.matmul_nbits_quantizer import (
-            DefaultWeightOnlyQuantConfig,
-            DefaultWeightOnlyQuantizer,
-        )
 
-        q = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True, bits=bits))
         kb, blob = cols // BLOCK, BLOCK * bits // 8
         qname, sname = f"{name}.q{bits}", f"{name}.scales"
         shape = (rows, kb * blob) if table else (rows, kb, blob)
         qoff = self.external(qname, TensorProto.UINT8, shape, rows * kb * blob)
         soff = self.external(sname, TensorProto.FLOAT, (rows, kb), rows * kb * 4)
         self.tables[name] = (qname, sname, qoff, bits)
+        quant = self._quantizer(name, rows, cols, bits)
+        first = 0
         for b in blocks():
-            packed, scales, _ = q.qbits_block_quant(np.ascontiguousarray(b.T))  # the quantizer takes [in, out]
+            packed, scales = quant(first, b)
+            first += len(b)
             self.weights.write(qoff, packed.tobytes())
             self.weights.write(soff, scales.astype(np.float32).tobytes())
             qoff, soff = qoff + packed.nbytes, soff + scales.nbytes
             self.advance(packed.nbytes + scales.nbytes)
         return qname, sname
+
+    def _quantizer(self, name: str, rows: int, cols: int, bits: int):
+        """(first row, float32 row block) -> (packed, scales) for one weight."""
+        imat = self.importance(name) if self.importance is not None else None
+        if imat is None:
+            from onnxruntime.quantization.matmul_nbits_quantizer import (
+                DefaultWeightOnlyQuantConfig,
+                DefaultWeightOnlyQuantizer,
+            )
+
+            q = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True,
+                                                                        bits=bits))
+
+            def rtn(first, b):
+                packed, scales, _ = q.qbits_block_quant(np.ascontiguousarray(b.T))  # the quantizer takes [in, out]
+                return packed, scales
+            return rtn
+        from ..quant.weighted import int_blocks
+
+        if imat.shape[1] != cols:  # experts' down projections as one [H, E*I] matrix: the experts side by side
+            imat = imat.reshape(1, -1)
+        if imat.shape[1] != cols or rows % imat.shape[0]:
+            raise ValueError(f"{name}: importance {list(imat.shape)} does not fit [{rows}, {cols}]")
+        per = rows // imat.shape[0]  # rows of one matrix (an expert's, for expert tensors)
+
+        def weighted(first, b):
+            imp = imat[0] if imat.shape[0] == 1 else imat[np.arange(first, first + len(b)) // per]
+            return int_blocks(b, imp, bits, BLOCK)
+        return weighted
 
     # -- layers ------------------------------------------------------------------------------------------------
     def linear(self, x: str, name: str, out_f: int, in_f: int, blocks: RowBlocks, type_name: str) -> str:

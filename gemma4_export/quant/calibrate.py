@@ -1,0 +1,393 @@
+"""Calibration: importance statistics measured on the fp32 model, for quantizers that weight their error.
+
+For every weight matrix, the mean squared activation of each of its input channels over a calibration set: what
+llama.cpp's `llama-imatrix` records, and what its quantizers (and ours for MLX and ONNX) weight the rounding error
+by. The activations come from the streamed fp32 model (validate/streamed.py: transformers' own modules, one decoder
+layer in memory at a time), so calibrating a 31B checkpoint needs no more memory than its reference does.
+
+- Dense matrices count every token; MoE experts count, per expert, the tokens routed to it (the expert's down
+  projection sees the expert's own GELU-gated activations, recomputed from its weights for the routed tokens).
+- The output head (the tied token embedding, or an untied `output.weight`) records the final normed hidden states.
+- Lookup tables (the token embedding as a lookup, the PLE table) take no matrix input; what they get instead is
+  each token's frequency on the calibration set (`token_counts`).
+
+The statistics are keyed by llama.cpp's tensor names and written as a llama.cpp GGUF imatrix file
+(`write_imatrix`), which `llama-quantize --imatrix` reads unchanged. `importance_for` caches that file per
+checkpoint digest and calibration text, so a second export of the same checkpoint reads it instead of recomputing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import Gemma4ExportError
+from ..progress import Reporter, Silent
+
+CALIBRATION_DIR = Path(__file__).resolve().parent / "calibration"
+# Tokens per calibration chunk (each starts with BOS): longer than the real models' 512-token sliding window, so
+# the sliding layers see full windows and the global layers see past them.
+DEFAULT_CHUNK = 1024
+DEFAULT_CHUNKS = 16
+DATASET_NAME = "gemma4-export calibration set (code, prose in 12 languages, chat turns)"
+# Types made only with calibration: at about 2.6 bits per weight plain rounding loses too much (llama.cpp warns the
+# same way for Q2_K without an imatrix, and refuses the IQ1/IQ2 types).
+NEEDS_CALIBRATION = frozenset({"Q2_K"})
+
+
+class CalibrationError(Gemma4ExportError):
+    pass
+
+
+# ---- the calibration text ----------------------------------------------------------------------------------------
+
+
+def _documents(tokenizer) -> dict[str, list[str]]:
+    """The shipped set's documents by kind; chat turns rendered with the checkpoint's own chat template."""
+    with gzip.open(CALIBRATION_DIR / "code.txt.gz", "rb") as f:
+        code = f.read().decode("utf-8")
+    files = ["# file:" + p for p in code.split("# file:") if p.strip()]
+    prose = [d.strip() for d in (CALIBRATION_DIR / "prose.txt").read_text(encoding="utf-8").split("<|doc|>")
+             if d.strip()]
+    chats = json.loads((CALIBRATION_DIR / "chat.json").read_text(encoding="utf-8"))
+    bos = getattr(tokenizer, "bos_token", None) or ""
+    rendered = []
+    for conv in chats:
+        text = tokenizer.apply_chat_template(conv, tokenize=False)
+        rendered.append(text[len(bos):] if bos and text.startswith(bos) else text)  # each chunk has its own BOS
+    return {"code": files, "prose": prose, "chat": rendered}
+
+
+def shipped_text(tokenizer) -> str:
+    """The shipped calibration set as one text: its code files, prose documents and chat conversations interleaved
+    (a fixed shuffle of each kind, then taken in turn), so that any prefix of it mixes all three."""
+    kinds = _documents(tokenizer)
+    rng = random.Random(0)
+    for docs in kinds.values():
+        rng.shuffle(docs)
+    out, queues = [], [list(v) for v in kinds.values()]
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop())
+    return "\n\n".join(out)
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Token chunks to calibrate on, with what they came from."""
+
+    chunks: list[list[int]]
+    dataset: str  # what the text was: the shipped set, or the user's file name
+    text_sha256: str
+
+    @property
+    def chunk_size(self) -> int:
+        return len(self.chunks[0]) if self.chunks else 0
+
+    @property
+    def key(self) -> str:
+        """Identifies the token chunks (text, tokenizer's ids, chunking) for the cache."""
+        h = hashlib.sha256(np.asarray(self.chunks, dtype=np.int32).tobytes()).hexdigest()
+        return h[:16]
+
+
+def calibration_set(directory: Path, bos: int, text_file: str | Path | None = None, chunk: int = DEFAULT_CHUNK,
+                    chunks: int = DEFAULT_CHUNKS) -> CalibrationSet:
+    """Cut the calibration text (the shipped set, or `text_file`) into `chunks` chunks of `chunk` tokens, each
+    BOS then chunk-1 tokens of text, as llama-imatrix cuts its input."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(directory)
+    tok.model_max_length = 1 << 30
+    if text_file is None:
+        text, name = shipped_text(tok), DATASET_NAME
+    else:
+        p = Path(text_file)
+        if not p.is_file():
+            raise CalibrationError(f"--calibration {p}: no such file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise CalibrationError(f"--calibration {p}: not UTF-8 text") from None
+        name = p.name
+    if chunk < 2 or chunks < 1:
+        raise CalibrationError(f"calibration chunks of {chunk} tokens x {chunks}: need at least 2 tokens x 1")
+    ids = tok.encode(text, add_special_tokens=False)
+    body = chunk - 1
+    n = min(chunks, len(ids) // body)
+    if n == 0:
+        raise CalibrationError(f"calibration text {name!r} gives {len(ids)} tokens; one chunk needs {body}")
+    out = [[bos] + ids[i * body: (i + 1) * body] for i in range(n)]
+    return CalibrationSet(out, name, hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+
+# ---- the statistics ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Importance:
+    """Per-matrix input statistics, keyed by llama.cpp tensor name: `sums[name]` float32 [n_mat, n_in] (sum over
+    tokens of each input channel's square; n_mat is the number of experts for an expert tensor, else 1) and
+    `counts[name]` float32 [n_mat] (the tokens that reached it)."""
+
+    sums: dict[str, np.ndarray]
+    counts: dict[str, np.ndarray]
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+    token_counts: np.ndarray | None = None  # int64 [vocab]: how often each token occurs in the calibration set
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None  # the imatrix file it was read from or written to
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.sums
+
+    def weights(self, name: str) -> np.ndarray | None:
+        """float32 [n_mat, n_in]: the mean squared activation of each input channel, or None when the matrix has
+        no statistics. This is exactly the vector llama-quantize derives from the file (sums / counts; an expert
+        that no calibration token reached gets all ones), so an export here and `llama-quantize --imatrix` on the
+        same file quantize identically."""
+        if name not in self.sums:
+            return None
+        s, c = self.sums[name], self.counts[name]
+        out = np.ones_like(s, dtype=np.float32)
+        seen = c > 0
+        out[seen] = s[seen] / c[seen, None]
+        return out
+
+    def for_tensor(self, hf_name: str, prefix: str) -> np.ndarray | None:
+        """`weights` for a checkpoint tensor name."""
+        from ..targets.gguf import gguf_name
+
+        try:
+            return self.weights(gguf_name(hf_name, prefix))
+        except Gemma4ExportError:
+            return None
+
+    @property
+    def entries(self) -> int:
+        return len(self.sums)
+
+
+def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter | None = None,
+            keep_bytes: int | None = None) -> Importance:
+    """Run the calibration chunks through the streamed fp32 model of `src` (a ModelSource with weights) and
+    record every matrix's input statistics."""
+    import torch
+
+    from ..exporter.tensors import Tensor, hf_name
+    from ..targets.gguf import gguf_name
+    from ..validate.streamed import DEFAULT_KEEP_BYTES, StreamedModel
+
+    reporter = reporter or Silent()
+    t0 = time.perf_counter()
+    model = StreamedModel(src.directory, device, src.adapter, DEFAULT_KEEP_BYTES if keep_bytes is None else keep_bytes)
+    prefix = model.prefix
+    acc_dtype = torch.float32 if model.device == "mps" else torch.float64
+    sums: dict[str, object] = {}
+    counts: dict[str, object] = {}
+
+    def add(name: str, x, mat: int = 0, n_mat: int = 1) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        if name not in sums:
+            sums[name] = torch.zeros(n_mat, x.shape[1], dtype=acc_dtype, device=x.device)
+            counts[name] = torch.zeros(n_mat, dtype=acc_dtype, device=x.device)
+        sums[name][mat] += x.to(acc_dtype).square().sum(0)
+        counts[name][mat] += x.shape[0]
+
+    def linear_hook(name: str):
+        return lambda mod, args: add(name, args[0])
+
+    def experts_hook(gate_up: str, down: str):
+        def hook(mod, args):
+            x, top_index = args[0], args[1]
+            x = x.reshape(-1, x.shape[-1])
+            n = mod.num_experts
+            for e in torch.unique(top_index).tolist():
+                if e >= n:
+                    continue
+                tok = (top_index == e).any(dim=-1).nonzero().flatten()
+                xe = x[tok]
+                add(gate_up, xe, e, n)
+                gate, up = torch.nn.functional.linear(xe, mod.gate_up_proj[e]).chunk(2, dim=-1)
+                add(down, mod.act_fn(gate) * up, e, n)
+        return hook
+
+    handles = []
+    try:
+        for i, layer in enumerate(model.shell.layers):
+            names = model._layer_names(i)  # module parameter -> canonical key
+            gname = lambda rel: gguf_name(hf_name(names[rel], i, prefix), prefix)  # noqa: B023, E731
+            by_key = {k: rel for rel, k in names.items()}
+            for mname, mod in layer.named_modules():
+                if isinstance(mod, torch.nn.Linear) and f"{mname}.weight" in names:
+                    handles.append(mod.register_forward_pre_hook(linear_hook(gname(f"{mname}.weight"))))
+            if Tensor.EXPERTS_GATE_UP in by_key:  # the experts module holds both 3-D tensors
+                rel = by_key[Tensor.EXPERTS_GATE_UP]
+                mod = layer.get_submodule(rel.rsplit(".", 1)[0])
+                handles.append(mod.register_forward_pre_hook(
+                    experts_hook(gname(rel), gname(by_key[Tensor.EXPERTS_DOWN]))))
+        if model.has_ple:
+            pname = gguf_name(hf_name(Tensor.PLE_MODEL_PROJ, prefix=prefix), prefix)
+            handles.append(model.shell.per_layer_model_projection.register_forward_pre_hook(linear_hook(pname)))
+        head = gguf_name(model.head_name, prefix)
+        with torch.no_grad():
+            with reporter.task(f"calibrate on {len(calib.chunks)} x {calib.chunk_size} tokens",
+                               model.config.num_hidden_layers, unit="layers") as task:
+                seqs = model.start(calib.chunks)
+                model.run_layers(seqs, lambda i: task.advance(1))
+            for s in seqs:
+                add(head, s.hidden[0])
+        device_used = model.device
+    finally:
+        for h in handles:
+            h.remove()
+        model.close()
+    vocab = src.arch.vocab_size
+    tokens = np.bincount(np.concatenate([np.asarray(c) for c in calib.chunks]), minlength=vocab).astype(np.int64)
+    return Importance(
+        {k: v.to(torch.float32).cpu().numpy() for k, v in sums.items()},
+        {k: v.to(torch.float32).cpu().numpy() for k, v in counts.items()},
+        [calib.dataset], len(calib.chunks), calib.chunk_size, tokens[:vocab],
+        {"device": device_used, "seconds": round(time.perf_counter() - t0, 2), "text_sha256": calib.text_sha256},
+    )
+
+
+# ---- llama.cpp's imatrix file ------------------------------------------------------------------------------------
+
+IN_SUM2, COUNTS = ".in_sum2", ".counts"
+
+
+def write_imatrix(imp: Importance, path: str | Path) -> Path:
+    """Write the statistics as llama.cpp's GGUF imatrix (what `llama-imatrix` writes and `llama-quantize --imatrix`
+    reads): general.type "imatrix", the datasets, chunk count and chunk size, and per matrix `<name>.in_sum2` (F32,
+    ne [n_in, n_mat]: sums of squared activations) and `<name>.counts` (F32, ne [1, n_mat]: tokens). Atomic."""
+    from gguf import GGUFValueType, Keys
+
+    from ..atomic import atomic_file
+    from ..targets.gguf_file import GGUFWriter
+
+    w = GGUFWriter()
+    w.string(Keys.General.TYPE, "imatrix")
+    w.array(Keys.IMatrix.DATASETS, imp.datasets, GGUFValueType.STRING)
+    w.u32(Keys.IMatrix.CHUNK_COUNT, imp.chunk_count)
+    w.u32(Keys.IMatrix.CHUNK_SIZE, imp.chunk_size)
+    data: dict[str, np.ndarray] = {}
+    for name in sorted(imp.sums):
+        s, c = imp.sums[name], imp.counts[name]
+        w.add_tensor(name + IN_SUM2, s.shape, "F32")
+        w.add_tensor(name + COUNTS, (c.shape[0], 1), "F32")
+        data[name + IN_SUM2], data[name + COUNTS] = s.astype(np.float32), c.astype(np.float32).reshape(-1, 1)
+    path = Path(path)
+    with atomic_file(path, True, 0) as st, open(st.path, "wb", buffering=0) as f:
+        w.write(f, lambda entry: [data[entry.name]])
+    imp.path = path
+    return path
+
+
+def read_imatrix(path: str | Path) -> Importance:
+    """Read a GGUF imatrix (ours, or llama-imatrix's). A legacy .dat imatrix or any other file is refused."""
+    from ..targets.gguf_file import GGUFFormatError, read_gguf
+
+    p = Path(path)
+    try:
+        g = read_gguf(p)
+    except GGUFFormatError as e:
+        raise CalibrationError(f"{p}: not a GGUF imatrix ({e}); convert a legacy .dat imatrix with "
+                               "llama-imatrix --in-file old.dat -o new.gguf") from None
+    if g.metadata.get("general.type") != "imatrix":
+        raise CalibrationError(f"{p}: a GGUF file, but not an imatrix (general.type "
+                               f"{g.metadata.get('general.type')!r})")
+    sums, counts = {}, {}
+    for tname in g.tensors:
+        if tname.endswith(IN_SUM2):
+            name = tname[: -len(IN_SUM2)]
+            if name + COUNTS not in g.tensors:
+                raise CalibrationError(f"{p}: {tname} has no {name + COUNTS}")
+            s = g.read_tensor(tname)
+            s = s.reshape(-1, s.shape[-1])
+            c = g.read_tensor(name + COUNTS).reshape(-1)
+            if c.shape[0] != s.shape[0]:
+                raise CalibrationError(f"{p}: {name} has {s.shape[0]} matrices and {c.shape[0]} counts")
+            sums[name], counts[name] = s, c
+    if not sums:
+        raise CalibrationError(f"{p}: an imatrix with no entries")
+    md = g.metadata
+    return Importance(sums, counts, list(md.get("imatrix.datasets") or []), int(md.get("imatrix.chunk_count", 0)),
+                      int(md.get("imatrix.chunk_size", 0)), path=p)
+
+
+def check_matches(imp: Importance, src) -> None:
+    """An imatrix given by the user belongs to this model: every entry it has for this model's matrices has their
+    input width and matrix count, and it has entries for some of them."""
+    from ..targets.gguf import gguf_name
+
+    ck = src.checkpoint
+    matched = 0
+    for spec in ck.expected:
+        if len(spec.shape) < 2:
+            continue
+        try:
+            name = gguf_name(spec.name, ck.text_prefix)
+        except Gemma4ExportError:
+            continue
+        if name not in imp.sums:
+            continue
+        n_mat = spec.shape[0] if len(spec.shape) == 3 else 1
+        got = imp.sums[name].shape
+        if got != (n_mat, spec.shape[-1]):
+            raise CalibrationError(f"{imp.path}: entry {name} is [{got[0]} x {got[1]}], this model's tensor needs "
+                                   f"[{n_mat} x {spec.shape[-1]}]: the imatrix is of another model")
+        matched += 1
+    if matched == 0:
+        raise CalibrationError(f"{imp.path}: no entry matches a tensor of {src.name}: the imatrix is of another model")
+
+
+# ---- calibrating a checkpoint, with a cache ----------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("GEMMA4_EXPORT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gemma4-export")
+    return Path(base) / "imatrix"
+
+
+def importance_for(src, text_file: str | Path | None = None, chunk: int = DEFAULT_CHUNK,
+                   chunks: int = DEFAULT_CHUNKS, device: str = "cpu", reporter: Reporter | None = None,
+                   use_cache: bool = True) -> Importance:
+    """The importance statistics of `src` (a ModelSource with weights) on the calibration text: read from the cache
+    when this checkpoint (by digest, adapter included) was calibrated on the same tokens before, else measured and
+    cached (the imatrix file, and the token frequencies beside it)."""
+    reporter = reporter or Silent()
+    calib = calibration_set(src.checkpoint.dir, src.arch.bos_token_id, text_file, chunk, chunks)
+    path = cache_dir() / f"{src.digest.removeprefix('sha256:')[:16]}-{calib.key}.imatrix.gguf"
+    tokens_path = path.with_suffix(".tokens.npy")
+    if use_cache and path.is_file() and tokens_path.is_file():
+        try:
+            imp = read_imatrix(path)
+            imp.token_counts = np.load(tokens_path)
+            imp.meta = {"cached": True}
+            reporter.note(f"calibration: cached imatrix {path}")
+            return imp
+        except (CalibrationError, OSError, ValueError):
+            pass  # a damaged cache entry is recomputed
+    imp = collect(src, calib, device, reporter)
+    if use_cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_imatrix(imp, path)
+            tmp = tokens_path.with_name(tokens_path.name + ".tmp.npy")
+            np.save(tmp, imp.token_counts)
+            os.replace(tmp, tokens_path)
+        except OSError as e:  # a read-only or full cache does not stop the export
+            reporter.note(f"calibration: not cached ({e})")
+    return imp
