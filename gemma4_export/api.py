@@ -59,18 +59,53 @@ def _split_source(source: str | Path | None, variant: str | None, model_dir: str
 
 def plan(source: Source | None = None, target: str = "gguf", preset: str | None = None, *,
          variant: str | None = None, model_dir: str | Path | None = None, overrides: list[str] | None = None,
-         ple_type: str | None = None, group_size: int | None = None, adapter: str | Path | None = None) -> Plan:
+         ple_type: str | None = None, group_size: int | None = None, adapter: str | Path | None = None,
+         target_bpw: float | None = None, max_size: int | None = None, calibrate: bool | None = None,
+         imatrix: str | Path | None = None, device: str = "cpu", reporter: Reporter | None = None) -> Plan:
     """The per-tensor plan: from the shipped config for a published variant (no weights needed), from the weights
     for a tiny variant or a checkpoint directory (so the plan lists the file's own tensors). With an adapter, the
-    tensors it merges into say so."""
+    tensors it merges into say so. With `target_bpw` or `max_size`, the types are chosen from the checkpoint's
+    measured sensitivity to fit that size (quant/sensitivity.py; needs the weights)."""
     t = get_target(target)
-    src = open_source(source, variant=variant, model_dir=model_dir, adapter=adapter)
+    sized = target_bpw is not None or max_size is not None
+    src = open_source(source, variant=variant, model_dir=model_dir, adapter=adapter, need_weights=sized)
     p = t.preset(preset, group_size)
     try:
-        return _with_adapter(build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type), src)
+        the_plan = build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type)
+        if sized:
+            imp = _importance(src, the_plan, t, calibrate, None, imatrix, None, device, reporter or Silent())
+            the_plan = _sized_plan(src, the_plan, p, t, overrides, ple_type, imp, target_bpw, max_size, device,
+                                   reporter or Silent())
+        return _with_adapter(the_plan, src)
     finally:
-        if src.adapter is not None:
+        if src.adapter is not None or sized:
             src.checkpoint.close()
+
+
+def _sized_plan(src: ModelSource, the_plan: Plan, p: Preset, t: Target, overrides, ple_type, importance,
+                target_bpw: float | None, max_size: int | None, device: str, reporter: Reporter) -> Plan:
+    """Rebuild the plan with each traded class's type chosen from the measured sensitivity to fit the size."""
+    from .errors import QuantError
+    from .quant import sensitivity
+
+    if t.name != "gguf":
+        raise QuantError(f"--target-bpw / --max-size choose GGUF types from measurement; {t.name} has no such "
+                         "choice yet")
+    if target_bpw is not None and max_size is not None:
+        raise QuantError("--target-bpw and --max-size: give one")
+    if target_bpw is not None:
+        if not 1.5 <= target_bpw <= 16:
+            raise QuantError(f"--target-bpw {target_bpw}: give a value between 1.5 and 16 bits per weight")
+        budget, what = int(target_bpw * the_plan.parameters / 8), f"target {target_bpw:g} bits per weight"
+    else:
+        overhead = t.overhead_bytes(src, the_plan)
+        budget, what = int(max_size) - overhead, f"max size {max_size / 1e6:.1f} MB"
+    sens = sensitivity.sensitivity_for(src, importance, device, reporter)
+    assigned = sensitivity.mixed_assignments(src, the_plan, sens, budget, what)
+    sized = build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type, assigned=assigned)
+    sized.sensitivity = {"tokens": sens.tokens, "target_bpw": target_bpw, "max_size": max_size,
+                         "kld": sens.kld, "seconds": sens.meta.get("seconds"), "cached": sens.meta.get("cached", False)}
+    return sized
 
 
 def _with_adapter(p: Plan, src: ModelSource) -> Plan:
@@ -130,6 +165,8 @@ def export(
     imatrix: str | Path | None = None,
     calibration_chunks: int | None = None,
     calibration_device: str = "cpu",
+    target_bpw: float | None = None,
+    max_size: int | None = None,
     **options: Any,
 ) -> ExportResult:
     """Export `source` as `target`'s artifact with `preset` (the target's default when None) into directory `out`;
@@ -137,7 +174,11 @@ def export(
 
     Calibration (quant/calibrate.py): by default on when the plan quantizes below 8 bits. The statistics come from
     `imatrix` (a llama.cpp GGUF imatrix file) when given, else from the streamed fp32 model on the shipped
-    calibration set or on the text file `calibration` (cached per checkpoint); `calibrate=False` turns it off."""
+    calibration set or on the text file `calibration` (cached per checkpoint); `calibrate=False` turns it off.
+
+    `target_bpw` (bits per weight over the text parameters) or `max_size` (bytes of the whole file) choose each
+    class of tensors' type from its measured sensitivity to fit that size (GGUF); the artifact's name says the
+    size it was made for."""
     t = get_target(target)
     t.require()
     reporter = reporter or Silent()
@@ -146,20 +187,34 @@ def export(
     src = open_source(source, variant=variant, model_dir=model_dir, need_weights=True, adapter=adapter)
     ck = src.checkpoint
     try:
-        the_plan = _with_adapter(build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type), src)
-        final = Path(out) / t.artifact_name(src.name, p, group_size)
-        result = ExportResult(final, the_plan, t.name)
-        job = ExportJob(src, ck, p, the_plan, final, None, reporter, options, result.seconds)
+        the_plan = build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type)
+        sized = target_bpw is not None or max_size is not None
+        name = t.artifact_name(src.name, p, group_size)
+        if sized:
+            label = f"{target_bpw:g}bpw" if target_bpw is not None else f"{max_size / 1e6:g}MB"
+            stem, dot, ext = name.rpartition(".") if t.artifact_kind == "file" else (name, "", "")
+            name = f"{stem}-{label}{dot}{ext}"
+        final = Path(out) / name
         if not force and final.exists():
             from .atomic import prepare_output
 
             prepare_output(final, force, 0)  # an existing artifact is refused before any calibration work
         t1 = time.perf_counter()
-        job.importance = _importance(src, the_plan, t, calibrate, calibration, imatrix, calibration_chunks,
-                                     calibration_device, reporter)
-        if job.importance is not None:
-            result.seconds["calibrate"] = time.perf_counter() - t1
-            the_plan.calibration = describe_importance(job.importance)
+        importance = _importance(src, the_plan, t, calibrate, calibration, imatrix, calibration_chunks,
+                                 calibration_device, reporter)
+        seconds: dict[str, float] = {}
+        if importance is not None:
+            seconds["calibrate"] = time.perf_counter() - t1
+        if sized:
+            t1 = time.perf_counter()
+            the_plan = _sized_plan(src, the_plan, p, t, overrides, ple_type, importance, target_bpw, max_size,
+                                   calibration_device, reporter)
+            seconds["sensitivity"] = time.perf_counter() - t1
+        the_plan = _with_adapter(the_plan, src)
+        if importance is not None:
+            the_plan.calibration = describe_importance(importance)
+        result = ExportResult(final, the_plan, t.name, seconds)
+        job = ExportJob(src, ck, p, the_plan, final, None, reporter, options, result.seconds, importance)
         atomic = atomic_file if t.artifact_kind == "file" else atomic_dir
         with atomic(final, force, t.need_bytes(job)) as st:
             job.path, job.staging = st.path, st
@@ -196,7 +251,7 @@ def _importance(src: ModelSource, the_plan: Plan, t: Target, calibrate: bool | N
         imp = cal.read_imatrix(imatrix)
         cal.check_matches(imp, src)
         return imp
-    return cal.importance_for(src, calibration, chunks=chunks or cal.DEFAULT_CHUNKS, device=device,
+    return cal.importance_for(src, calibration, chunks=chunks, device=device,
                               reporter=reporter)
 
 
@@ -278,7 +333,7 @@ def imatrix(source: Source | None = None, *, variant: str | None = None, model_d
     if out is not None:
         prepare_output(out, force, 0)
     src = open_source(source, variant=variant, model_dir=model_dir, need_weights=True, adapter=adapter)
-    imp = cal.importance_for(src, calibration, chunks=chunks or cal.DEFAULT_CHUNKS, device=device, reporter=reporter)
+    imp = cal.importance_for(src, calibration, chunks=chunks, device=device, reporter=reporter)
     if out is not None:
         cal.write_imatrix(imp, out)
     return imp

@@ -108,6 +108,27 @@ ImatrixOpt = Annotated[Optional[Path], typer.Option(
                       "instead of calibrating.")]
 ChunksOpt = Annotated[Optional[int], typer.Option(
     "--calibration-chunks", help="Calibration chunks of 1024 tokens (default 16).")]
+
+
+def _size(text: str | None) -> int | None:
+    """'2.5GB', '800MB', '1.2G', or bytes."""
+    if text is None:
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*", text.lower())
+    if not m:
+        raise typer.BadParameter(f"{text!r}: give a size such as 2.5GB or 800MB", param_hint="--max-size")
+    unit = (m.group(2) or "b").rstrip("b").rstrip("i")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+TargetBpwOpt = Annotated[Optional[float], typer.Option(
+    "--target-bpw", help="Choose each tensor class's type from its measured sensitivity (KLD on calibration text) "
+                         "to minimise KLD at this many bits per weight (GGUF).")]
+MaxSizeOpt = Annotated[Optional[str], typer.Option(
+    "--max-size", help="As --target-bpw, for a whole-file size such as 2.5GB (GGUF).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
 
 
@@ -162,6 +183,8 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
     all_rows: Annotated[bool, typer.Option("--all", help="List every tower tensor instead of one row per tower.")] = False,
     adapter: AdapterOpt = None,
+    target_bpw: TargetBpwOpt = None,
+    max_size: MaxSizeOpt = None,
 ) -> None:
     """Show which type every tensor gets, and why, with totals (parameters, size, bits per weight).
 
@@ -169,12 +192,18 @@ def plan(
       gemma4-export plan --variant e2b --quant q4_k_m
       gemma4-export plan --variant 26b-a4b --quant q4_k_m --json
       gemma4-export plan --model-dir ./gemma-4-E2B-it --quant q5_k_m --tensor-type 'attn_q=Q8_0'
+      gemma4-export plan --variant tiny-e2b --quant q4_k_m --target-bpw 5.5
     """
     from . import api
     from .report import plan_lines, plan_summary, plan_table
 
+    sized = {}
+    if target_bpw is not None or max_size is not None:
+        from .progress import RichReporter
+
+        sized = {"target_bpw": target_bpw, "max_size": _size(max_size), "reporter": RichReporter(err)}
     p = api.plan(target=target, preset=quant, variant=variant, model_dir=model_dir, overrides=tensor_type, adapter=adapter,
-                 ple_type=ple_type, group_size=group_size)
+                 ple_type=ple_type, group_size=group_size, **sized)
     if as_json:
         sys.stdout.write(json.dumps(p.to_json()) + "\n")
         return
@@ -208,6 +237,8 @@ def gguf(
     device: _device_opt("gguf") = "cpu",
     adapter: AdapterOpt = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Quantizer threads (default: all cores).")] = None,
+    target_bpw: TargetBpwOpt = None,
+    max_size: MaxSizeOpt = None,
     calibrate: CalibrateOpt = None,
     calibration: CalibrationOpt = None,
     imatrix: ImatrixOpt = None,
@@ -219,9 +250,11 @@ def gguf(
       gemma4-export gguf --variant tiny-e2b --quant q4_k_m --out out/
       gemma4-export gguf --variant e2b-it --quant q5_k_m --ple-type q8_0
       gemma4-export gguf --model-dir ./my-gemma4 --quant q8_0 --no-validate
+      gemma4-export gguf --variant tiny-e2b --quant q4_k_m --target-bpw 4.5
     """
     _export("gguf", variant, model_dir, quant, out, validate, device, adapter, calibrate, calibration, imatrix,
-            calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, threads=threads)
+            calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, threads=threads,
+            target_bpw=target_bpw, max_size=_size(max_size))
 
 
 @app.command()

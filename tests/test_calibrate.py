@@ -49,7 +49,7 @@ def test_calibration_set_mixes_code_prose_and_chat():
                      "nturl2path.py", "this.py", "wave.py"}
     names = {line.split("# file:")[1].strip() for line in text.splitlines() if line.startswith("# file:")}
     assert names and not names & heldout_files  # disjoint from the evaluation text
-    c = cal.calibration_set(src.checkpoint.dir, src.arch.bos_token_id)
+    c = cal.calibration_set(src.checkpoint.dir, src.arch.bos_token_id, chunks=cal.DEFAULT_CHUNKS)
     assert len(c.chunks) == cal.DEFAULT_CHUNKS and all(len(x) == cal.DEFAULT_CHUNK for x in c.chunks)
     assert all(x[0] == src.arch.bos_token_id for x in c.chunks)
 

@@ -37,6 +37,16 @@ CALIBRATION_DIR = Path(__file__).resolve().parent / "calibration"
 # the sliding layers see full windows and the global layers see past them.
 DEFAULT_CHUNK = 1024
 DEFAULT_CHUNKS = 16
+
+
+def default_chunks() -> int:
+    """DEFAULT_CHUNKS, or the environment's GEMMA4_EXPORT_CALIBRATION_CHUNKS (the test suite sets a small number:
+    it checks the machinery on many throwaway checkpoints, each calibrated afresh)."""
+    v = os.environ.get("GEMMA4_EXPORT_CALIBRATION_CHUNKS")
+    try:
+        return max(1, int(v)) if v else DEFAULT_CHUNKS
+    except ValueError:
+        raise CalibrationError(f"GEMMA4_EXPORT_CALIBRATION_CHUNKS={v!r}: give a whole number") from None
 DATASET_NAME = "gemma4-export calibration set (code, prose in 12 languages, chat turns)"
 # Types made only with calibration: at about 2.6 bits per weight plain rounding loses too much (llama.cpp warns the
 # same way for Q2_K without an imatrix, and refuses the IQ1/IQ2 types).
@@ -101,7 +111,7 @@ class CalibrationSet:
 
 
 def calibration_set(directory: Path, bos: int, text_file: str | Path | None = None, chunk: int = DEFAULT_CHUNK,
-                    chunks: int = DEFAULT_CHUNKS) -> CalibrationSet:
+                    chunks: int | None = None) -> CalibrationSet:
     """Cut the calibration text (the shipped set, or `text_file`) into `chunks` chunks of `chunk` tokens, each
     BOS then chunk-1 tokens of text, as llama-imatrix cuts its input."""
     import transformers
@@ -119,6 +129,7 @@ def calibration_set(directory: Path, bos: int, text_file: str | Path | None = No
         except UnicodeDecodeError:
             raise CalibrationError(f"--calibration {p}: not UTF-8 text") from None
         name = p.name
+    chunks = default_chunks() if chunks is None else chunks
     if chunk < 2 or chunks < 1:
         raise CalibrationError(f"calibration chunks of {chunk} tokens x {chunks}: need at least 2 tokens x 1")
     ids = tok.encode(text, add_special_tokens=False)
@@ -362,7 +373,7 @@ def cache_dir() -> Path:
 
 
 def importance_for(src, text_file: str | Path | None = None, chunk: int = DEFAULT_CHUNK,
-                   chunks: int = DEFAULT_CHUNKS, device: str = "cpu", reporter: Reporter | None = None,
+                   chunks: int | None = None, device: str = "cpu", reporter: Reporter | None = None,
                    use_cache: bool = True) -> Importance:
     """The importance statistics of `src` (a ModelSource with weights) on the calibration text: read from the cache
     when this checkpoint (by digest, adapter included) was calibrated on the same tokens before, else measured and

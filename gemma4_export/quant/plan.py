@@ -64,6 +64,7 @@ class Plan:
     ple_type: str | None = None
     overrides: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None  # set by the export when the quantizers were given an imatrix
+    sensitivity: dict[str, Any] | None = None  # the measurement a size-targeted plan was chosen from
 
     @property
     def kept(self) -> list[PlanEntry]:
@@ -102,6 +103,7 @@ class Plan:
             "bits_per_weight": round(self.bits_per_weight, 4),
             "dropped": sum(1 for e in self.entries if e.dropped),
             **({"calibration": self.calibration} if self.calibration else {}),
+            **({"sensitivity": self.sensitivity} if self.sensitivity else {}),
             "tensors": [
                 {k: (list(v) if k == "shape" else v) for k, v in asdict(e).items() if k not in ("rule", "layer")}
                 for e in self.entries
@@ -146,7 +148,10 @@ def build_plan(
     ple_type: str | None = None,
     target: str = "gguf",
     group_size: int | None = None,
+    assigned: dict[str, tuple[str, str]] | None = None,
 ) -> Plan:
+    """The plan: each tensor's rule decision, then `assigned` ({name: (type, reason)}, a mixed-precision choice
+    from measurement: quant/sensitivity.py), then the user's --tensor-type overrides, which win."""
     from ..targets.registry import get_target
 
     p = preset if isinstance(preset, Preset) else get_preset(preset, target, group_size)
@@ -163,6 +168,9 @@ def build_plan(
     entries: list[PlanEntry] = []
     for spec in specs:
         tname, rule, reason = decide(Ctx(spec, arch, p, ple_type))
+        if assigned and spec.name in assigned and tname != DROP:
+            tname, reason = assigned[spec.name]
+            rule = "target-size"
         for k, o in enumerate(ovs):
             if o.regex.search(spec.name):
                 if tname == DROP:

@@ -95,6 +95,12 @@ def gguf_name(name: str, prefix: str) -> str:
     return f"{TENSOR_NAMES[tensor].format(bid=bid if bid is not None else 0)}.{suffix}"
 
 
+def get_target_preset(plan: Plan) -> Preset:
+    from ..quant.rules import get_preset
+
+    return get_preset(plan.preset, "gguf")
+
+
 def file_type(preset: Preset) -> int:
     """The preset's general.file_type, as llama-quantize names it."""
     return int(LlamaFileType[preset.file_type])
@@ -417,6 +423,19 @@ class GGUFTarget(Target):
 
     def _quantized(self, plan: Plan) -> bool:
         return any(e.type not in FLOAT_TYPES for e in plan.kept)
+
+    def overhead_bytes(self, source, plan) -> int:
+        """The header: metadata (the tokenizer's vocabulary is most of it), the tensor table, alignment padding."""
+        from ..quant.types import GGUF_TYPES
+
+        a, ck = source.arch, source.checkpoint
+        w = GGUFWriter()
+        write_metadata(w, a, read_tokenizer(ck.dir, a.vocab_size), source, get_target_preset(plan), read_license(ck.dir))
+        for e in plan.kept:
+            w.add_tensor(gguf_name(e.name, ck.text_prefix), e.shape, "F32")
+        w.add_tensor(ROPE_FREQS, (a.global_head_dim // 2,), "F32")
+        pads = len(w.tensors) * 32
+        return len(w.header_bytes()) + pads + 4096  # 4 KB: the imatrix keys written with calibration
 
     def write(self, job) -> None:
         """One pass: every tensor streamed from the checkpoint in blocks of rows, encoded or quantized by ggml's own

@@ -91,6 +91,11 @@ class Target:
         """What a tensor over `max_tensor_bytes` becomes (targets that declare a limit)."""
         raise NotImplementedError
 
+    def overhead_bytes(self, source: Any, plan: Any) -> int:
+        """Bytes of the artifact besides its tensor data (headers, metadata, tokenizer): what a --max-size budget
+        leaves out for the tensors."""
+        return 0
+
     def need_bytes(self, job: Any) -> int:
         """Disk space the export needs while it runs (the final artifact and any staging)."""
         return job.plan.total_bytes + (64 << 20)

@@ -113,6 +113,9 @@ class StreamedModel:
             self._load(self.shell.per_layer_projection_norm, {"weight": Tensor.PLE_PROJ_NORM})
         self.rotary = type(self.shell.rotary_emb)(config=text, device=self.device)
         self.layers_read = 0  # layer loads from the checkpoint (a pass over a kept layer reads nothing)
+        # (checkpoint name, float32 tensor) -> tensor: applied to lookup rows and head blocks as they are read
+        # (quant/sensitivity.py quantizes them there); None for the fp32 model itself
+        self.transform = None
 
     # ---- weights -------------------------------------------------------------------------------------------------
     def _tensor(self, name: str, out=None, rows: tuple[int, int] | None = None):
@@ -206,7 +209,8 @@ class StreamedModel:
             yield r, self._rows(self.head_name, r, stop, buf[: stop - r])
 
     def _rows(self, name: str, start: int, stop: int, out=None):
-        return self._tensor(name, out, (start, stop))
+        t = self._tensor(name, out, (start, stop))
+        return t if self.transform is None else self.transform(name, t)
 
     def _gather(self, key: Tensor, ids: np.ndarray):
         """Rows `ids` (sorted, unique) of a lookup table, read in runs of consecutive ids."""
@@ -267,26 +271,32 @@ class StreamedModel:
         shell.embed_tokens = shell.embed_tokens_per_layer = None
         return out
 
-    def run_layers(self, seqs: list[_Seq], on_layer=None) -> None:
-        """Every decoder layer over every sequence, loading each layer once; on_layer(i) after each."""
-        torch = self.torch
-        types = self.config.layer_types
-        with torch.no_grad():
-            for i in range(self.config.num_hidden_layers):
-                layer = self.layer(i)
-                for s in seqs:
-                    kw = {"shared_kv_states": s.shared, "position_embeddings": s.rotary[types[i]],
-                          "attention_mask": s.masks[types[i]], "position_ids": s.positions, "cache": s.cache}
-                    if self.has_ple:
-                        kw["per_layer_input"] = s.ple[:, :, i, :]
-                    s.hidden = layer(s.hidden, **kw)
-                self.release(i)
-                if on_layer is not None:
-                    on_layer(i)
+    def run_layer(self, i: int, layer, seqs: list[_Seq]) -> None:
+        """Decoder layer i (loaded) over the sequences."""
+        t = self.config.layer_types[i]
+        with self.torch.no_grad():
+            for s in seqs:
+                kw = {"shared_kv_states": s.shared, "position_embeddings": s.rotary[t], "attention_mask": s.masks[t],
+                      "position_ids": s.positions, "cache": s.cache}
+                if self.has_ple:
+                    kw["per_layer_input"] = s.ple[:, :, i, :]
+                s.hidden = layer(s.hidden, **kw)
+
+    def finish(self, seqs: list[_Seq]) -> None:
+        """The final norm, after the last layer."""
         for s in seqs:
-            with torch.no_grad():
+            with self.torch.no_grad():
                 s.hidden = self.shell.norm(s.hidden)
             s.ple = s.masks = s.rotary = s.shared = None
+
+    def run_layers(self, seqs: list[_Seq], on_layer=None) -> None:
+        """Every decoder layer over every sequence, loading each layer once; on_layer(i) after each."""
+        for i in range(self.config.num_hidden_layers):
+            self.run_layer(i, self.layer(i), seqs)
+            self.release(i)
+            if on_layer is not None:
+                on_layer(i)
+        self.finish(seqs)
 
     def final_hidden(self, sequences: list[list[int]], caches: list | None = None) -> list:
         """The final normed hidden states [T, H] of each sequence."""
