@@ -93,6 +93,9 @@ USAGE_CASES = [
     (["matrix", "--adaptr", "x"], "gemma4-export matrix", "No such option: --adaptr"),
     (["variants", "--jsn"], "gemma4-export variants", "No such option: --jsn"),
     (["frobnicate"], "gemma4-export", "No such command 'frobnicate'"),
+    (["imatrix", "--variant", "tiny-e2b"], "gemma4-export imatrix", "Missing option '--out'"),
+    (["gguf", "--variant", "tiny-e2b", "--max-size", "lots"], "gemma4-export gguf", "give a size such as 2.5GB"),
+    (["plan", "--variant", "tiny-e2b", "--target-bpw", "x"], "gemma4-export plan", "Invalid value for '--target-bpw'"),
     (["--bogus"], "gemma4-export", "No such option: --bogus"),
 ]
 
@@ -252,3 +255,20 @@ def test_too_narrow_for_a_table_gives_lines():
 
     assert variants_table(width=60) is None
     assert len(variants_lines()) == 1 + len(VARIANTS)
+
+
+def test_imatrix_command_writes_a_file_the_export_reads(tmp_path):
+    """`imatrix` writes llama.cpp's GGUF imatrix; `gguf --imatrix` quantizes with it, and names it in the file."""
+    imat = tmp_path / "tiny-31b.imatrix.gguf"
+    r = run("imatrix", "--variant", "tiny-31b", "--out", str(imat), "--calibration-chunks", "1")
+    assert r.returncode == 0, r.stderr
+    assert "matrices, 1 chunks x 1024 tokens" in r.stdout and imat.is_file()
+    r = run("gguf", "--variant", "tiny-31b", "--quant", "q4_k_m", "--imatrix", str(imat), "--out", str(tmp_path),
+            "--no-validate")
+    assert r.returncode == 0, r.stderr
+    from gemma4_export.targets.gguf_file import read_gguf
+
+    meta = read_gguf(tmp_path / "tiny-31b-q4_k_m.gguf").metadata
+    assert meta["quantize.imatrix.file"] == imat.name and meta["quantize.imatrix.chunks_count"] == 1
+    r = run("imatrix", "--variant", "tiny-31b", "--out", str(imat))
+    assert r.returncode != 0 and "exists" in r.stderr  # never overwritten without --force
