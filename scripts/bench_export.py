@@ -1,13 +1,18 @@
 """Benchmark: export speed and peak memory on a synthetic checkpoint with E2B's real widths.
 
     python scripts/bench_export.py [--targets gguf,onnx,mlx] [--layers 6] [--work /tmp/gemma4-bench] [--keep]
+                                   [--llama-cpp TREE --llama-bin DIR] [--calibrate]
 
 Builds (once) a bf16 checkpoint with E2B's hidden size 1536, vocabulary 262144, per-layer embeddings of 256 per
 layer, intermediate 6144, 8 heads of 256 (512 on full layers) and a few layers (about 2 GB), then times, each in a
 fresh process that reports its own peak resident memory:
   - a plain copy of the checkpoint file (the floor for any conversion),
-  - per target, a 16-bit and a 4-bit export with --no-validate: gguf bf16 and q4_k_m, onnx fp16 and int4, mlx bf16
-    and 4bit.
+  - per target, a 16-bit and a 4-bit export with --no-validate (and --no-calibrate: the export alone): gguf bf16 and
+    q4_k_m, onnx fp16 and int4, mlx bf16 and 4bit;
+  - with --calibrate, `gemma4-export imatrix` on the checkpoint, then the gguf q4_k_m export with that imatrix;
+  - with --llama-cpp (the llama.cpp source tree: convert_hf_to_gguf.py and gguf-py) and --llama-bin (its built
+    llama-quantize), llama.cpp's own two steps to the same q4_k_m: convert_hf_to_gguf.py --outtype bf16, then
+    llama-quantize Q4_K_M; and the ratio of their total time to ours.
 Not a test: it prints numbers, it asserts nothing.
 """
 
@@ -113,8 +118,23 @@ def _size(p: Path) -> int:
     return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-def run(label: str, body: str, argv: list[str]) -> dict:
-    code = _CHILD.format(argv=argv, body=body)
+# A child that runs an external command and prints the peak RSS of its largest child (RUSAGE_CHILDREN).
+_EXTERNAL = """
+import resource, subprocess, sys
+r = subprocess.run({cmd!r}, env={env!r}, capture_output=True, text=True)
+if r.returncode:
+    sys.stderr.write(r.stderr[-3000:])
+    raise SystemExit(r.returncode)
+print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)
+"""
+
+
+def run_external(label: str, cmd: list[str], env: dict | None = None) -> dict:
+    return run(label, None, [], code=_EXTERNAL.format(cmd=cmd, env=env if env is not None else dict(os.environ)))
+
+
+def run(label: str, body: str | None, argv: list[str], code: str | None = None) -> dict:
+    code = code or _CHILD.format(argv=argv, body=body)
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     secs = time.perf_counter() - t0
@@ -131,6 +151,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/gemma4-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
     ap.add_argument("--make", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--calibrate", action="store_true", help="also time the imatrix and a calibrated gguf q4_k_m")
+    ap.add_argument("--llama-cpp", type=Path, help="llama.cpp source tree (convert_hf_to_gguf.py, gguf-py)")
+    ap.add_argument("--llama-bin", type=Path, help="directory with llama.cpp's built llama-quantize")
     a = ap.parse_args()
     if a.make:
         make_checkpoint(a.make, a.layers)
@@ -151,9 +174,31 @@ def main() -> None:
             job_out = out / f"{target}-{q}"
             rows.append(run(f"gemma4-export {target} {q}", cli, ["gemma4-export", target, "--model-dir", str(ck),
                                                                  "--quant", q, "--out", str(job_out),
-                                                                 "--no-validate", "--force"]))
+                                                                 "--no-validate", "--force", "--no-calibrate"]))
             rows[-1]["output_mb"] = round(_size(job_out) / 1e6)
             shutil.rmtree(job_out)
+    if a.calibrate:
+        imat = out / "imatrix.gguf"
+        rows.append(run("gemma4-export imatrix", cli, ["gemma4-export", "imatrix", "--model-dir", str(ck), "--out",
+                                                       str(imat), "--force"]))
+        job_out = out / "gguf-q4_k_m-imatrix"
+        rows.append(run("gemma4-export gguf q4_k_m +imatrix", cli,
+                        ["gemma4-export", "gguf", "--model-dir", str(ck), "--quant", "q4_k_m", "--out", str(job_out),
+                         "--no-validate", "--force", "--imatrix", str(imat)]))
+        rows[-1]["output_mb"] = round(_size(job_out) / 1e6)
+        shutil.rmtree(job_out)
+    if a.llama_cpp and a.llama_bin:
+        env = dict(os.environ, PYTHONPATH=str(a.llama_cpp / "gguf-py"))
+        bf16 = out / "llama-bf16.gguf"
+        rows.append(run_external("llama.cpp convert bf16", [sys.executable, str(a.llama_cpp / "convert_hf_to_gguf.py"),
+                                                            str(ck), "--outtype", "bf16", "--outfile", str(bf16)], env))
+        rows[-1]["output_mb"] = round(_size(bf16) / 1e6)
+        q4 = out / "llama-q4_k_m.gguf"
+        rows.append(run_external("llama.cpp quantize q4_k_m", [str(a.llama_bin / "llama-quantize"), str(bf16), str(q4),
+                                                               "Q4_K_M", str(os.cpu_count())]))
+        rows[-1]["output_mb"] = round(_size(q4) / 1e6)
+        bf16.unlink()
+        q4.unlink()
     print(f"checkpoint: {size / 1e9:.2f} GB bf16, {a.layers} layers, E2B widths; {os.cpu_count()} cores")
     print(f"{'job':28s} {'seconds':>8s} {'peak RSS MB':>12s} {'output MB':>10s}")
     for r in rows:
@@ -161,6 +206,13 @@ def main() -> None:
     base = rows[0]["seconds"]
     for r in rows[1:]:
         print(f"{r['job']} / plain copy: {r['seconds'] / base:.2f}x")
+    by = {r["job"]: r for r in rows}
+    ours = by.get("gemma4-export gguf q4_k_m")
+    if ours and "llama.cpp quantize q4_k_m" in by:
+        theirs = by["llama.cpp convert bf16"]["seconds"] + by["llama.cpp quantize q4_k_m"]["seconds"]
+        peak = max(by["llama.cpp convert bf16"]["peak_rss_mb"], by["llama.cpp quantize q4_k_m"]["peak_rss_mb"])
+        print(f"q4_k_m: gemma4-export {ours['seconds']:.1f} s, {ours['peak_rss_mb']} MB peak; llama.cpp convert + "
+              f"quantize {theirs:.1f} s, {peak} MB peak: {theirs / ours['seconds']:.2f}x faster")
     if not a.keep:
         shutil.rmtree(out)
 

@@ -8,7 +8,9 @@ bfloat16 (E2B: 10.2 GB) with the tokenizer of the shipped tiny-e2b checkpoint. T
 process whose own peak resident memory (ru_maxrss from wait4) and seconds it records:
 
   reference  gemma4-export reference --model-dir CKPT --out REF   (the streamed fp32 reference, stored)
-  gguf       gemma4-export gguf --model-dir CKPT --quant q4_k_m --out OUT --no-validate   (the export)
+  imatrix    gemma4-export imatrix --model-dir CKPT --out OUT/imatrix.gguf   (calibration on the streamed model)
+  gguf       gemma4-export gguf --model-dir CKPT --quant q4_k_m --out OUT --no-validate, with --imatrix
+             OUT/imatrix.gguf when the imatrix step made it, else --no-calibrate   (the one-pass export)
   validate   gemma4-export validate OUT/<name>.gguf --reference REF   (llama.cpp against the stored reference)
   baseline   the whole-model reference (validate.reference.WholeModelReference: the whole multimodal model in fp32)
              computing the logits of the same windows and the greedy continuations of the same prompts; it runs only
@@ -49,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from gemma4_export.exporter.variants import TINY_DIR, get_variant  # noqa: E402 (light: json only)
 
 S, F = "sliding_attention", "full_attention"
-STEPS = ("reference", "gguf", "validate", "baseline")
+STEPS = ("reference", "imatrix", "gguf", "validate", "baseline")
 MARKER = "bench_checkpoint.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 GB = 1e9
@@ -269,6 +271,7 @@ def main() -> None:
                     help="build into DIR/checkpoint and keep it (reused when it matches), outputs in DIR")
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, from {', '.join(STEPS)}")
     ap.add_argument("--quant", default="q4_k_m", help="GGUF preset to export and validate (default q4_k_m)")
+    ap.add_argument("--calibration-chunks", type=int, default=16, help="imatrix step: chunks of 1024 tokens")
     ap.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
     ap.add_argument("--embed-std", type=float, default=EMBED_STD,
                     help=f"std of the token embedding (default {EMBED_STD}, transformers' init)")
@@ -345,10 +348,20 @@ def main() -> None:
                 if r["rc"]:
                     fail(r)
                 results["reference"] = reference_summary(ref)
+            elif step == "imatrix":
+                out.mkdir(exist_ok=True)
+                r = measure(step, x + ["imatrix", "--model-dir", str(ck), "--out", str(out / "imatrix.gguf"),
+                                       "--force", "--calibration-chunks", str(a.calibration_chunks)],
+                            logs / "imatrix.log")
+                results["steps"].append(r)
+                if r["rc"]:
+                    fail(r)
             elif step == "gguf":
                 out.mkdir(exist_ok=True)
+                imat = out / "imatrix.gguf"
+                calib = ["--imatrix", str(imat)] if "imatrix" in steps and imat.is_file() else ["--no-calibrate"]
                 r = measure(step, x + ["gguf", "--model-dir", str(ck), "--quant", a.quant, "--out", str(out),
-                                       "--no-validate", "--force"], logs / "gguf.log")
+                                       "--no-validate", "--force"] + calib, logs / "gguf.log")
                 results["steps"].append(r)
                 if r["rc"]:
                     fail(r)
@@ -447,7 +460,7 @@ def report(res: dict, full_depth: bool) -> None:
     outputs = {"build": f"{ck.get('bytes', 0) / GB:.2f} GB checkpoint",
                "reference": f"{res.get('reference', {}).get('bytes', 0) / 1e6:.1f} MB reference directory",
                "gguf": f"{res.get('gguf', {}).get('bytes', 0) / GB:.2f} GB {res.get('gguf', {}).get('file', '')}",
-               "validate": "validation report", "baseline": "logits + greedy, whole model in fp32"}
+               "imatrix": "imatrix file", "validate": "validation report", "baseline": "logits + greedy, whole model in fp32"}
     for r in res["steps"]:
         print(f"| {r['step']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_rss_bytes'] / GB:.2f} | "
               f"{outputs.get(r['step'], '')}{'' if r['rc'] == 0 else ' (exit %d)' % r['rc']} |")

@@ -113,7 +113,8 @@ RULES: tuple[Rule, ...] = (
     Rule("layer-scalar", frozenset({Role.LAYER_SCALAR}), lambda c: c.preset.full, "layer scalar: full precision"),
     Rule("ple-table", frozenset({Role.PLE_TABLE}), lambda c: c.ple_type or c.preset.ple_table,
          "PLE table: explicit setting (--ple-type); default follows the preset's base type, since it is the largest "
-         "tensor (about half of E2B's text weights) and is read by row lookup, not accumulated in a matmul"),
+         "tensor (about half of E2B's text weights) and is read by row lookup, not accumulated in a matmul; "
+         "--target-bpw / --max-size choose it by its measured KLD instead (no imatrix covers a lookup table)"),
     Rule("ple-model-projection", frozenset({Role.PLE_MODEL_PROJ}), lambda c: c.preset.ple_model_proj,
          "PLE model projection: it feeds every layer, so it gets the preset's own slot for it: 16 bits in GGUF "
          "(llama.cpp never quantizes it), the preset's high type in MLX and ONNX"),
@@ -121,7 +122,8 @@ RULES: tuple[Rule, ...] = (
          "PLE gate/projection: kept high, their output feeds every layer's residual stream"),
     Rule("token-embedding", frozenset({Role.TOKEN_EMBD}), lambda c: c.preset.embed,
          "token embedding: tied in Gemma 4's published models, so it is also the output head; given the output "
-         "head's type"),
+         "head's type (quantized with the head's imatrix vector); --target-bpw / --max-size choose it by its "
+         "measured KLD instead"),
     Rule("output-head", frozenset({Role.OUTPUT}), lambda c: c.preset.embed,
          "untied output head (a fine-tune saved with tie_word_embeddings false): the preset's output-head type, "
          "as the tied embedding gets"),

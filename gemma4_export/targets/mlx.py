@@ -197,9 +197,9 @@ def _row_importance(imat: np.ndarray | None, entry: PlanEntry, first: int, n: in
 
 def _write(tmp: Path, ck: Checkpoint, jobs: list[_Job], outs: list[_Out], names: list[str], total: int,
            reporter: Reporter, plan: Plan, mx, importance=None) -> None:
-    """Quantized modules go through `mx.quantize` (min/max affine groups), or, for a matrix the calibration has
-    statistics for, through quant.weighted.mlx_affine: the same affine layout, with each group's scale and bias
-    chosen to minimise the importance-weighted error."""
+    """Quantized modules go through `mx.quantize` (min/max affine groups), or, when calibrating, through
+    quant.weighted.mlx_affine: the same affine layout, with each group's scale and bias chosen to minimise the
+    importance-weighted error (evenly weighted for a lookup table, which no imatrix covers)."""
     from ..quant.weighted import mlx_affine
 
     fds, bases = [], []
@@ -218,7 +218,7 @@ def _write(tmp: Path, ck: Checkpoint, jobs: list[_Job], outs: list[_Out], names:
                 for r0, block in _blocks(ck, job, 32 << 20):
                     if bg is None:
                         parts = [encode_float(block, job.entry.type).tobytes()]
-                    elif imat is not None:
+                    elif importance is not None:  # a lookup table has no statistics: the search, evenly weighted
                         wq, scales, biases = mlx_affine(block, _row_importance(imat, job.entry, r0, len(block)),
                                                         bg[0], bg[1])
                         parts = [wq.tobytes(), scales.tobytes(), biases.tobytes()]

@@ -138,7 +138,7 @@ class Graph:
         32*bits/8] (MatMulNBits' layout; the same bytes as [rows, cols*bits/8] for a lookup table) and float32
         scales [rows, cols/32]. Without calibration statistics for it: onnxruntime's own quantizer (round to
         nearest). With them: quant.weighted.int_blocks, the same layout with each block's scale chosen to minimise
-        the importance-weighted error."""
+        the importance-weighted error (a lookup table, which no imatrix covers, with even weights)."""
         from onnx import TensorProto
 
         kb, blob = cols // BLOCK, BLOCK * bits // 8
@@ -161,6 +161,8 @@ class Graph:
     def _quantizer(self, name: str, rows: int, cols: int, bits: int):
         """(first row, float32 row block) -> (packed, scales) for one weight."""
         imat = self.importance(name) if self.importance is not None else None
+        if imat is None and self.importance is not None:  # calibrating, but no statistics: a lookup table
+            imat = np.ones((1, cols), np.float32)  # the same search, each block's own error weighted evenly
         if imat is None:
             from onnxruntime.quantization.matmul_nbits_quantizer import (
                 DefaultWeightOnlyQuantConfig,
