@@ -121,9 +121,9 @@ def _size(p: Path) -> int:
 # A child that runs an external command and prints the peak RSS of its largest child (RUSAGE_CHILDREN).
 _EXTERNAL = """
 import resource, subprocess, sys
-r = subprocess.run({cmd!r}, env={env!r}, capture_output=True, text=True)
+r = subprocess.run({cmd!r}, env={env!r}, capture_output=True)
 if r.returncode:
-    sys.stderr.write(r.stderr[-3000:])
+    sys.stderr.write(r.stderr[-3000:].decode("utf-8", "replace"))
     raise SystemExit(r.returncode)
 print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)
 """
