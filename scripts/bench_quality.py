@@ -450,6 +450,15 @@ def main() -> None:
     for k, why in b.skipped.items():
         log(f"skipping {k}: {why}")
     t0 = time.perf_counter()
+
+    def save(final: bool) -> None:  # after every variant, so that a run cut short leaves what it measured
+        b.compare()
+        (out / "bench_quality.json").write_text(json.dumps(
+            {"rows": [asdict(r) for r in b.rows], "skipped": b.skipped, "seconds": time.perf_counter() - t0,
+             "complete": final, "versions": versions(), "same_size_within": SAME_SIZE,
+             "calibration": {"chunk": CHUNK, "chunks": CHUNKS}, "target_bpw": b.target_bpw}, indent=2) + "\n")
+        (out / "bench_quality.svg").write_text(b.svg())
+
     for v in a.variants:
         tv = time.perf_counter()
         try:
@@ -458,18 +467,12 @@ def main() -> None:
             b.skipped[v] = _short(e)
             log(f"[{v}] failed: {_short(e)}")
         log(f"[{v}] done in {time.perf_counter() - tv:.0f} s")
-    b.compare()
-    total = time.perf_counter() - t0
+        save(False)
+    save(True)
     log("\n" + b.table() + "\n")
     if b.skipped:
         log("Skipped: " + "; ".join(f"{k}: {v}" for k, v in b.skipped.items()))
-    log(f"Total {total:.0f} s")
-    (out / "bench_quality.json").write_text(json.dumps(
-        {"rows": [asdict(r) for r in b.rows], "skipped": b.skipped, "seconds": total, "versions": versions(),
-         "same_size_within": SAME_SIZE, "calibration": {"chunk": CHUNK, "chunks": CHUNKS},
-         "target_bpw": b.target_bpw}, indent=2) + "\n")
-    (out / "bench_quality.svg").write_text(b.svg())
-    log(f"wrote {out / 'bench_quality.json'} and {out / 'bench_quality.svg'}")
+    log(f"Total {time.perf_counter() - t0:.0f} s; wrote {out / 'bench_quality.json'} and {out / 'bench_quality.svg'}")
 
 
 if __name__ == "__main__":
