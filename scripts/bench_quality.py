@@ -39,8 +39,11 @@ Workarounds, each in a copy of the checkpoint (symlinked files, an edited config
   hidden_size_per_layer_input to 0, which is what transformers and gemma4-export read it as.
 The converter makes the text model only (no --mmproj), so the towers' processor files are never needed.
 
-Set GEMMA4_EXPORT_CACHE to keep the calibration cache elsewhere. Timing on 2 CPU cores, tiny-e2b: the reference ~30 s,
-our calibration ~2 min the first time (cached after), llama-imatrix ~7 s, each validation 2-10 s.
+Time, measured on 2 CPU cores shared with a test run: tiny-e2b takes about 25 minutes once the caches are warm (the
+reference 20-110 s, llama-imatrix 7-100 s, each GGUF or ONNX validation 2-45 s, each MLX validation 1-2 minutes). The
+first run on a checkpoint adds our calibration (about 2 minutes for tiny-e2b) and, for the target_bpw rows, the
+sensitivity measurement (about 8 minutes for tiny-e2b, 12 for tiny-26b-a4b); both are cached under
+$GEMMA4_EXPORT_CACHE.
 """
 
 from __future__ import annotations
