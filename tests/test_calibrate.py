@@ -212,6 +212,23 @@ def test_one_pass_bytes_equal_llama_model_quantize(tmp_path, variant, preset, ca
     assert any(t not in G.FLOAT_TYPES for t, _ in ours.values())
 
 
+def test_row_blocks_and_their_pipeline_do_not_change_the_bytes(tmp_path):
+    """Quantizing in small row blocks (so that every tensor takes many, pipelined reads and quantizations, and an
+    expert's rows end inside a block) writes the same bytes as whole tensors at once: the blocks, the ring of reused
+    buffers and the per-expert imatrix vectors line up."""
+    src = _src("tiny-26b-a4b")
+    imp = cal.importance_for(src, chunks=2)
+    r = api.export("gguf", "tiny-26b-a4b", "q4_k_m", tmp_path / "one", calibration_chunks=2, force=True)
+    p = get_preset("q4_k_m", "gguf")
+    out = {}
+    for label, block in (("small", 40_000), ("whole", 1 << 30)):
+        path = tmp_path / f"{label}.gguf"
+        G.convert(src.checkpoint, src, r.plan, p, path, False, Silent(), block_bytes=block, importance=imp)
+        out[label] = _tensor_bytes(path)
+    experts = [n for n in out["small"] if "_exps" in n]
+    assert experts and out["small"] == out["whole"] == _tensor_bytes(r.path)
+
+
 def _llama_tool(name: str) -> str | None:
     d = os.environ.get("GEMMA4_LLAMA_TOOLS")
     return shutil.which(name, path=d) if d else None

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from gemma4_export.errors import CheckpointError, CheckpointNotFoundError, ConfigError
-from gemma4_export.exporter.checkpoint import Checkpoint, resolve_checkpoint, to_f32
+from gemma4_export.exporter.checkpoint import Checkpoint, f32_row_blocks, prefetched, resolve_checkpoint, to_f32
 from gemma4_export.exporter.tensors import Role
 from gemma4_export.exporter.variants import get_variant
 
@@ -71,6 +71,48 @@ def test_row_blocks_reassemble_the_tensor():
         assert np.array_equal(np.concatenate([b for _, b in blocks]), ck.raw(name))
         f = to_f32(blocks[0][1], "BF16")
         assert f.dtype == np.float32 and np.isfinite(f).all()
+
+
+@pytest.mark.parametrize("layout", [None, "fp16", "fp32-sharded"])  # bf16 (the shipped checkpoint), fp16, fp32
+def test_float32_row_blocks_in_a_ring_of_buffers(layout, tmp_path):
+    """The float32 blocks that the quantizer reads equal the tensor widened at once, block after block, although
+    they live in reused buffers; prefetched in a thread they arrive the same."""
+    from layouts import build
+
+    d = build(layout, tmp_path / layout) if layout else get_variant("tiny-e2b").local_dir
+    with Checkpoint(d) as ck:
+        name = max((n for n in ck.tensors if "embed" in n), key=lambda n: ck.info(n).numel)
+        info = ck.info(name)
+        whole = to_f32(ck.raw(name), info.dtype).reshape(-1, info.shape[-1])
+        for it in (f32_row_blocks(ck, name, 20_000, ring=3), prefetched(f32_row_blocks(ck, name, 20_000, ring=3))):
+            got = [(r, b.copy()) for r, b in it]
+            assert len(got) > 5 and got[0][0] == 0
+            assert np.array_equal(np.concatenate([b for _, b in got]), whole)
+
+
+def test_prefetched_hands_on_errors_and_stops_when_left():
+    def items(log):
+        for i in range(100):
+            log.append(i)
+            if i == 7:
+                raise ValueError("bad block 7")
+            yield i
+
+    log: list[int] = []
+    it = prefetched(items(log))
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="bad block 7"):
+        list(it)
+    log2: list[int] = []
+    it2 = prefetched(items(log2), depth=1)
+    assert next(it2) == 0
+    it2.close()  # the consumer stops: the producer must not run on through the tensor
+    n = len(log2)
+    assert n <= 3
+    import time
+
+    time.sleep(0.3)
+    assert len(log2) == n
 
 
 # ---- the Hugging Face cache -------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -279,6 +281,81 @@ def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
         return bf16_to_f32(a)
     return a.astype(np.float32)
+
+
+def f32_row_blocks(ck, name: str, max_bytes: int, ring: int = 3) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, rows widened to float32) over the tensor flattened to 2-D, each block about `max_bytes` of float32.
+    The blocks live in a ring of `ring` reused buffers (raw and float32), so a long tensor costs no new memory, nor its
+    page faults, per block: a block is valid until `ring - 1` more have been produced (3 suits `prefetched` with
+    depth 1: one being used, one queued, one being filled). `ck` is a Checkpoint or an adapter-merged view."""
+    info = ck.info(name)
+    row = info.shape[-1] if info.shape else 1
+    n_rows = info.numel // row if row else 0
+    size = DTYPES[info.dtype][1] if info.dtype in DTYPES else 4
+    per = max(1, max_bytes // (row * 4))
+    raws: list[np.ndarray | None] = [None] * ring
+    outs: list[np.ndarray | None] = [None] * ring
+    for k, r in enumerate(range(0, n_rows, per)):
+        n = min(per, n_rows - r)
+        slot = k % ring
+        if outs[slot] is None:
+            raws[slot] = np.empty(min(per, n_rows) * row * size, np.uint8)
+            outs[slot] = np.empty(min(per, n_rows) * row, np.float32)
+        block = ck.read_into(name, raws[slot], (r, r + n))
+        out = outs[slot][: n * row].reshape(n, row)
+        if block.dtype == np.float32:
+            out = block  # a merged adapter tensor arrives as new float32 memory
+        elif info.dtype == "BF16":
+            u = out.view(np.uint32)
+            u[...] = block
+            u <<= 16
+        else:
+            out[...] = block
+        yield r, out
+
+
+_DONE = object()
+
+
+def prefetched(items: Iterable, depth: int = 1) -> Iterator:
+    """`items`, produced in a background thread up to `depth` ahead of the consumer: the next block is read (and
+    widened) while the caller quantizes this one. An exception in the producer is raised here; when the consumer
+    stops early (an error, Ctrl-C, a closed generator) the producer stops at its next item."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            q.put((_DONE, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((_DONE, e))
+
+    t = threading.Thread(target=produce, name="prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            item, err = q.get()
+            if err is not None:
+                raise err
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
 
 
 # ---- resolution ------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -70,10 +70,17 @@ class Quantizer:
         self.threads = max(1, threads or os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ggml-quantize") if self.threads > 1 else None
         self.lib = _lib()
+        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="ggml-quantize-ahead")
 
     def close(self) -> None:
+        self._ahead.shutdown(cancel_futures=True)
         if self.pool is not None:
             self.pool.shutdown()
+
+    def submit(self, type_name: str, rows: np.ndarray, imatrix: np.ndarray | None = None) -> Future:
+        """`quantize` started in the background: the caller writes the previous block meanwhile. `rows` must stay
+        unchanged until the future is done."""
+        return self._ahead.submit(self.quantize, type_name, rows, imatrix)
 
     def __enter__(self) -> Quantizer:
         return self

@@ -17,6 +17,7 @@ import os
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -308,7 +309,7 @@ def _quantized_blocks(ck: Checkpoint, e: PlanEntry, name: str, importance, quant
                       ) -> Iterator[np.ndarray]:
     """One tensor quantized in blocks of rows. An expert tensor [E, R, C] is E matrices of R rows, each with its own
     importance vector (llama.cpp's imatrix holds one per expert); a block never spans two of them."""
-    from ..exporter.checkpoint import to_f32
+    from ..exporter.checkpoint import f32_row_blocks, prefetched
 
     info = ck.info(e.name)
     per_matrix = math.prod(info.shape[1:-1]) if len(info.shape) > 2 else info.shape[0]
@@ -317,16 +318,34 @@ def _quantized_blocks(ck: Checkpoint, e: PlanEntry, name: str, importance, quant
     if imat is not None and imat.shape != (n_mat, info.shape[-1]):
         raise ExportError(f"the imatrix entry for {name} is {list(imat.shape)}, the tensor needs "
                           f"[{n_mat}, {info.shape[-1]}]: it was computed for another model")
-    for r0, block in ck.iter_rows(e.name, block_bytes // 2):  # about block_bytes once widened to float32
-        rows = to_f32(block, info.dtype)
-        i = 0
-        while i < len(rows):
-            m = (r0 + i) // per_matrix
-            j = min(len(rows), (m + 1) * per_matrix - r0)
-            q = quantizer.quantize(e.type, rows[i:j], imat[m] if imat is not None else None)
+    # A pipeline that keeps every core on ggml's kernels: block k+2 is read and widened to float32 (about block_bytes)
+    # while block k+1 is quantized and block k's bytes are written. Four ring buffers: k and k+1 held here, k+2
+    # queued, k+3 being filled.
+    pending: deque = deque()
+    blocks = prefetched(f32_row_blocks(ck, e.name, block_bytes, ring=4))
+    try:
+        for r0, rows in blocks:
+            i = 0
+            while i < len(rows):
+                m = (r0 + i) // per_matrix
+                j = min(len(rows), (m + 1) * per_matrix - r0)
+                pending.append(quantizer.submit(e.type, rows[i:j], imat[m] if imat is not None else None))
+                i = j
+            while len(pending) > 1 or (pending and pending[0].done()):
+                q = pending.popleft().result()
+                task.advance(q.nbytes)
+                yield q
+        while pending:
+            q = pending.popleft().result()
             task.advance(q.nbytes)
             yield q
-            i = j
+    finally:
+        for f in pending:
+            f.cancel()
+        for f in pending:  # a running one still reads its rows: let it finish before the buffers go
+            if not f.cancelled():
+                f.exception()
+        blocks.close()
 
 
 # ---- quantization through llama.cpp ----------------------------------------------------------------------------

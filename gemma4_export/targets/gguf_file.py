@@ -277,8 +277,19 @@ def _read_value(c: _Cursor, vtype: int, key: str, arrays: bool):
         raise GGUFFormatError(f"{c.path}: malformed GGUF: nested arrays in {key!r}")
     if st == GGUFValueType.STRING:
         c.need(count * 8, f"{count} strings of {key!r}")  # every string has at least its 8-byte length
-        out = [c.string(f"element of {key!r}") for _ in range(count)]
-        return out if arrays else f"<{count} strings>"
+        if arrays:
+            return [c.string(f"element of {key!r}") for _ in range(count)]
+        # Skipped, not decoded: a 262,144-token vocabulary takes a second to decode and the summary needs none of it.
+        pos, end, buf = c.pos, len(c.buf), c.buf
+        for _ in range(count):
+            if pos + 8 > end:
+                break
+            pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+        else:
+            if pos <= end:
+                c.pos = pos
+                return f"<{count} strings>"
+        raise GGUFFormatError(f"{c.path}: malformed GGUF: the strings of {key!r} run past the end of the file")
     size = struct.calcsize(_SCALARS[st])
     c.need(count * size, f"{count} elements of {key!r}")
     arr = np.frombuffer(c.buf, dtype=_NUMPY[st], count=count, offset=c.pos).copy()
