@@ -98,9 +98,12 @@ def atomic_dir(final: str | Path, force: bool = False, need_bytes: int = 0) -> I
         with _disk_full_is_an_error(final):
             tmp.mkdir()
             yield st
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+            for f in sorted(tmp.rglob("*")):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
+                _fsync_dir(d)
             if final.exists():
                 final.rename(old)
             tmp.rename(final)

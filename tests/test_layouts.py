@@ -91,7 +91,7 @@ def _tensor_bytes(target: str, path: Path) -> dict[str, bytes]:
         for f in sorted(path.glob("*.safetensors")):
             out.update({k: v.tobytes() for k, v in load_file(str(f)).items()})
         return out
-    return {"model.onnx.data": (path / "model.onnx.data").read_bytes()}
+    return {f.name: f.read_bytes() for f in sorted((path / "onnx").glob("*.onnx_data*"))}
 
 
 @pytest.mark.parametrize("target", ["gguf", "onnx", "mlx"])

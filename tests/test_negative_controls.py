@@ -8,8 +8,8 @@ files, as a buggy converter would have written them:
 - GGUF (f32): tensor bytes rewritten in place at the tensor's absolute data offset; a metadata value rewritten in
   place inside the serialised key/value section.
 - MLX (bf16): tensor bytes rewritten in place in the safetensors shard.
-- ONNX (fp32): initializer bytes rewritten in model.onnx.data at their recorded offset; small constants (norm
-  weights, RoPE frequencies, the softcap) replaced in model.onnx's graph with the onnx library.
+- ONNX (fp32): initializer bytes rewritten in the decoder's external data at their recorded offset; small constants
+  (norm weights, RoPE frequencies, the softcap) replaced in the decoder graph with the onnx library.
 
 Float presets only, so the edits are plain float arithmetic and the clean artifact is held to float tolerances.
 All on tiny-31b (the smallest tiny variant), with one fp32 reference shared by every validation.
@@ -304,13 +304,19 @@ def test_mlx_gate_up_swapped_fails(mlx_clean, reference, tmp_path):
     _assert_caught(rep, "mean KLD", "top-1", "greedy")
 
 
-# ---- ONNX: edits of model.onnx.data and of the graph in model.onnx ----------------------------------------------
+# ---- ONNX: edits of the decoder's external data and of its graph ---------------------------------------------
+
+
+def _decoder_path(directory: Path) -> Path:
+    from gemma4_export.targets.onnx import graph_files
+
+    return directory / graph_files("fp32")["decoder_model_merged"]
 
 
 def _onnx_model(directory: Path):
     import onnx
 
-    return onnx.load(str(directory / "model.onnx"), load_external_data=False)
+    return onnx.load(str(_decoder_path(directory)), load_external_data=False)
 
 
 def _external(model, name: str) -> tuple[str, int, int]:
@@ -327,7 +333,7 @@ def onnx_swap_external(directory: Path, a: str, b: str) -> None:
     m = _onnx_model(directory)
     (la, oa, na), (lb, ob, nb) = _external(m, a), _external(m, b)
     assert la == lb and na == nb
-    with open(directory / la, "r+b") as f:
+    with open(_decoder_path(directory).parent / la, "r+b") as f:
         f.seek(oa)
         da = f.read(na)
         f.seek(ob)
@@ -357,7 +363,7 @@ def onnx_replace_constant(directory: Path, node_pattern: str, input_index: int, 
     m.graph.initializer.append(new)
     for n in nodes:
         n.input[input_index] = new.name
-    onnx.save(m, str(directory / "model.onnx"))
+    onnx.save(m, str(_decoder_path(directory)))
 
 
 @pytest.fixture(scope="module")
@@ -377,7 +383,7 @@ def test_onnx_clean_control_passes(onnx_clean, reference):
 
 
 def test_onnx_gate_up_swapped_fails(onnx_clean, reference, tmp_path):
-    """One layer's mlp.gate_proj and mlp.up_proj bytes exchanged in model.onnx.data: gelu(up) * gate. Caught by
+    """One layer's mlp.gate_proj and mlp.up_proj bytes exchanged in the decoder's data: gelu(up) * gate. Caught by
     mean KLD and max |logit difference|."""
     d = _copy(onnx_clean, tmp_path / onnx_clean.name)
     stem = f"model.language_model.layers.{FFN_LAYER}.mlp."

@@ -14,7 +14,7 @@ onnx = pytest.importorskip("onnx")
 from gemma4_export.atomic import OutputError  # noqa: E402
 from gemma4_export.errors import Gemma4ExportError, QuantError  # noqa: E402
 from gemma4_export.exporter.variants import TINY, get_variant  # noqa: E402
-from gemma4_export.targets.onnx import CONFIG_FILE, DATA_FILE, MODEL_FILE, quantized_weights  # noqa: E402
+from gemma4_export.targets.onnx import CONFIG_FILE, graph_files, quantized_weights  # noqa: E402
 from gemma4_export import api  # noqa: E402
 from gemma4_export.validate.onnxrt import ONNXRunner, cache_consistency  # noqa: E402
 
@@ -26,16 +26,19 @@ def out_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("onnx")
 
 
-def _initializers(path):
-    m = onnx.load(str(path / MODEL_FILE), load_external_data=False)
-    return m, {t.name: t for t in m.graph.initializer}
+def _graphs(path):
+    cfg = json.loads((path / CONFIG_FILE).read_text())
+    files = graph_files(cfg["gemma4_export"]["preset"])
+    return [onnx.load(str(path / files[part]), load_external_data=False)
+            for part in ("embed_tokens", "decoder_model_merged")]
 
 
 def check_against_plan(path, plan):
     """Every weight the plan quantizes is a MatMulNBits / GatherBlockQuantized input with the plan's bits; every
-    weight it keeps in float is a float initializer of the plan's precision; nothing dropped is in the graph."""
-    m, inits = _initializers(path)
-    quant = quantized_weights(m)
+    weight it keeps in float is a float initializer of the plan's precision; nothing dropped is in the graphs."""
+    models = _graphs(path)
+    inits = {t.name: t for m in models for t in m.graph.initializer}
+    quant = {k: v for m in models for k, v in quantized_weights(m).items()}
     by_name = {}
     for (name, op), bits in quant.items():
         by_name.setdefault(name, set()).add(bits)
@@ -58,15 +61,26 @@ def check_against_plan(path, plan):
 def test_export_matches_plan_and_validates(variant, preset, out_dir):
     r = api.export("onnx", variant, preset, out=out_dir, force=True)
     assert r.path == out_dir / f"{variant}-onnx-{preset}"
-    for f in (MODEL_FILE, DATA_FILE, CONFIG_FILE, "tokenizer.json", "tokenizer_config.json"):
+    sfx = {"fp32": "", "int4": "_q4"}[preset]
+    for f in (f"onnx/embed_tokens{sfx}.onnx", f"onnx/embed_tokens{sfx}.onnx_data",
+              f"onnx/decoder_model_merged{sfx}.onnx", f"onnx/decoder_model_merged{sfx}.onnx_data", CONFIG_FILE,
+              "config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (r.path / f).is_file(), f
+    tjs = json.loads((r.path / "config.json").read_text())["transformers.js_config"]
+    assert tjs["use_external_data_format"] == {f"embed_tokens{sfx}.onnx": 1, f"decoder_model_merged{sfx}.onnx": 1}
+    # the joined graph (for onnxruntime-genai) reads the two graphs' data: no weights of its own
+    single = onnx.load(str(r.path / f"onnx/model{sfx}.onnx"), load_external_data=False)
+    locations = {e.value for t in single.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {f"embed_tokens{sfx}.onnx_data", f"decoder_model_merged{sfx}.onnx_data"}
+    assert not list((r.path / "onnx").glob(f"model{sfx}.onnx_data*"))
+    assert (r.path / "onnx" / f"model{sfx}.onnx").stat().st_size < 2_000_000
     quant = check_against_plan(r.path, r.plan)
     a = get_variant(variant).arch()
     if preset == "int4":
         assert quant, "int4 quantizes matrices"
         prefix = "model.language_model."
         assert quant[(prefix + "embed_tokens.weight", "GatherBlockQuantized")] == 8
-        assert quant[(prefix + "embed_tokens.weight", "MatMulNBits")] == 8  # the tied head, on the same bytes
+        assert quant[(prefix + "embed_tokens.weight", "MatMulNBits")] == 8  # the tied head, the decoder's copy
         assert quant[(prefix + "layers.0.self_attn.q_proj.weight", "MatMulNBits")] == 4
         if a.moe:
             assert (prefix + "layers.0.router.proj.weight", "MatMulNBits") not in quant, "router stays fp32"
@@ -112,6 +126,12 @@ def test_cached_generation_past_the_sliding_window(e2b_fp32):
     step, _ = e2b_fp32.run(np.array([[7]]), np.ones((1, 41)), np.array([[40]]), cache)
     full = e2b_fp32.logits(prompt + [7])
     assert np.abs(step[0, -1] - full[-1]).max() < 1e-4
+    # num_logits_to_keep: the last n positions' logits, the same numbers; 0 keeps them all
+    for keep in (1, 3):
+        part, _ = e2b_fp32.run(np.array([prompt]), np.ones((1, 40)), np.arange(40)[None], e2b_fp32.empty_cache(),
+                               keep=keep)
+        assert part.shape == (1, keep, logits.shape[-1]) and np.array_equal(part[0], logits[0, -keep:])
+    assert logits.shape[1] == 40
 
 
 def test_batch_with_left_padding(e2b_fp32):
@@ -130,6 +150,28 @@ def test_batch_with_left_padding(e2b_fp32):
                            np.array([[len(a)], [len(b)]]), cache)
     assert np.abs(step[0, -1] - e2b_fp32.logits(a + [5])[-1]).max() < 1e-4
     assert np.abs(step[1, -1] - e2b_fp32.logits(b + [6])[-1]).max() < 1e-4
+
+
+def test_external_data_in_several_files(out_dir, monkeypatch, e2b_fp32):
+    """Past the per-file limit the weights go to X.onnx_data, X.onnx_data_1, ... (transformers.js's names, declared
+    in config.json), no tensor split between two; onnxruntime loads them and the logits are unchanged."""
+    from gemma4_export.targets import onnx as onnx_target
+
+    monkeypatch.setattr(onnx_target, "DATA_LIMIT", 3_000_000)
+    r = api.export("onnx", "tiny-e2b", "fp32", out=out_dir / "chunks", force=True)
+    tjs = json.loads((r.path / "config.json").read_text())["transformers.js_config"]["use_external_data_format"]
+    n = tjs["decoder_model_merged.onnx"]
+    assert n > 2
+    files = sorted(p.name for p in (r.path / "onnx").glob("decoder_model_merged.onnx_data*"))
+    assert files == sorted(["decoder_model_merged.onnx_data"] + [f"decoder_model_merged.onnx_data_{i}"
+                                                                  for i in range(1, n)])
+    assert all((r.path / "onnx" / f).stat().st_size <= 3_000_000 or f == files[0] for f in files[1:])
+    m = onnx.load(str(r.path / "onnx/decoder_model_merged.onnx"), load_external_data=False)
+    used = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
+    assert used == set(files)
+    runner = ONNXRunner(r.path)
+    ids = list(range(100, 140))
+    assert np.array_equal(runner.logits(ids), e2b_fp32.logits(ids))
 
 
 def test_ple_type_and_overrides_reach_the_graph(out_dir):
@@ -176,7 +218,8 @@ def test_malformed_artifacts_give_clear_errors(out_dir):
     from gemma4_export.validate.harness import validate_artifact
 
     r = api.export("onnx", "tiny-31b", "fp32", out=out_dir / "m", force=True)
-    (r.path / MODEL_FILE).write_bytes((r.path / MODEL_FILE).read_bytes()[:200])
+    dec = r.path / graph_files("fp32")["decoder_model_merged"]
+    dec.write_bytes(dec.read_bytes()[:200])
     with pytest.raises(Gemma4ExportError, match="onnxruntime could not load"):
         validate_artifact(r.path, write=False)
     (r.path / CONFIG_FILE).write_text("{not json")

@@ -169,6 +169,10 @@ def test_linux_job_runs_the_readme_set_up_and_tests_then_the_matrix():
     assert torch_at < install_at, "torch is installed first, as in the README"
     assert extras <= set(re.search(r"\[(.*?)\]", lines[install_at]).group(1).split(","))
     test_at = next(i for i, ln in enumerate(lines) if ln.split("||")[0].strip() == pytest_cmd)
+    npm = next(p for p in cmd if p.startswith("npm ci"))  # transformers.js for the ONNX consumer tests
+    npm_at = next(i for i, ln in enumerate(lines) if ln == npm)
+    assert install_at < npm_at < test_at
+    assert "setup-node" in " ".join(s.get("uses", "") for s in job["steps"])
     matrix_at = next(i for i, ln in enumerate(lines) if ln.startswith("gemma4-export matrix"))
     assert install_at < test_at < matrix_at
     documented = [ln.split("#")[0].strip() for ln in README.read_text().splitlines()

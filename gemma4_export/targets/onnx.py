@@ -1,18 +1,26 @@
-"""ONNX target: a decoder graph for onnxruntime, with a KV cache, driven token by token by an application.
+"""ONNX target: the Gemma 4 text model as the graphs transformers.js and onnxruntime-genai load, for onnxruntime.
 
-The directory `<name>-onnx-<preset>/` holds model.onnx (the graph), model.onnx.data (every weight, as external
-data, so models over 2 GB load), inference_config.json (inputs, outputs, cache layout, special tokens, chat
-template: what an app needs to run it) and the tokenizer files. Weights stream from the checkpoint into their
-place in model.onnx.data while the graph is built (onnx_decoder.py over onnx_ops.py); int8/int4 weights are block-quantized
-as the plan says, into MatMulNBits (matrices) and GatherBlockQuantized (lookup tables): by onnxruntime's own quantizer,
-or, for matrices the calibration has statistics for, with each block's scale chosen to minimise the
-importance-weighted error (quant/weighted.py), in the same layout.
+The directory `<name>-onnx-<preset>/` is laid out as a Hugging Face ONNX repository (the onnx-community form):
+- onnx/embed_tokens{suffix}.onnx: input_ids -> inputs_embeds [B, S, H] and, with per-layer embeddings,
+  per_layer_inputs [B, S, L, P];
+- onnx/decoder_model_merged{suffix}.onnx: inputs_embeds (+ per_layer_inputs), attention_mask, position_ids,
+  past_key_values.{i}.key/value for each layer that owns a KV cache, num_logits_to_keep -> logits, present.{i}.*;
+- each graph's weights in external data beside it ({name}.onnx_data, then _1, _2, ... past 2 GB per file);
+- config.json (the checkpoint's, with a `transformers.js_config` block), generation_config.json, the tokenizer files
+  and chat template; genai_config.json for onnxruntime-genai; inference_config.json, which documents the inputs,
+  outputs and cache layout for any other application and records how the artifact was made.
+The suffix names the preset as transformers.js's `dtype` does: '' fp32, _fp16, _quantized (8-bit), _q4.
+Weights stream from the checkpoint into their place in the data files while the graphs are built (onnx_decoder.py
+over onnx_ops.py); int8/int4 weights are block-quantized as the plan says, into MatMulNBits (matrices) and
+GatherBlockQuantized (lookup tables): by onnxruntime's own quantizer, or, for matrices the calibration has
+statistics for, with each block's scale chosen to minimise the importance-weighted error (quant/weighted.py), in the
+same layout.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import time
 from pathlib import Path
 
@@ -22,18 +30,31 @@ from .. import __version__
 from ..errors import Gemma4ExportError
 from ..exporter.checkpoint import Checkpoint, to_f32
 from ..exporter.source import ModelSource
+from ..exporter.tensors import Tensor as T
 from ..exporter.tokenizer import read_tokenizer
 from ..quant.plan import Plan
 from ..quant.presets import Preset
 from ..quant.types import ONNX_TYPES
 from . import copy_tokenizer_files
 from .registry import Platform, Target, register
-from .onnx_decoder import Weights, build_decoder, cache_names
+from .onnx_decoder import Weights, build_decoder, build_embed, cache_names
 from .onnx_ops import OPSET, QUANT_BITS, Graph, WeightFile
 
-MODEL_FILE, DATA_FILE, CONFIG_FILE = "model.onnx", "model.onnx.data", "inference_config.json"
+CONFIG_FILE, GENAI_FILE, ONNX_DIR = "inference_config.json", "genai_config.json", "onnx"
+EMBED, DECODER, SINGLE = "embed_tokens", "decoder_model_merged", "model"
+SUFFIXES = {"fp32": "", "fp16": "_fp16", "int8": "_quantized", "int4": "_q4"}  # transformers.js's dtype names
+DATA_LIMIT = 2_000_000_000  # bytes per external data file (transformers.js in a browser reads each into one buffer)
 IR_VERSION = 10  # what onnxruntime 1.20 and later read
 BLOCK_BYTES = 32 << 20
+
+
+def suffix(preset: str) -> str:
+    return SUFFIXES.get(preset, f"_{preset}")
+
+
+def graph_files(preset: str) -> dict[str, str]:
+    """{part: path of its .onnx relative to the artifact directory}."""
+    return {part: f"{ONNX_DIR}/{part}{suffix(preset)}.onnx" for part in (EMBED, DECODER, SINGLE)}
 
 
 class ONNXExportError(Gemma4ExportError):
@@ -105,29 +126,46 @@ def inference_config(src: ModelSource, plan: Plan) -> dict:
             "ple_type": plan.ple_type, "overrides": plan.overrides}
     # name, hub id, base and adapter; never a local path (ModelSource.provenance)
     meta.update({k: v for k, v in src.provenance().items() if k != "name"})
+    files = graph_files(plan.preset)
+    embeds = {"dtype": "float32", "shape": ["batch_size", "sequence", a.hidden_size],
+              "doc": "the token embeddings scaled by sqrt(hidden_size)"}
+    per_layer = {"dtype": "float32", "shape": ["batch_size", "sequence", a.num_layers, a.ple_dim],
+                 "doc": "the per-layer table's rows scaled by sqrt(per-layer dim); the decoder adds the projection"}
+    embed_out = {"inputs_embeds": embeds, **({"per_layer_inputs": per_layer} if a.has_ple else {})}
     return {
-        "format": "gemma4-export onnx decoder",
-        "model": MODEL_FILE,
-        "external_data": DATA_FILE,
-        "opset": OPSET,
-        "inputs": {
-            "input_ids": {"dtype": "int64", "shape": ["batch", "sequence"]},
-            "attention_mask": {"dtype": "int64", "shape": ["batch", "past_sequence + sequence"],
-                               "doc": "1 for real tokens, 0 for padding, over the cached and the new tokens"},
-            "position_ids": {"dtype": "int64", "shape": ["batch", "sequence"],
-                             "doc": "positions of the new tokens (past_sequence + 0, 1, ...; shift for left padding)"},
+        "format": "gemma4-export onnx (transformers.js layout)",
+        "graphs": {
+            EMBED: {"file": files[EMBED], "inputs": {"input_ids": {"dtype": "int64", "shape": ["batch_size", "sequence"]}},
+                    "outputs": embed_out},
+            DECODER: {
+                "file": files[DECODER],
+                "inputs": {
+                    **embed_out,
+                    "attention_mask": {"dtype": "int64", "shape": ["batch_size", "past_sequence + sequence"],
+                                       "doc": "1 for real tokens, 0 for padding, over the cached and the new tokens"},
+                    "position_ids": {"dtype": "int64", "shape": ["batch_size", "sequence"],
+                                     "doc": "positions of the new tokens (past_sequence + 0, 1, ...; shift for left "
+                                            "padding)"},
+                    "num_logits_to_keep": {"dtype": "int64", "shape": [],
+                                           "doc": "logits for the last n positions only; 0 for every position"},
+                },
+                "outputs": {"logits": {"dtype": "float32", "shape": ["batch_size", "num_logits_to_keep or sequence",
+                                                                      a.vocab_size],
+                                       "doc": "after final softcapping"}},
+            },
         },
-        "outputs": {"logits": {"dtype": "float32", "shape": ["batch", "sequence", a.vocab_size],
-                               "doc": "after final softcapping"}},
+        "opset": OPSET,
         "kv_cache": {
             "dtype": "float32",
-            "layout": ["batch", "kv_heads", "sequence", "head_dim"],
+            "layout": ["batch_size", "kv_heads", "sequence", "head_dim"],
             "doc": "feed each present.* output back as the matching past_key_values.* input; start with sequence 0. "
                    "Every layer keeps its whole history; sliding layers mask it to their window.",
             "layers": cache,
             "kv_shared_layers": shared,
         },
         "vocab_size": a.vocab_size,
+        "hidden_size": a.hidden_size,
+        "num_attention_heads": a.num_heads,
         "context_length": a.max_position_embeddings,
         "bos_token_id": tok.bos_id,
         "eos_token_ids": list(tok.eos_ids),
@@ -140,10 +178,118 @@ def inference_config(src: ModelSource, plan: Plan) -> dict:
     }
 
 
-def _model(g: Graph, src: ModelSource, plan: Plan):
+def hf_config(checkpoint_dir: Path, data_files: dict[str, int]) -> dict:
+    """config.json as transformers.js reads a Gemma 4 ONNX repository: model_type gemma4 with the text model's
+    config nested as text_config (model_type gemma4_text), architectures Gemma4ForConditionalGeneration (the class
+    whose text sessions are embed_tokens + decoder_model_merged), and which graphs have external data in how many
+    files. A text-only checkpoint (Gemma4ForCausalLM, a flat gemma4_text config) is nested; the unified model's
+    config (gemma4_unified, which transformers.js does not map) is given the gemma4 type its text model runs as.
+    The graphs are the text model only, so the towers' configs are left out of a rewritten config."""
+    cfg = json.loads((checkpoint_dir / "config.json").read_text())
+    if cfg.get("model_type") == "gemma4_text":
+        text = {k: v for k, v in cfg.items() if k not in ("architectures", "transformers.js_config")}
+        cfg = {"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4", "text_config": text,
+               **{k: cfg[k] for k in ("tie_word_embeddings", "dtype", "transformers_version") if k in cfg}}
+    elif cfg.get("model_type") != "gemma4" or cfg.get("architectures", [None])[0] != "Gemma4ForConditionalGeneration":
+        cfg = {k: v for k, v in cfg.items() if k not in ("vision_config", "audio_config")}
+        cfg.update(architectures=["Gemma4ForConditionalGeneration"], model_type="gemma4")
+        cfg["text_config"] = dict(cfg.get("text_config") or {}, model_type="gemma4_text")
+    tjs = dict(cfg.get("transformers.js_config") or {})
+    ext = tjs.get("use_external_data_format")
+    ext = dict(ext) if isinstance(ext, dict) else {}
+    ext.update(data_files)
+    tjs["use_external_data_format"] = ext
+    cfg["transformers.js_config"] = tjs
+    return cfg
+
+
+def genai_config(cfg: dict, preset: str) -> dict:
+    """genai_config.json for onnxruntime-genai: type gemma4_text over the single graph (input_ids -> logits). Its
+    schema is strict (an unknown key is an error). The cache layers are found by their input names and each one's
+    head count and size read from the graph's fixed dimensions (the first cache layer's are the fallback values);
+    num_hidden_layers is the number of layers that own a cache. The sliding window is masked inside the graph and
+    every layer keeps its whole history, so no sliding_window section, and past and present are separate buffers."""
+    layers = cfg["kv_cache"]["layers"]
+    return {
+        "model": {
+            "type": "gemma4_text",
+            "bos_token_id": cfg["bos_token_id"],
+            "eos_token_id": cfg["eos_token_ids"],
+            "pad_token_id": cfg["pad_token_id"] if cfg["pad_token_id"] is not None else cfg["eos_token_ids"][0],
+            "vocab_size": cfg["vocab_size"],
+            "context_length": cfg["context_length"],
+            "decoder": {
+                "filename": graph_files(preset)[SINGLE],
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "hidden_size": cfg["hidden_size"],
+                "num_attention_heads": cfg["num_attention_heads"],
+                "num_key_value_heads": layers[0]["kv_heads"],
+                "head_size": layers[0]["head_dim"],
+                "num_hidden_layers": len(layers),
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": cfg["context_length"],
+                   "min_length": 0, "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0,
+                   "top_k": 1, "top_p": 1.0},
+    }
+
+
+def tokenizer_config_with_template(directory: Path) -> None:
+    """transformers.js's apply_chat_template reads tokenizer_config.json's chat_template (chat_template.jinja is read
+    only by its processor): put the checkpoint's template there too, where it is not already."""
+    tc, jinja = directory / "tokenizer_config.json", directory / "chat_template.jinja"
+    if not (tc.is_file() and jinja.is_file()):
+        return
+    cfg = json.loads(tc.read_text())
+    if not cfg.get("chat_template"):
+        cfg["chat_template"] = jinja.read_text()
+        tc.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
+def single_graph(embed, decoder, name: str):
+    """One graph input_ids -> logits, the embedding graph feeding the decoder, for runtimes that take a decoder
+    with input_ids (onnxruntime-genai's gemma4_text). Its initializers keep their external data entries, so it
+    reads the two graphs' own data files: a second graph over the same weights, not a second copy of them."""
     from onnx import helper
 
-    graph = helper.make_graph(g.nodes, f"{src.name}-decoder", g.inputs, g.outputs, initializer=g.initializers)
+    links = {o.name for o in embed.graph.output}
+    outer = {i.name for i in embed.graph.input} | links
+
+    def rename(n: str) -> str:
+        return n if not n or n in outer else f"embed/{n}"
+
+    nodes = []
+    for n in embed.graph.node:
+        m = type(n)()
+        m.CopyFrom(n)
+        m.name = f"embed/{n.name}"
+        m.input[:] = [rename(x) for x in n.input]
+        m.output[:] = [rename(x) for x in n.output]
+        nodes.append(m)
+    inits = []
+    for t in embed.graph.initializer:
+        c = type(t)()
+        c.CopyFrom(t)
+        c.name = rename(t.name)
+        inits.append(c)
+    inputs = list(embed.graph.input) + [i for i in decoder.graph.input if i.name not in links]
+    graph = helper.make_graph(nodes + list(decoder.graph.node), name, inputs, list(decoder.graph.output),
+                              initializer=inits + list(decoder.graph.initializer))
+    model = helper.make_model(graph, opset_imports=list(decoder.opset_import), producer_name=decoder.producer_name,
+                              producer_version=decoder.producer_version)
+    model.ir_version = decoder.ir_version
+    model.metadata_props.extend(decoder.metadata_props)
+    return model
+
+
+def _model(g: Graph, src: ModelSource, plan: Plan, part: str):
+    from onnx import helper
+
+    graph = helper.make_graph(g.nodes, f"{src.name}-{part}", g.inputs, g.outputs, initializer=g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                     helper.make_opsetid("com.microsoft", 1)],
                               producer_name="gemma4-export", producer_version=__version__)
@@ -173,27 +319,44 @@ class ONNXTarget(Target):
     def write(self, job) -> None:
         t0 = time.perf_counter()
         tmp, plan, src = job.path, job.plan, job.source
-        total = plan.total_bytes  # the tied head reads the embedding's own bytes
-        fd = os.open(tmp / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            with job.reporter.task(f"export {plan.preset} (onnx)", total) as task:
-                g = Graph(WeightFile(fd, DATA_FILE), advance=task.advance)
-                if job.importance is not None:
-                    g.importance = lambda name: job.importance.for_tensor(name, job.checkpoint.text_prefix)
-                build_decoder(g, src.arch, _weights(job.checkpoint, plan))
-        finally:
-            os.close(fd)
+        (tmp / ONNX_DIR).mkdir()
+        files = graph_files(plan.preset)
+        weights = _weights(job.checkpoint, plan)
+        # the tied head is the embedding table again, in the decoder's own data
+        total = plan.total_bytes + (plan.by_name()[weights.name(T.TOKEN_EMBD)].bytes
+                                    if src.arch.tie_word_embeddings else 0)
+        quantized, data_files, models = [], {}, {}
+        with job.reporter.task(f"export {plan.preset} (onnx)", total) as task:
+            for part, build in ((EMBED, build_embed), (DECODER, functools.partial(build_decoder, split=True))):
+                path = tmp / files[part]
+                wf = WeightFile(str(path.parent), path.name + "_data", DATA_LIMIT)
+                try:
+                    g = Graph(wf, advance=task.advance)
+                    if job.importance is not None:
+                        g.importance = lambda name: job.importance.for_tensor(name, job.checkpoint.text_prefix)
+                    build(g, src.arch, weights)
+                finally:
+                    wf.close()
+                models[part] = _model(g, src, plan, part)
+                path.write_bytes(models[part].SerializeToString())
+                _check_model(path)
+                quantized += g.quantized
+                data_files[path.name] = len(wf.files)
+        single = tmp / files[SINGLE]
+        single.write_bytes(single_graph(models[EMBED], models[DECODER], f"{src.name}-{SINGLE}").SerializeToString())
+        _check_model(single)
         job.seconds["weights"] = time.perf_counter() - t0
-        model = _model(g, src, plan)
-        (tmp / MODEL_FILE).write_bytes(model.SerializeToString())
-        _check_model(tmp / MODEL_FILE)
-        check_quantized(g.quantized, plan)
+        check_quantized(quantized, plan)
         cfg = inference_config(src, plan)
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        (tmp / GENAI_FILE).write_text(json.dumps(genai_config(cfg, plan.preset), indent=2) + "\n")
         copy_tokenizer_files(job.checkpoint.dir, tmp)
+        tokenizer_config_with_template(tmp)
+        (tmp / "config.json").write_text(json.dumps(hf_config(job.checkpoint.dir, data_files), indent=2) + "\n")
 
     def recognises(self, path: Path) -> bool:
-        return (path.is_file() and path.suffix == ".onnx") or (path.is_dir() and any(path.glob("*.onnx")))
+        return (path.is_file() and path.suffix == ".onnx") or \
+            (path.is_dir() and ((path / CONFIG_FILE).is_file() or any((path / ONNX_DIR).glob("*.onnx"))))
 
     def artifact_info(self, path: Path):
         from ..validate.onnxrt import artifact_info

@@ -62,58 +62,112 @@ def cache_names(layer: int) -> tuple[str, str, str, str]:
             f"present.{layer}.value")
 
 
-def build_decoder(g: Graph, a: Gemma4Arch, w: Weights) -> None:
-    """Add the whole decoder to g: inputs, nodes, outputs."""
+def build_embed(g: Graph, a: Gemma4Arch, w: Weights) -> None:
+    """The embedding graph of the split layout: input_ids [B, S] -> inputs_embeds [B, S, H] (the lookup scaled by
+    sqrt(H), as transformers' scaled word embedding returns it) and, with PLE, per_layer_inputs [B, S, L, P] (the
+    per-layer table's lookup scaled by sqrt(P), before the projection of the embeddings is added: the decoder does
+    that, as transformers' get_per_layer_inputs / project_per_layer_inputs split it)."""
     from onnx import TensorProto, helper
 
     h = a.hidden_size
-    g.inputs += [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-                 helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
-                 helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])]
+    g.inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence"]))
+    emb_name = w.name(T.TOKEN_EMBD)
+    x = g.embedding("input_ids", emb_name, a.vocab_size, h, w.blocks(emb_name), w.type_of(emb_name))
+    g.nodes.append(helper.make_node("Mul", [x, g.const(math.sqrt(h))], ["inputs_embeds"], name="inputs_embeds"))
+    g.outputs.append(helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT,
+                                                   ["batch_size", "sequence", h]))
+    if a.has_ple:
+        L, P = a.num_layers, a.ple_dim
+        tname = w.name(T.PLE_TABLE)
+        tok = g.embedding("input_ids", tname, a.vocab_size_per_layer_input, L * P, w.blocks(tname),
+                          w.type_of(tname))
+        tok = g.op("Mul", [tok, g.const(math.sqrt(P))], "ple.tok.scaled")
+        shape = g.op("Concat", [g.op("Shape", ["input_ids"], "shape.ids"), g.ints(L, P)], "shape.ple", axis=0)
+        g.nodes.append(helper.make_node("Reshape", [tok, shape], ["per_layer_inputs"], name="per_layer_inputs"))
+        g.outputs.append(helper.make_tensor_value_info("per_layer_inputs", TensorProto.FLOAT,
+                                                       ["batch_size", "sequence", L, P]))
+
+
+def build_decoder(g: Graph, a: Gemma4Arch, w: Weights, split: bool = False) -> None:
+    """Add the whole decoder to g: inputs, nodes, outputs. With `split`, the decoder of the split layout: it takes
+    inputs_embeds (and per_layer_inputs) from build_embed's graph instead of input_ids, holds its own copy of the
+    (tied) output head, and takes num_logits_to_keep (0: every position; n: the last n)."""
+    from onnx import TensorProto, helper
+
+    h = a.hidden_size
+    if split:
+        g.inputs.append(helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch_size", "sequence", h]))
+        if a.has_ple:
+            g.inputs.append(helper.make_tensor_value_info("per_layer_inputs", TensorProto.FLOAT,
+                                                          ["batch_size", "sequence", a.num_layers, a.ple_dim]))
+    else:
+        g.inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence"]))
+    g.inputs += [helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence"]),
+                 helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence"])]
     owners = [i for i in range(a.num_layers) if not a.is_kv_shared(i)]
     for i in owners:
-        shape = ["batch", a.layer_kv_heads(i), "past_sequence", a.layer_head_dim(i)]
+        shape = ["batch_size", a.layer_kv_heads(i), "past_sequence", a.layer_head_dim(i)]
         pk, pv, _, _ = cache_names(i)
         g.inputs += [helper.make_tensor_value_info(pk, TensorProto.FLOAT, shape),
                      helper.make_tensor_value_info(pv, TensorProto.FLOAT, shape)]
 
+    if split:
+        g.inputs.append(helper.make_tensor_value_info("num_logits_to_keep", TensorProto.INT64, []))
+
     # sizes: B, S as 1-element int64 tensors; past length from the first cache input
-    ids_shape = g.op("Shape", ["input_ids"], "shape.ids")
+    ids_shape = g.op("Shape", ["inputs_embeds" if split else "input_ids"], "shape.ids")
     B = g.op("Slice", [ids_shape, g.ints(0), g.ints(1)], "batch")
     S = g.op("Slice", [ids_shape, g.ints(1), g.ints(2)], "seq")
     past = g.op("Slice", [g.op("Shape", [cache_names(owners[0])[0]], "shape.past"), g.ints(2), g.ints(3)],
                 "past_len")
-    ids_flat = g.op("Reshape", ["input_ids", g.ints(-1)], "ids.flat")
 
     masks = _masks(g, a, S, past)
     rope = {kind: _rope_tables(g, a, kind) for kind in {a.layer_types[i] for i in range(a.num_layers)}}
 
     # embeddings
     emb_name = w.name(T.TOKEN_EMBD)
-    x = g.embedding(ids_flat, emb_name, a.vocab_size, h, w.blocks(emb_name), w.type_of(emb_name))
-    x = g.op("Mul", [x, g.const(math.sqrt(h))], "embed.scaled")
-    ple = _per_layer_inputs(g, a, w, ids_flat, x) if a.has_ple else None
+    if split:
+        x = g.op("Reshape", ["inputs_embeds", g.ints(-1, h)], "embed.flat")
+        ple = None
+        if a.has_ple:
+            tok = g.op("Reshape", ["per_layer_inputs", g.ints(-1, a.num_layers, a.ple_dim)], "ple.tok")
+            ple = _per_layer_inputs(g, a, w, x, tok)
+    else:
+        ids_flat = g.op("Reshape", ["input_ids", g.ints(-1)], "ids.flat")
+        x = g.embedding(ids_flat, emb_name, a.vocab_size, h, w.blocks(emb_name), w.type_of(emb_name))
+        x = g.op("Mul", [x, g.const(math.sqrt(h))], "embed.scaled")
+        ple = _per_layer_inputs(g, a, w, x, _ple_lookup(g, a, w, ids_flat)) if a.has_ple else None
 
     kv: dict[int, tuple[str, str]] = {}
     for i in range(a.num_layers):
         x = _layer(g, a, w, i, x, B, S, masks, rope, kv, ple)
 
+    n_out = S
+    if split:  # only the last num_logits_to_keep positions reach the head (0: all of them)
+        keep = g.op("Neg", [g.op("Reshape", ["num_logits_to_keep", g.ints(1)], "keep.1")], "keep.start")
+        x3 = g.op("Reshape", [x, g.op("Concat", [B, S, g.ints(h)], "shape.hidden", axis=0)], "hidden.3d")
+        x3 = g.op("Slice", [x3, keep, g.ints(2**62), g.ints(1)], "hidden.kept")
+        n_out = g.op("Slice", [g.op("Shape", [x3], "shape.kept"), g.ints(1), g.ints(2)], "kept")
+        x = g.op("Reshape", [x3, g.ints(-1, h)], "hidden.kept.flat")
     x = g.rms_norm(x, g.const(w.vector(w.name(T.OUTPUT_NORM))), a.rms_norm_eps, "final_norm")
-    if a.tie_word_embeddings:
+    if a.tie_word_embeddings and not split:
         logits = g.tied_head(x, emb_name, a.vocab_size, h)
+    elif a.tie_word_embeddings:  # the split decoder's own copy of the table, as the head
+        logits = g.linear(x, emb_name, a.vocab_size, h, w.blocks(emb_name), w.type_of(emb_name), hint="head")
     else:  # an untied head (a fine-tune saved with tie_word_embeddings false): a linear layer of its own
         logits = _lin(g, w, x, w.name(T.OUTPUT), a.vocab_size, h)
     if a.final_logit_softcapping:
         c = g.const(a.final_logit_softcapping)
         logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, c], "softcap.div")], "softcap.tanh"), c],
                       "softcap")
-    shaped = g.op("Reshape", [logits, g.op("Concat", [B, S, g.ints(a.vocab_size)], "shape.logits", axis=0)],
+    shaped = g.op("Reshape", [logits, g.op("Concat", [B, n_out, g.ints(a.vocab_size)], "shape.logits", axis=0)],
                   "logits.shaped")
     g.nodes.append(helper.make_node("Identity", [shaped], ["logits"], name="logits"))
-    g.outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", a.vocab_size]))
+    g.outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                   ["batch_size", "kept_sequence", a.vocab_size]))
     for i in owners:
         _, _, ok, ov = cache_names(i)
-        shape = ["batch", a.layer_kv_heads(i), "total_sequence", a.layer_head_dim(i)]
+        shape = ["batch_size", a.layer_kv_heads(i), "total_sequence", a.layer_head_dim(i)]
         k, v = kv[i]
         g.nodes.append(helper.make_node("Identity", [k], [ok], name=ok))
         g.nodes.append(helper.make_node("Identity", [v], [ov], name=ov))
@@ -160,13 +214,18 @@ def _apply_rope(g: Graph, x: str, cos: str, sin: str, hd: int, hint: str) -> str
     return g.op("Add", [g.op("Mul", [x, cos], hint + ".cos"), g.op("Mul", [rot, sin], hint + ".sin")], hint)
 
 
-def _per_layer_inputs(g: Graph, a: Gemma4Arch, w: Weights, ids: str, x: str) -> str:
-    """[T, layers, ple_dim]: (table lookup * sqrt(P) + norm(projection(x) * H^-0.5)) * 2^-0.5."""
+def _ple_lookup(g: Graph, a: Gemma4Arch, w: Weights, ids: str) -> str:
+    """[T, layers, ple_dim]: the per-layer table's rows for the tokens, scaled by sqrt(P)."""
     L, P = a.num_layers, a.ple_dim
     tname = w.name(T.PLE_TABLE)
     tok = g.embedding(ids, tname, a.vocab_size_per_layer_input, L * P, w.blocks(tname), w.type_of(tname))
     tok = g.op("Mul", [tok, g.const(math.sqrt(P))], "ple.tok.scaled")
-    tok = g.op("Reshape", [tok, g.ints(-1, L, P)], "ple.tok")
+    return g.op("Reshape", [tok, g.ints(-1, L, P)], "ple.tok")
+
+
+def _per_layer_inputs(g: Graph, a: Gemma4Arch, w: Weights, x: str, tok: str) -> str:
+    """[T, layers, ple_dim]: (table lookup * sqrt(P) + norm(projection(x) * H^-0.5)) * 2^-0.5."""
+    L, P = a.num_layers, a.ple_dim
     pname = w.name(T.PLE_MODEL_PROJ)
     proj = g.linear(x, pname, L * P, a.hidden_size, w.blocks(pname), w.type_of(pname))
     proj = g.op("Reshape", [g.op("Mul", [proj, g.const(a.hidden_size ** -0.5)], "ple.proj.scaled"),

@@ -25,25 +25,66 @@ ALIGN, BIG_ALIGN = 64, 4096
 RowBlocks = Callable[[], Iterator[np.ndarray]]  # yields float32 row blocks of an [out, in] matrix, in order
 
 
+CHUNK = 1 << 40  # a virtual offset's stride per data file: offset = file index * CHUNK + offset in that file
+
+
 @dataclass
 class WeightFile:
-    """The external data file: each tensor is given an aligned region and written there, block by block."""
+    """The external data of one graph: each tensor is given an aligned region and written there, block by block.
+    With `limit`, the data goes into several files of at most that size each (`X.onnx_data`, `X.onnx_data_1`, ...,
+    as transformers.js names them; a browser cannot hold one buffer over 2 GB), a tensor never split between two
+    (one larger than the limit has a file to itself). Offsets handed out are virtual: file index * CHUNK + offset."""
 
-    fd: int
+    directory: str
     location: str
-    size: int = 0
+    limit: int | None = None
+    sizes: list = field(default_factory=lambda: [0])
+    _fds: dict = field(default_factory=dict)
+
+    def name(self, index: int) -> str:
+        return self.location if index == 0 else f"{self.location}_{index}"
+
+    @property
+    def files(self) -> list[str]:
+        return [self.name(i) for i in range(len(self.sizes))]
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes)
 
     def reserve(self, nbytes: int) -> int:
         align = BIG_ALIGN if nbytes >= (1 << 20) else ALIGN
-        off = -(-self.size // align) * align
-        self.size = off + nbytes
-        return off
+        off = -(-self.sizes[-1] // align) * align
+        if self.limit is not None and self.sizes[-1] and off + nbytes > self.limit:
+            self.sizes.append(0)
+            off = 0
+        self.sizes[-1] = off + nbytes
+        return (len(self.sizes) - 1) * CHUNK + off
+
+    def where(self, virtual: int) -> tuple[str, int]:
+        """(file name, offset in it) of a virtual offset."""
+        return self.name(virtual // CHUNK), virtual % CHUNK
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
+        index, offset = divmod(offset, CHUNK)
+        fd = self._fds.get(index)
+        if fd is None:
+            fd = self._fds[index] = os.open(os.path.join(self.directory, self.name(index)),
+                                            os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         view = memoryview(data)
         while view:
-            n = os.pwrite(self.fd, view, offset)
+            n = os.pwrite(fd, view, offset)
             view, offset = view[n:], offset + n
+
+    def close(self) -> None:
+        """Close the files, first creating any that got no bytes (a file of only empty tensors)."""
+        for i in range(len(self.sizes)):
+            if i not in self._fds:
+                self._fds[i] = os.open(os.path.join(self.directory, self.name(i)),
+                                       os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 @dataclass
@@ -105,9 +146,10 @@ class Graph:
         from onnx import TensorProto
 
         off = self.weights.reserve(nbytes) if at is None else at
+        location, local = self.weights.where(off)
         t = TensorProto(name=name, data_type=onnx_type, dims=list(shape))
         t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", self.weights.location), ("offset", str(off)), ("length", str(nbytes))):
+        for k, v in (("location", location), ("offset", str(local)), ("length", str(nbytes))):
             e = t.external_data.add()
             e.key, e.value = k, v
         self.initializers.append(t)
@@ -190,9 +232,10 @@ class Graph:
         return weighted
 
     # -- layers ------------------------------------------------------------------------------------------------
-    def linear(self, x: str, name: str, out_f: int, in_f: int, blocks: RowBlocks, type_name: str) -> str:
+    def linear(self, x: str, name: str, out_f: int, in_f: int, blocks: RowBlocks, type_name: str,
+               hint: str | None = None) -> str:
         """x [T, in] @ W^T for a checkpoint weight W [out, in]."""
-        hint = name.removesuffix(".weight")
+        hint = hint or name.removesuffix(".weight")
         if type_name in QUANT_BITS:
             bits = QUANT_BITS[type_name]
             qn, sn = self.quant_weight(name, out_f, in_f, blocks, bits)

@@ -14,8 +14,12 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "mp
              "coreml": "CoreMLExecutionProvider"}
 
 
-def _directory(path: Path) -> Path:
-    return path.parent if path.is_file() else path
+def _directory(path: Path | str) -> Path:
+    """The artifact directory of a path to it, or to one of its graphs (onnx/*.onnx)."""
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    return path.parent if path.name == "onnx" and not (path / "inference_config.json").is_file() else path
 
 
 def read_config(path: Path) -> dict:
@@ -53,6 +57,9 @@ def providers_for(device: str) -> list[str]:
 
 
 class ONNXRunner:
+    """The two graphs as transformers.js drives them: embed_tokens on the new tokens, then the decoder on their
+    embeddings, the attention mask, the positions and the KV cache."""
+
     name = "onnxruntime"
 
     def __init__(self, path: Path, device: str = "cpu", threads: int | None = None):
@@ -60,7 +67,7 @@ class ONNXRunner:
             import onnxruntime as ort
         except ImportError:
             raise Gemma4ExportError("validating ONNX needs onnxruntime: pip install 'gemma4-export[onnx]'") from None
-        from ..targets.onnx import MODEL_FILE
+        from ..targets.onnx import DECODER, EMBED
 
         self.cfg = read_config(path)
         d = _directory(path)
@@ -69,10 +76,20 @@ class ONNXRunner:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         self.providers = providers_for(device)
-        try:
-            self.session = ort.InferenceSession(str(d / MODEL_FILE), opts, providers=self.providers)
-        except Exception as e:  # onnxruntime's own error types
-            raise Gemma4ExportError(f"onnxruntime could not load {d / MODEL_FILE}: {e}") from None
+        graphs = self.cfg.get("graphs") or {}
+        if EMBED not in graphs or DECODER not in graphs:
+            raise Gemma4ExportError(f"{d}/inference_config.json names no {EMBED} and {DECODER} graphs: an ONNX "
+                                    "export from an older gemma4-export? Export it again")
+        self.sessions = {}
+        for part in (EMBED, DECODER):
+            f = d / graphs[part]["file"]
+            try:
+                self.sessions[part] = ort.InferenceSession(str(f), opts, providers=self.providers)
+            except Exception as e:  # onnxruntime's own error types
+                raise Gemma4ExportError(f"onnxruntime could not load {f}: {e}") from None
+        self.session = self.sessions[DECODER]
+        self.embed = self.sessions[EMBED]
+        self._embed_outputs = [o.name for o in self.embed.get_outputs()]
         self._ort = ort
         self.layers = self.cfg["kv_cache"]["layers"]
         self._tokenizer = None
@@ -89,6 +106,7 @@ class ONNXRunner:
 
     def describe(self) -> dict:
         return {"runtime": f"onnxruntime {self._ort.__version__}", "device": self.session.get_providers()[0],
+                "graphs": {p: g["file"] for p, g in self.cfg["graphs"].items()},
                 "kv_cache": self.cfg["kv_cache"]["dtype"]}
 
     def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
@@ -99,11 +117,13 @@ class ONNXRunner:
             feeds[c["past_value"]] = z
         return feeds
 
-    def run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-            cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One run of the graph: logits [B, S, V] and the cache to feed next time."""
-        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
-                 "position_ids": positions.astype(np.int64), **cache}
+    def run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: dict[str, np.ndarray],
+            keep: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One step: logits [B, S, V] (the last `keep` positions only, when keep > 0) and the cache to feed next."""
+        embedded = self.embed.run(self._embed_outputs, {"input_ids": ids.astype(np.int64)})
+        feeds = {**dict(zip(self._embed_outputs, embedded)), "attention_mask": mask.astype(np.int64),
+                 "position_ids": positions.astype(np.int64), "num_logits_to_keep": np.array(keep, np.int64),
+                 **cache}
         names = ["logits"] + [n for c in self.layers for n in (c["present_key"], c["present_value"])]
         outs = self.session.run(names, feeds)
         nxt = {}
@@ -120,14 +140,15 @@ class ONNXRunner:
         """n tokens by argmax: the prompt in one run, then one token per run through the KV cache."""
         out: list[int] = []
         logits, cache = self.run(np.array([ids]), np.ones((1, len(ids))), np.arange(len(ids))[None],
-                                 self.empty_cache())
+                                 self.empty_cache(), keep=1)
         total = len(ids)
         while True:
             nxt = int(np.argmax(logits[0, -1]))
             out.append(nxt)
             if len(out) == n:
                 return out
-            logits, cache = self.run(np.array([[nxt]]), np.ones((1, total + 1)), np.array([[total]]), cache)
+            logits, cache = self.run(np.array([[nxt]]), np.ones((1, total + 1)), np.array([[total]]), cache,
+                                     keep=1)
             total += 1
 
     def greedy_uncached(self, ids: list[int], n: int) -> tuple[list[int], list[float]]:

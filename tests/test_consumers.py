@@ -1,0 +1,122 @@
+"""The ONNX directory in the apps that load it, unchanged: onnxruntime-genai (PyPI) through its genai_config.json, and
+transformers.js in Node (npm @huggingface/transformers, tests/js/generate.mjs) through config.json's
+transformers.js_config. Each generates greedily from the fp32 reference's chat prompts:
+- fp32: the tokens equal transformers' own greedy tokens (the stored reference's), token for token;
+- int4 (q4): they equal our onnxruntime runner's on the same directory (the artifact itself validates against the
+  reference within the preset's limits in test_onnx).
+Where two sequences part, the test accepts it only at a near-tie: the step's top-2 logit margin under 1e-4 (float
+rounding between onnxruntime builds), as the KV-cache check does; anything else fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from gemma4_export import api  # noqa: E402
+from gemma4_export.exporter.variants import TINY  # noqa: E402
+from gemma4_export.validate.onnxrt import ONNXRunner  # noqa: E402
+
+JS = Path(__file__).parent / "js"
+TIE = 1e-4
+CASES = [pytest.param(v, p, marks=() if (v, p) == ("tiny-e2b", "int4") else pytest.mark.slow)
+         for v in TINY for p in ("fp32", "int4")]
+DTYPE = {"fp32": "fp32", "int4": "q4"}  # transformers.js's names
+
+
+def _node() -> str:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the transformers.js check runs in Node 20+ (then "
+                    "`npm ci --ignore-scripts --prefix tests/js`)")
+    if not (JS / "node_modules" / "@huggingface" / "transformers").is_dir():
+        pytest.fail("tests/js has no node_modules: run `npm ci --ignore-scripts --prefix tests/js` (the README's "
+                    "set-up)")
+    return node
+
+
+def transformers_js(path: Path, dtype: str, ids: list[int], n: int) -> list[int]:
+    r = subprocess.run([_node(), str(JS / "generate.mjs"), str(path), dtype, json.dumps(ids), str(n)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "G4_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])["tokens"]
+
+
+def genai(path: Path, ids: list[int], n: int) -> list[int]:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out
+
+
+def _until_eos(tokens: list[int], eos) -> list[int]:
+    for j, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: j + 1]
+    return tokens
+
+
+def _agree(got: list[int], want: list[int], margin_at) -> tuple[bool, str]:
+    """Equal, or parted at a step where the chooser was at a near-tie (then the rest cannot be compared)."""
+    first = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    if first is None:
+        return len(got) == len(want), f"lengths {len(got)} / {len(want)}"
+    m = margin_at(first)
+    return m < TIE, f"part at step {first} ({got[first]} against {want[first]}), top-2 margin there {m:.2e}"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("consumers")
+
+
+@pytest.mark.parametrize("variant,preset", CASES)
+def test_apps_generate_the_same_tokens(variant, preset, workdir):
+    ref = api.reference(variant, windows=1, prompts=2, new_tokens=32)
+    art = api.export("onnx", variant, preset, out=workdir / variant, force=True).path
+    runner = ONNXRunner(art)
+    eos = set(ref.eos_ids)
+    for g in ref.generations:
+        n = len(g.tokens)
+        if preset == "fp32":  # transformers' greedy tokens, with its own margins
+            want, margin_at = g.tokens, lambda j, g=g: g.margins[j]
+        else:  # our onnxruntime runner on the same directory
+            want = _until_eos(runner.greedy(g.ids, n), eos)
+
+            def margin_at(j, want=want, g=g):
+                top2 = np.partition(runner.logits(g.ids + want[:j])[-1], -2)[-2:]
+                return float(top2[1] - top2[0])
+        for app, got in (("onnxruntime-genai", genai(art, g.ids, n)),
+                         ("transformers.js", transformers_js(art, DTYPE[preset], g.ids, n))):
+            ok, why = _agree(_until_eos(got, eos), want, margin_at)
+            assert ok, f"{app} on {variant} {preset}, prompt {g.prompt!r}: {why}"
+
+    # past the sliding window (64 tokens in the tiny models) and through the KV-shared layers: a held-out text's
+    # first 90 tokens, 40 new ones, against our runner (whose cache equals generation without one, test_onnx)
+    ids, n = ref.windows[0].ids[:90], 40
+    assert len(ids) == 90
+    want = _until_eos(runner.greedy(ids, n), eos)
+
+    def margin_long(j):
+        top2 = np.partition(runner.logits(ids + want[:j])[-1], -2)[-2:]
+        return float(top2[1] - top2[0])
+    for app, got in (("onnxruntime-genai", genai(art, ids, n)),
+                     ("transformers.js", transformers_js(art, DTYPE[preset], ids, n))):
+        ok, why = _agree(_until_eos(got, eos), want, margin_long)
+        assert ok, f"{app} on {variant} {preset}, 90-token prompt: {why}"
