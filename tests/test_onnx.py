@@ -49,7 +49,8 @@ def check_against_plan(path, plan):
             assert by_name.get(e.name) == {BITS[e.type]}, (e.name, e.type, by_name.get(e.name))
         elif len(e.shape) >= 2:
             want = onnx.TensorProto.FLOAT16 if e.type == "FP16" else onnx.TensorProto.FLOAT
-            assert e.name in inits and inits[e.name].data_type == want, (e.name, e.type)
+            name = e.name if len(e.shape) == 2 else f"{e.name}.expert0"  # experts: one view per expert
+            assert name in inits and inits[name].data_type == want, (e.name, e.type)
             assert e.name not in by_name
     assert set(by_name) <= {e.name for e in plan.kept}
     return quant
@@ -172,6 +173,34 @@ def test_external_data_in_several_files(out_dir, monkeypatch, e2b_fp32):
     runner = ONNXRunner(r.path)
     ids = list(range(100, 140))
     assert np.array_equal(runner.logits(ids), e2b_fp32.logits(ids))
+
+
+def test_moe_runs_only_the_experts_tokens_chose(out_dir, tmp_path):
+    """One expert of layer 0 (of 4, top 2) poisoned with NaN in the written weights: a token that did not choose it
+    gives exactly the clean logits (the expert was never computed), one that did gives NaN (the poisoned weights are
+    the expert's). With every expert computed for every token, all would be NaN."""
+    import shutil
+
+    r = api.export("onnx", "tiny-26b-a4b", "fp32", out=out_dir / "moe", force=True)
+    d = shutil.copytree(r.path, tmp_path / r.path.name)
+    dec = d / graph_files("fp32")["decoder_model_merged"]
+    m = onnx.load(str(dec), load_external_data=False)
+    t = next(i for i in m.graph.initializer
+             if i.name == "model.language_model.layers.0.experts.gate_up_proj.expert3")
+    ext = {e.key: e.value for e in t.external_data}
+    with open(dec.parent / ext["location"], "r+b") as f:
+        f.seek(int(ext["offset"]))
+        f.write(np.full(int(ext["length"]) // 4, np.nan, np.float32).tobytes())
+    clean, poisoned = ONNXRunner(r.path), ONNXRunner(d)
+    finite = nan = 0
+    for tok in range(2, 42):
+        a, b = clean.logits([tok]), poisoned.logits([tok])
+        if np.isnan(b).any():
+            nan += 1
+        else:
+            assert np.array_equal(a, b), tok
+            finite += 1
+    assert finite and nan, (finite, nan)
 
 
 def test_ple_type_and_overrides_reach_the_graph(out_dir):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 from pathlib import Path
 
@@ -91,21 +92,7 @@ def _weights(ck: Checkpoint, plan: Plan) -> Weights:
         info = ck.info(name)
         return to_f32(ck.raw(name), info.dtype).reshape(-1)
 
-    def expert_down(name: str):
-        """experts.down_proj [E, H, I] as rows of [H, E*I] (each output row holds every expert's row side by side),
-        read a block of output rows at a time: E positioned reads per block, never the whole tensor."""
-        info = ck.info(name)
-        e, h, i = info.shape
-        per = max(1, BLOCK_BYTES // (e * i * 4))
-
-        def gen():
-            for r in range(0, h, per):
-                stop = min(h, r + per)
-                parts = [to_f32(ck.rows(name, x * h + r, x * h + stop), info.dtype) for x in range(e)]
-                yield np.stack(parts, axis=1).reshape(stop - r, e * i)
-        return gen
-
-    return Weights(type_of, blocks, vector, expert_down, ck.text_prefix)
+    return Weights(type_of, blocks, vector, ck.text_prefix)
 
 
 def inference_config(src: ModelSource, plan: Plan) -> dict:
@@ -405,15 +392,23 @@ def _check_model(path: Path) -> None:
 
 
 def quantized_weights(model) -> dict[str, tuple[str, int]]:
-    """{(checkpoint tensor name, operator): bits} for every block-quantized weight of a model proto (the tied head
-    is a MatMulNBits view, named '<embedding>.head', of the embedding's bytes)."""
+    """{(checkpoint tensor name, operator): bits} for every block-quantized weight of a model proto, If branches
+    included (an expert's weights are views named '<tensor>.expert<e>')."""
     out = {}
-    for n in model.graph.node:
-        if n.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
-            continue
-        bits = next(a.i for a in n.attribute if a.name == "bits")
-        data = n.input[1] if n.op_type == "MatMulNBits" else n.input[0]
-        out[(data.removesuffix(f".q{bits}").removesuffix(".head"), n.op_type)] = bits
+
+    def walk(nodes):
+        for n in nodes:
+            for attr in n.attribute:
+                if attr.g.node:
+                    walk(attr.g.node)
+            if n.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
+                continue
+            bits = next(a.i for a in n.attribute if a.name == "bits")
+            data = n.input[1] if n.op_type == "MatMulNBits" else n.input[0]
+            name = re.sub(r"\.expert\d+$", "", data.removesuffix(f".q{bits}").removesuffix(".head"))
+            out[(name, n.op_type)] = bits
+
+    walk(model.graph.node)
     return out
 
 

@@ -9,10 +9,9 @@ What the graph holds, following transformers' Gemma 4:
   the attention_mask, a sliding window on sliding layers; K==V full layers take the key projection as values;
 - a KV cache input and output for each layer that owns one; KV-shared layers attend over their donor's present
   keys and values;
-- the MoE block lowered to standard operators: router (RMSNorm, scale, projection, softmax, top-k, renormalise,
-  per-expert scale) at full precision, then every expert computed as one wide matrix product whose outputs are
-  weighted by the (mostly zero) routing weights and summed by a second product. Compute follows the total expert
-  count, not the active one, in exchange for plain operators that every onnxruntime provider runs;
+- the MoE block: router (RMSNorm, scale, projection, softmax, top-k, renormalise, per-expert scale) at full
+  precision, then each expert run by an If node on the tokens routed to it only (its rows gathered, its GELU-gated
+  MLP on its own weights, the rows weighted and scattered back), so compute follows the active experts;
 - final norm, the tied output head, softcapping.
 """
 
@@ -49,7 +48,6 @@ class Weights:
     type_of: Callable[[str], str]
     blocks: Callable[[str], RowBlocks]  # rows of the tensor as stored, flattened to [rows, last dim]
     vector: Callable[[str], np.ndarray]  # a small tensor (norm weights, scalars, router scales), float32
-    expert_down: Callable[[str], RowBlocks]  # experts.down_proj [E, H, I] as [H, E*I] rows
     prefix: str
 
     def name(self, key: T, layer: int | None = None) -> str:
@@ -324,7 +322,12 @@ def _attention(g: Graph, a: Gemma4Arch, w: Weights, i: int, x: str, B: str, S: s
 
 
 def _moe(g: Graph, a: Gemma4Arch, w: Weights, i: int, x: str) -> str:
-    """The expert block on the residual stream x [T, H]: router at full precision, experts as dense products."""
+    """The expert block on the residual stream x [T, H]: the router at full precision, then each expert computed on
+    the tokens routed to it only. Every expert is an If node whose branch runs when some token chose it: it gathers
+    those tokens, runs the expert's GELU-gated MLP on them (MatMulNBits or Gemm on the expert's own weights, views of
+    the checkpoint's [E, out, in] tensors), scales each row by its routing weight and hands back the rows and their
+    token indices; a ScatterND adds them up. Decoding one token runs top_k experts, not all of them; a prompt costs
+    T * top_k expert rows, as in transformers."""
     n = lambda key: w.name(key, i)  # noqa: E731
     m, h = a.moe, a.hidden_size
     E, I, K = m.num_experts, m.intermediate_size, m.top_k
@@ -339,17 +342,52 @@ def _moe(g: Graph, a: Gemma4Arch, w: Weights, i: int, x: str) -> str:
                                      t + ".router.expert_scale")], t + ".router.weights")
     zeros = g.op("ConstantOfShape", [g.op("Shape", [probs], t + ".router.shape")], t + ".router.zeros",
                  value=_zero_tensor())
-    dense = g.op("ScatterElements", [zeros, top_i, top_w], t + ".router.dense", axis=1)  # [T, E]
+    dense = g.op("ScatterElements", [zeros, top_i, top_w], t + ".router.dense", axis=1)  # [T, E], 0 unless chosen
+    chosen = g.op("ReduceMax", [g.op("Cast", [g.op("Greater", [dense, g.const(0.0)], t + ".chosen.tok")],
+                                     t + ".chosen.f", to=1), g.ints(0)], t + ".chosen.any", keepdims=0)  # [E]
 
     y = _norm(g, a, w, x, n(T.FFN_PRE_NORM_2))
-    gu = _lin(g, w, y, n(T.EXPERTS_GATE_UP), E * 2 * I, h)  # all experts at once: [T, E*2I]
-    gate, up = g.op("Split", [g.op("Reshape", [gu, g.ints(-1, E, 2, I)], t + ".gu"), g.ints(1, 1)],
-                    t + ".gu.split", outputs=2, axis=2)
-    act = g.op("Mul", [g.gelu(gate, t + ".act"), up], t + ".glu")  # [T, E, 1, I]
-    act = g.op("Mul", [act, g.op("Unsqueeze", [dense, g.ints(2, 3)], t + ".weights")], t + ".weighted")
-    act = g.op("Reshape", [act, g.ints(-1, E * I)], t + ".flat")
-    name = n(T.EXPERTS_DOWN)
-    return g.linear(act, name, h, E * I, w.expert_down(name), w.type_of(name))  # sums over experts
+    gu_name, down_name = n(T.EXPERTS_GATE_UP), n(T.EXPERTS_DOWN)
+    gu_type, down_type = w.type_of(gu_name), w.type_of(down_name)
+    gate_up = g.expert_weights(gu_name, E, 2 * I, h, w.blocks(gu_name), gu_type)  # [E, 2I, H]
+    down = g.expert_weights(down_name, E, h, I, w.blocks(down_name), down_type)  # [E, H, I]
+    no_rows, no_index = g.const(np.zeros((0, h))), g.const(np.zeros((0, 1)), np.int64)
+    rows, index = [], []
+    for e in range(E):
+        te = f"{t}.expert{e}"
+        ei = g.const(e, np.int64)
+        cond = g.op("Greater", [g.op("Gather", [chosen, ei], te + ".chosen", axis=0), g.const(0.0)], te + ".used")
+        with g.subgraph() as body:
+            wt = g.op("Gather", [dense, ei], te + ".w", axis=1)  # [T]
+            idx = g.op("Reshape", [g.op("NonZero", [g.op("Greater", [wt, g.const(0.0)], te + ".mask")], te + ".nz"),
+                                   g.ints(-1)], te + ".idx")  # the tokens that chose this expert
+            xs = g.op("Gather", [y, idx], te + ".x", axis=0)
+            gu = g.expert_linear(xs, gate_up[e], 2 * I, h, gu_type, te + ".gate_up")
+            gate, up = g.op("Split", [gu, g.ints(I, I)], te + ".split", outputs=2, axis=-1)
+            act = g.op("Mul", [g.gelu(gate, te + ".act"), up], te + ".glu")
+            o = g.expert_linear(act, down[e], h, I, down_type, te + ".down")
+            o = g.op("Mul", [o, g.op("Unsqueeze", [g.op("Gather", [wt, idx], te + ".ws", axis=0), g.ints(1)],
+                                     te + ".wcol")], te + ".out")
+            at = g.op("Unsqueeze", [idx, g.ints(1)], te + ".at")
+        then = _branch(body, f"{te}.then", [o, at])
+        with g.subgraph() as body:
+            o0 = g.op("Identity", [no_rows], te + ".none")
+            at0 = g.op("Identity", [no_index], te + ".none.at")
+        orelse = _branch(body, f"{te}.else", [o0, at0])
+        ro, ri = g.op("If", [cond], te, outputs=2, then_branch=then, else_branch=orelse)
+        rows.append(ro)
+        index.append(ri)
+    out = g.op("ConstantOfShape", [g.op("Shape", [y], t + ".shape")], t + ".zeros", value=_zero_tensor())
+    return g.op("ScatterND", [out, g.op("Concat", index, t + ".index", axis=0),
+                              g.op("Concat", rows, t + ".rows", axis=0)], t + ".sum", reduction="add")
+
+
+def _branch(nodes: list, name: str, outputs: list[str]):
+    from onnx import TensorProto, helper
+
+    types = [TensorProto.FLOAT, TensorProto.INT64]
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(o, ty, None)
+                                               for o, ty in zip(outputs, types)])
 
 
 def _zero_tensor():

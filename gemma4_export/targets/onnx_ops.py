@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -160,19 +161,24 @@ class Graph:
         """A float initializer (FP32, or FP16 cast to float32 in the graph), written block by block."""
         from onnx import TensorProto
 
-        from . import encode_float
-
         f16 = type_name == "FP16"
         size = 2 if f16 else 4
         self.float_types[name] = type_name
         off = self.external(name, TensorProto.FLOAT16 if f16 else TensorProto.FLOAT, shape,
                             int(np.prod(shape)) * size)
+        self._write_float(name, int(np.prod(shape)) * size, blocks, type_name, off)
+        return name
+
+    def _write_float(self, name: str, nbytes: int, blocks: RowBlocks, type_name: str, off: int | None = None) -> int:
+        from . import encode_float
+
+        start = off = self.weights.reserve(nbytes) if off is None else off
         for b in blocks():
-            data = encode_float(b, "F16" if f16 else "F32").tobytes()
+            data = encode_float(b, "F16" if type_name == "FP16" else "F32").tobytes()
             self.weights.write(off, data)
             off += len(data)
             self.advance(len(data))
-        return name
+        return start
 
     def quant_weight(self, name: str, rows: int, cols: int, blocks: RowBlocks, bits: int,
                      table: bool = False) -> tuple[str, str]:
@@ -189,6 +195,11 @@ class Graph:
         qoff = self.external(qname, TensorProto.UINT8, shape, rows * kb * blob)
         soff = self.external(sname, TensorProto.FLOAT, (rows, kb), rows * kb * 4)
         self.tables[name] = (qname, sname, qoff, bits)
+        self._write_quant(name, rows, cols, blocks, bits, qoff, soff)
+        return qname, sname
+
+    def _write_quant(self, name: str, rows: int, cols: int, blocks: RowBlocks, bits: int, qoff: int, soff: int
+                     ) -> None:
         quant = self._quantizer(name, rows, cols, bits)
         first = 0
         for b in blocks():
@@ -198,7 +209,60 @@ class Graph:
             self.weights.write(soff, scales.astype(np.float32).tobytes())
             qoff, soff = qoff + packed.nbytes, soff + scales.nbytes
             self.advance(packed.nbytes + scales.nbytes)
-        return qname, sname
+
+    def expert_weights(self, name: str, experts: int, rows: int, cols: int, blocks: RowBlocks, type_name: str
+                       ) -> list[tuple[str, str | None]]:
+        """An expert tensor [E, rows, cols] (the checkpoint's layout; `blocks` yields its rows flattened to
+        [E*rows, cols]) written once, and declared as E initializers, one per expert, each a view of that expert's
+        bytes: [(weight, scales or None)] for MatMulNBits or Gemm. Every block of 32 lies within one expert's row,
+        so each expert has its own scales and, when calibrating, its own importance vector."""
+        from onnx import TensorProto
+
+        views: list[tuple[str, str | None]] = []
+        n = experts * rows
+        if type_name in QUANT_BITS:
+            bits = QUANT_BITS[type_name]
+            kb, blob = cols // BLOCK, BLOCK * bits // 8
+            qoff = self.weights.reserve(n * kb * blob)
+            soff = self.weights.reserve(n * kb * 4)
+            self._write_quant(name, n, cols, blocks, bits, qoff, soff)
+            self.quantized.append(QuantNode(name, "MatMulNBits", bits))
+            for e in range(experts):
+                q, sc = f"{name}.expert{e}.q{bits}", f"{name}.expert{e}.scales"
+                self.external(q, TensorProto.UINT8, (rows, kb, blob), rows * kb * blob, at=qoff + e * rows * kb * blob)
+                self.external(sc, TensorProto.FLOAT, (rows, kb), rows * kb * 4, at=soff + e * rows * kb * 4)
+                views.append((q, sc))
+            return views
+        f16 = type_name == "FP16"
+        size = 2 if f16 else 4
+        off = self._write_float(name, n * cols * size, blocks, type_name)
+        for e in range(experts):
+            v = f"{name}.expert{e}"
+            self.external(v, TensorProto.FLOAT16 if f16 else TensorProto.FLOAT, (rows, cols), rows * cols * size,
+                          at=off + e * rows * cols * size)
+            views.append((v, None))
+        return views
+
+    def expert_linear(self, x: str, view: tuple[str, str | None], out_f: int, in_f: int, type_name: str,
+                      hint: str) -> str:
+        """x [n, in] @ W_e^T on one expert's view (expert_weights)."""
+        w, scales = view
+        if type_name in QUANT_BITS:
+            return self.op("MatMulNBits", [x, w, scales], hint, domain=MS_DOMAIN, K=in_f, N=out_f,
+                           bits=QUANT_BITS[type_name], block_size=BLOCK)
+        if type_name == "FP16":
+            w = self.op("Cast", [w], hint + ".cast", to=1)
+        return self.op("Gemm", [x, w], hint, transB=1)
+
+    @contextmanager
+    def subgraph(self) -> Iterator[list]:
+        """Nodes added inside go to a list of their own (an If branch's body); constants and initializers stay in
+        the main graph, which a branch reads from the outer scope."""
+        outer, self.nodes = self.nodes, []
+        try:
+            yield self.nodes
+        finally:
+            self.nodes = outer
 
     def _quantizer(self, name: str, rows: int, cols: int, bits: int):
         """(first row, float32 row block) -> (packed, scales) for one weight."""
