@@ -112,6 +112,7 @@ class Graph:
     float_types: dict = field(default_factory=dict)  # float weights written: name -> FP32 / FP16
     # checkpoint name -> importance [n_mat, in] from the calibration (None: no statistics); see quant_weight
     importance: Callable[[str], np.ndarray | None] | None = None
+    int8_activations: bool = False  # 8-bit MatMulNBits at accuracy_level 4 (see matmul_nbits)
 
     # -- plumbing ----------------------------------------------------------------------------------------------
     def _name(self, hint: str) -> str:
@@ -248,11 +249,19 @@ class Graph:
         """x [n, in] @ W_e^T on one expert's view (expert_weights)."""
         w, scales = view
         if type_name in QUANT_BITS:
-            return self.op("MatMulNBits", [x, w, scales], hint, domain=MS_DOMAIN, K=in_f, N=out_f,
-                           bits=QUANT_BITS[type_name], block_size=BLOCK)
+            return self.matmul_nbits(x, w, scales, in_f, out_f, QUANT_BITS[type_name], hint)
         if type_name == "FP16":
             w = self.op("Cast", [w], hint + ".cast", to=1)
         return self.op("Gemm", [x, w], hint, transB=1)
+
+    def matmul_nbits(self, x: str, weight: str, scales: str, in_f: int, out_f: int, bits: int, hint: str) -> str:
+        """MatMulNBits. With `int8_activations`, 8-bit weights run at accuracy_level 4 (the activations quantized
+        to int8 per block for the dot products): onnxruntime's CPU kernel for 8-bit weights at the default level
+        dequantizes the whole matrix on every run, about 100x slower (the real 26B-A4B's int8 output head took 2.8 s
+        per decoded token). 4-bit weights keep float32 activations."""
+        fast = {"accuracy_level": 4} if bits == 8 and self.int8_activations else {}
+        return self.op("MatMulNBits", [x, weight, scales], hint, domain=MS_DOMAIN, K=in_f, N=out_f, bits=bits,
+                       block_size=BLOCK, **fast)
 
     @contextmanager
     def subgraph(self) -> Iterator[list]:
@@ -304,8 +313,7 @@ class Graph:
             bits = QUANT_BITS[type_name]
             qn, sn = self.quant_weight(name, out_f, in_f, blocks, bits)
             self.quantized.append(QuantNode(name, "MatMulNBits", bits))
-            return self.op("MatMulNBits", [x, qn, sn], hint, domain=MS_DOMAIN, K=in_f, N=out_f, bits=bits,
-                           block_size=BLOCK)
+            return self.matmul_nbits(x, qn, sn, in_f, out_f, bits, hint)
         w = self.float_weight(name, (out_f, in_f), blocks, type_name)
         if type_name == "FP16":
             w = self.op("Cast", [w], hint + ".cast", to=1)
@@ -322,8 +330,7 @@ class Graph:
             view = f"{name}.head.q{bits}"
             self.external(view, TensorProto.UINT8, (rows, kb, blob), rows * kb * blob, at=off)
             self.quantized.append(QuantNode(name, "MatMulNBits", bits))
-            return self.op("MatMulNBits", [x, view, scales], "head", domain=MS_DOMAIN, K=cols, N=rows, bits=bits,
-                           block_size=BLOCK)
+            return self.matmul_nbits(x, view, scales, cols, rows, bits, "head")
         w = name
         if self.float_types.get(name) == "FP16":
             w = self.op("Cast", [name], "head.cast", to=1)
