@@ -111,6 +111,28 @@ def test_export_matches_plan_and_validates(variant, preset, out_dir):
         assert report["generation"]["exact_match_rate"] == 1.0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["tiny-e2b", "tiny-26b-a4b"])
+@pytest.mark.parametrize("preset", ["fp16", "q4f16"])
+def test_float16_graphs_compute_in_float16_and_validate(variant, preset, out_dir):
+    """fp16 and q4f16 compute in float16, as fp16 providers run them: embeddings, per-layer inputs and the KV cache
+    are float16, block scales float16, the logits leave in float32; each validates within its preset's limits."""
+    r = api.export("onnx", variant, preset, out=out_dir / "half", force=True)
+    check_against_plan(r.path, r.plan)
+    embed, dec = _graphs(r.path)
+    f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    types = {i.name: i.type.tensor_type.elem_type for i in list(dec.graph.input) + list(dec.graph.output)}
+    assert types["inputs_embeds"] == types["past_key_values.0.key"] == types["present.0.key"] == f16
+    assert types["logits"] == f32
+    assert all(o.type.tensor_type.elem_type == f16 for o in embed.graph.output)
+    if preset == "q4f16":
+        scales = [t for t in dec.graph.initializer if t.name.endswith(".scales")]
+        assert scales and all(t.data_type == f16 for t in scales)
+    report = api.validate(r.path)
+    assert report.passed, report.failures
+    assert report.checks["kv_cache"]["passed"]
+
+
 @pytest.fixture(scope="module")
 def e2b_fp32(out_dir):
     return ONNXRunner(api.export("onnx", "tiny-e2b", "fp32", out=out_dir / "r", force=True).path)

@@ -43,7 +43,8 @@ from .onnx_ops import OPSET, QUANT_BITS, Graph, WeightFile
 
 CONFIG_FILE, GENAI_FILE, ONNX_DIR = "inference_config.json", "genai_config.json", "onnx"
 EMBED, DECODER, SINGLE = "embed_tokens", "decoder_model_merged", "model"
-SUFFIXES = {"fp32": "", "fp16": "_fp16", "int8": "_quantized", "int4": "_q4"}  # transformers.js's dtype names
+SUFFIXES = {"fp32": "", "fp16": "_fp16", "int8": "_quantized", "int4": "_q4", "q4f16": "_q4f16"}  # transformers.js
+HALF = {"fp16", "q4f16"}  # presets whose graphs compute in float16 (activations, KV cache, block scales)
 DATA_LIMIT = 2_000_000_000  # bytes per external data file (transformers.js in a browser reads each into one buffer)
 IR_VERSION = 10  # what onnxruntime 1.20 and later read
 BLOCK_BYTES = 32 << 20
@@ -114,9 +115,10 @@ def inference_config(src: ModelSource, plan: Plan) -> dict:
     # name, hub id, base and adapter; never a local path (ModelSource.provenance)
     meta.update({k: v for k, v in src.provenance().items() if k != "name"})
     files = graph_files(plan.preset)
-    embeds = {"dtype": "float32", "shape": ["batch_size", "sequence", a.hidden_size],
+    ft = "float16" if plan.preset in HALF else "float32"
+    embeds = {"dtype": ft, "shape": ["batch_size", "sequence", a.hidden_size],
               "doc": "the token embeddings scaled by sqrt(hidden_size)"}
-    per_layer = {"dtype": "float32", "shape": ["batch_size", "sequence", a.num_layers, a.ple_dim],
+    per_layer = {"dtype": ft, "shape": ["batch_size", "sequence", a.num_layers, a.ple_dim],
                  "doc": "the per-layer table's rows scaled by sqrt(per-layer dim); the decoder adds the projection"}
     embed_out = {"inputs_embeds": embeds, **({"per_layer_inputs": per_layer} if a.has_ple else {})}
     return {
@@ -143,7 +145,7 @@ def inference_config(src: ModelSource, plan: Plan) -> dict:
         },
         "opset": OPSET,
         "kv_cache": {
-            "dtype": "float32",
+            "dtype": ft,
             "layout": ["batch_size", "kv_heads", "sequence", "head_dim"],
             "doc": "feed each present.* output back as the matching past_key_values.* input; start with sequence 0. "
                    "Every layer keeps its whole history; sliding layers mask it to their window.",
@@ -321,7 +323,8 @@ class ONNXTarget(Target):
                     # In a 4-bit model, its 8-bit weights (head, PLE projections) run with int8 activations: ~100x
                     # faster on CPU, and the measured KLD is unchanged at the int4 level (tiny-e2b 0.00263 ->
                     # 0.00264). The int8 preset keeps float32 activations: there they cost 2-3x its KLD.
-                    g = Graph(wf, advance=task.advance, int8_activations=any(e.type == "INT4" for e in plan.kept))
+                    g = Graph(wf, advance=task.advance, int8_activations=any(e.type == "INT4" for e in plan.kept),
+                              half=plan.preset in HALF)
                     if job.importance is not None:
                         g.importance = lambda name: job.importance.for_tensor(name, job.checkpoint.text_prefix)
                     build(g, src.arch, weights)

@@ -26,7 +26,7 @@ import numpy as np
 from ..exporter.arch import Gemma4Arch
 from ..exporter.tensors import Tensor as T
 from ..exporter.tensors import hf_name
-from .onnx_ops import MASKED, Graph, RowBlocks
+from .onnx_ops import MASKED, MASKED_F16, Graph, RowBlocks
 
 def rope_inv_freq(head_dim: int, theta: float, rope_type: str, partial: float) -> np.ndarray:
     """Inverse frequencies for one layer type, as transformers computes them (float32, half the head dim)."""
@@ -72,7 +72,7 @@ def build_embed(g: Graph, a: Gemma4Arch, w: Weights) -> None:
     emb_name = w.name(T.TOKEN_EMBD)
     x = g.embedding("input_ids", emb_name, a.vocab_size, h, w.blocks(emb_name), w.type_of(emb_name))
     g.nodes.append(helper.make_node("Mul", [x, g.const(math.sqrt(h))], ["inputs_embeds"], name="inputs_embeds"))
-    g.outputs.append(helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT,
+    g.outputs.append(helper.make_tensor_value_info("inputs_embeds", g.ft,
                                                    ["batch_size", "sequence", h]))
     if a.has_ple:
         L, P = a.num_layers, a.ple_dim
@@ -82,7 +82,7 @@ def build_embed(g: Graph, a: Gemma4Arch, w: Weights) -> None:
         tok = g.op("Mul", [tok, g.const(math.sqrt(P))], "ple.tok.scaled")
         shape = g.op("Concat", [g.op("Shape", ["input_ids"], "shape.ids"), g.ints(L, P)], "shape.ple", axis=0)
         g.nodes.append(helper.make_node("Reshape", [tok, shape], ["per_layer_inputs"], name="per_layer_inputs"))
-        g.outputs.append(helper.make_tensor_value_info("per_layer_inputs", TensorProto.FLOAT,
+        g.outputs.append(helper.make_tensor_value_info("per_layer_inputs", g.ft,
                                                        ["batch_size", "sequence", L, P]))
 
 
@@ -94,9 +94,9 @@ def build_decoder(g: Graph, a: Gemma4Arch, w: Weights, split: bool = False) -> N
 
     h = a.hidden_size
     if split:
-        g.inputs.append(helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch_size", "sequence", h]))
+        g.inputs.append(helper.make_tensor_value_info("inputs_embeds", g.ft, ["batch_size", "sequence", h]))
         if a.has_ple:
-            g.inputs.append(helper.make_tensor_value_info("per_layer_inputs", TensorProto.FLOAT,
+            g.inputs.append(helper.make_tensor_value_info("per_layer_inputs", g.ft,
                                                           ["batch_size", "sequence", a.num_layers, a.ple_dim]))
     else:
         g.inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence"]))
@@ -106,8 +106,7 @@ def build_decoder(g: Graph, a: Gemma4Arch, w: Weights, split: bool = False) -> N
     for i in owners:
         shape = ["batch_size", a.layer_kv_heads(i), "past_sequence", a.layer_head_dim(i)]
         pk, pv, _, _ = cache_names(i)
-        g.inputs += [helper.make_tensor_value_info(pk, TensorProto.FLOAT, shape),
-                     helper.make_tensor_value_info(pv, TensorProto.FLOAT, shape)]
+        g.inputs += [helper.make_tensor_value_info(pk, g.ft, shape), helper.make_tensor_value_info(pv, g.ft, shape)]
 
     if split:
         g.inputs.append(helper.make_tensor_value_info("num_logits_to_keep", TensorProto.INT64, []))
@@ -158,6 +157,8 @@ def build_decoder(g: Graph, a: Gemma4Arch, w: Weights, split: bool = False) -> N
         c = g.const(a.final_logit_softcapping)
         logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, c], "softcap.div")], "softcap.tanh"), c],
                       "softcap")
+    if g.half:  # the logits leave the graph in float32 whatever it computes in
+        logits = g.op("Cast", [logits], "logits.f32", to=1)
     shaped = g.op("Reshape", [logits, g.op("Concat", [B, n_out, g.ints(a.vocab_size)], "shape.logits", axis=0)],
                   "logits.shaped")
     g.nodes.append(helper.make_node("Identity", [shaped], ["logits"], name="logits"))
@@ -169,8 +170,7 @@ def build_decoder(g: Graph, a: Gemma4Arch, w: Weights, split: bool = False) -> N
         k, v = kv[i]
         g.nodes.append(helper.make_node("Identity", [k], [ok], name=ok))
         g.nodes.append(helper.make_node("Identity", [v], [ov], name=ov))
-        g.outputs += [helper.make_tensor_value_info(ok, TensorProto.FLOAT, shape),
-                      helper.make_tensor_value_info(ov, TensorProto.FLOAT, shape)]
+        g.outputs += [helper.make_tensor_value_info(ok, g.ft, shape), helper.make_tensor_value_info(ov, g.ft, shape)]
 
 
 def _masks(g: Graph, a: Gemma4Arch, S: str, past: str) -> dict[str, str]:
@@ -199,10 +199,13 @@ def _rope_tables(g: Graph, a: Gemma4Arch, kind: str) -> tuple[str, str]:
     hd = a.global_head_dim if full else a.head_dim
     inv = rope_inv_freq(hd, r.theta, r.rope_type, r.partial_rotary_factor)
     pos = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], "pos.f", to=1), g.ints(-1)], "pos.u")
-    freqs = g.op("Mul", [pos, g.const(inv)], f"rope.{kind}.freqs")
+    freqs = g.op("Mul", [pos, g.const(inv, np.float32)], f"rope.{kind}.freqs")  # angles in float32 always
     emb = g.op("Concat", [freqs, freqs], f"rope.{kind}.emb", axis=-1)
-    cos = g.op("Unsqueeze", [g.op("Cos", [emb], f"rope.{kind}.cos"), g.ints(2)], f"rope.{kind}.cos.u")
-    sin = g.op("Unsqueeze", [g.op("Sin", [emb], f"rope.{kind}.sin"), g.ints(2)], f"rope.{kind}.sin.u")
+    cos, sin = g.op("Cos", [emb], f"rope.{kind}.cos"), g.op("Sin", [emb], f"rope.{kind}.sin")
+    if g.half:
+        cos, sin = (g.op("Cast", [c], f"rope.{kind}.{n}16", to=10) for c, n in ((cos, "cos"), (sin, "sin")))
+    cos = g.op("Unsqueeze", [cos, g.ints(2)], f"rope.{kind}.cos.u")
+    sin = g.op("Unsqueeze", [sin, g.ints(2)], f"rope.{kind}.sin.u")
     return cos, sin
 
 
@@ -312,7 +315,7 @@ def _attention(g: Graph, a: Gemma4Arch, w: Weights, i: int, x: str, B: str, S: s
     k5 = g.op("Unsqueeze", [k_all, g.ints(2)], t + ".k5")
     v5 = g.op("Unsqueeze", [v_all, g.ints(2)], t + ".v5")
     scores = g.op("MatMul", [q5, g.op("Transpose", [k5], t + ".kT", perm=[0, 1, 2, 4, 3])], t + ".scores")
-    scores = g.op("Where", [masks[kind], scores, g.const(MASKED)], t + ".masked")
+    scores = g.op("Where", [masks[kind], scores, g.const(MASKED_F16 if g.half else MASKED)], t + ".masked")
     probs = g.op("Softmax", [scores], t + ".probs", axis=-1)
     o = g.op("MatMul", [probs, v5], t + ".ctx")  # [B, kvh, groups, S, hd]
     o = g.op("Reshape", [o, g.op("Concat", [B, g.ints(nh, -1, hd)], t + ".ctx.shape", axis=0)], t + ".ctx4")
@@ -341,10 +344,10 @@ def _moe(g: Graph, a: Gemma4Arch, w: Weights, i: int, x: str) -> str:
     top_w = g.op("Mul", [top_w, g.op("Gather", [g.const(w.vector(n(T.ROUTER_EXPERT_SCALE))), top_i],
                                      t + ".router.expert_scale")], t + ".router.weights")
     zeros = g.op("ConstantOfShape", [g.op("Shape", [probs], t + ".router.shape")], t + ".router.zeros",
-                 value=_zero_tensor())
+                 value=_zero_tensor(g.np_f))
     dense = g.op("ScatterElements", [zeros, top_i, top_w], t + ".router.dense", axis=1)  # [T, E], 0 unless chosen
     chosen = g.op("ReduceMax", [g.op("Cast", [g.op("Greater", [dense, g.const(0.0)], t + ".chosen.tok")],
-                                     t + ".chosen.f", to=1), g.ints(0)], t + ".chosen.any", keepdims=0)  # [E]
+                                     t + ".chosen.f", to=g.ft), g.ints(0)], t + ".chosen.any", keepdims=0)  # [E]
 
     y = _norm(g, a, w, x, n(T.FFN_PRE_NORM_2))
     gu_name, down_name = n(T.EXPERTS_GATE_UP), n(T.EXPERTS_DOWN)
@@ -369,28 +372,31 @@ def _moe(g: Graph, a: Gemma4Arch, w: Weights, i: int, x: str) -> str:
             o = g.op("Mul", [o, g.op("Unsqueeze", [g.op("Gather", [wt, idx], te + ".ws", axis=0), g.ints(1)],
                                      te + ".wcol")], te + ".out")
             at = g.op("Unsqueeze", [idx, g.ints(1)], te + ".at")
-        then = _branch(body, f"{te}.then", [o, at])
+        then = _branch(g, body, f"{te}.then", [o, at])
         with g.subgraph() as body:
             o0 = g.op("Identity", [no_rows], te + ".none")
             at0 = g.op("Identity", [no_index], te + ".none.at")
-        orelse = _branch(body, f"{te}.else", [o0, at0])
+        orelse = _branch(g, body, f"{te}.else", [o0, at0])
         ro, ri = g.op("If", [cond], te, outputs=2, then_branch=then, else_branch=orelse)
         rows.append(ro)
         index.append(ri)
     out = g.op("ConstantOfShape", [g.op("Shape", [y], t + ".shape")], t + ".zeros", value=_zero_tensor())
-    return g.op("ScatterND", [out, g.op("Concat", index, t + ".index", axis=0),
-                              g.op("Concat", rows, t + ".rows", axis=0)], t + ".sum", reduction="add")
+    rows = g.op("Concat", rows, t + ".rows", axis=0)
+    if g.half:  # onnxruntime's CPU ScatterND adds in float32 only: the sum in float32, then back
+        rows = g.op("Cast", [rows], t + ".rows.f32", to=1)
+    out = g.op("ScatterND", [out, g.op("Concat", index, t + ".index", axis=0), rows], t + ".sum", reduction="add")
+    return g.op("Cast", [out], t + ".sum.f16", to=10) if g.half else out
 
 
-def _branch(nodes: list, name: str, outputs: list[str]):
+def _branch(g: Graph, nodes: list, name: str, outputs: list[str]):
     from onnx import TensorProto, helper
 
-    types = [TensorProto.FLOAT, TensorProto.INT64]
+    types = [g.ft, TensorProto.INT64]
     return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(o, ty, None)
                                                for o, ty in zip(outputs, types)])
 
 
-def _zero_tensor():
+def _zero_tensor(dtype=np.float32):
     from onnx import numpy_helper
 
-    return numpy_helper.from_array(np.zeros(1, np.float32))
+    return numpy_helper.from_array(np.zeros(1, dtype))

@@ -21,6 +21,7 @@ MS_DOMAIN = "com.microsoft"
 BLOCK = 32  # MatMulNBits / GatherBlockQuantized block along the input dimension
 QUANT_BITS = {"INT4": 4, "INT8": 8}
 MASKED = -1e30  # score of a masked key: finite, so a fully masked (padding) row stays finite
+MASKED_F16 = -65504.0  # the same in float16 (its lowest finite value)
 ALIGN, BIG_ALIGN = 64, 4096
 
 RowBlocks = Callable[[], Iterator[np.ndarray]]  # yields float32 row blocks of an [out, in] matrix, in order
@@ -113,6 +114,18 @@ class Graph:
     # checkpoint name -> importance [n_mat, in] from the calibration (None: no statistics); see quant_weight
     importance: Callable[[str], np.ndarray | None] | None = None
     int8_activations: bool = False  # 8-bit MatMulNBits at accuracy_level 4 (see matmul_nbits)
+    # compute in float16 (activations, KV cache, float weights, block scales), for providers that compute in fp16;
+    # RMSNorm statistics, RoPE angles and weights the plan keeps at FP32 (the router) stay in float32
+    half: bool = False
+
+    @property
+    def ft(self) -> int:
+        """The ONNX element type activations have: FLOAT16 when computing in half precision, else FLOAT."""
+        return 10 if self.half else 1
+
+    @property
+    def np_f(self):
+        return np.float16 if self.half else np.float32
 
     # -- plumbing ----------------------------------------------------------------------------------------------
     def _name(self, hint: str) -> str:
@@ -127,11 +140,12 @@ class Graph:
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=outs[0], domain=domain or None, **attrs))
         return outs[0] if outputs == 1 else outs
 
-    def const(self, value, dtype=np.float32) -> str:
-        """A small constant, stored inside the model; identical constants are shared."""
+    def const(self, value, dtype=None) -> str:
+        """A small constant, stored inside the model; identical constants are shared. Floats take the compute type
+        unless `dtype` says otherwise."""
         from onnx import numpy_helper
 
-        a = np.asarray(value, dtype=dtype)
+        a = np.asarray(value, dtype=dtype or self.np_f)
         key = (a.dtype.str, a.shape, a.tobytes())
         if key not in self._consts:
             name = self._name("const")
@@ -194,7 +208,7 @@ class Graph:
         qname, sname = f"{name}.q{bits}", f"{name}.scales"
         shape = (rows, kb * blob) if table else (rows, kb, blob)
         qoff = self.external(qname, TensorProto.UINT8, shape, rows * kb * blob)
-        soff = self.external(sname, TensorProto.FLOAT, (rows, kb), rows * kb * 4)
+        soff = self.external(sname, self.ft, (rows, kb), rows * kb * self._scale_size)
         self.tables[name] = (qname, sname, qoff, bits)
         self._write_quant(name, rows, cols, blocks, bits, qoff, soff)
         return qname, sname
@@ -207,9 +221,9 @@ class Graph:
             packed, scales = quant(first, b)
             first += len(b)
             self.weights.write(qoff, packed.tobytes())
-            self.weights.write(soff, scales.astype(np.float32).tobytes())
-            qoff, soff = qoff + packed.nbytes, soff + scales.nbytes
-            self.advance(packed.nbytes + scales.nbytes)
+            self.weights.write(soff, scales.astype(self.np_f).tobytes())
+            qoff, soff = qoff + packed.nbytes, soff + len(scales.reshape(-1)) * self._scale_size
+            self.advance(packed.nbytes + len(scales.reshape(-1)) * self._scale_size)
 
     def expert_weights(self, name: str, experts: int, rows: int, cols: int, blocks: RowBlocks, type_name: str
                        ) -> list[tuple[str, str | None]]:
@@ -225,13 +239,14 @@ class Graph:
             bits = QUANT_BITS[type_name]
             kb, blob = cols // BLOCK, BLOCK * bits // 8
             qoff = self.weights.reserve(n * kb * blob)
-            soff = self.weights.reserve(n * kb * 4)
+            soff = self.weights.reserve(n * kb * self._scale_size)
             self._write_quant(name, n, cols, blocks, bits, qoff, soff)
             self.quantized.append(QuantNode(name, "MatMulNBits", bits))
             for e in range(experts):
                 q, sc = f"{name}.expert{e}.q{bits}", f"{name}.expert{e}.scales"
                 self.external(q, TensorProto.UINT8, (rows, kb, blob), rows * kb * blob, at=qoff + e * rows * kb * blob)
-                self.external(sc, TensorProto.FLOAT, (rows, kb), rows * kb * 4, at=soff + e * rows * kb * 4)
+                ss = rows * kb * self._scale_size
+                self.external(sc, self.ft, (rows, kb), ss, at=soff + e * ss)
                 views.append((q, sc))
             return views
         f16 = type_name == "FP16"
@@ -250,9 +265,23 @@ class Graph:
         w, scales = view
         if type_name in QUANT_BITS:
             return self.matmul_nbits(x, w, scales, in_f, out_f, QUANT_BITS[type_name], hint)
-        if type_name == "FP16":
-            w = self.op("Cast", [w], hint + ".cast", to=1)
-        return self.op("Gemm", [x, w], hint, transB=1)
+        return self._gemm(x, w, type_name, hint)
+
+    def _gemm(self, x: str, w: str, type_name: str, hint: str) -> str:
+        """x @ w^T for a float initializer w: in the weight's own precision when it is the compute type, else
+        through casts (FP16 weights in a float32 graph; FP32 weights, the router, in a float16 graph: computed in
+        float32, the result cast back)."""
+        wt = 10 if type_name == "FP16" else 1
+        if wt == self.ft:
+            return self.op("Gemm", [x, w], hint, transB=1)
+        if not self.half:
+            return self.op("Gemm", [x, self.op("Cast", [w], hint + ".cast", to=1)], hint, transB=1)
+        y = self.op("Gemm", [self.op("Cast", [x], hint + ".in32", to=1), w], hint, transB=1)
+        return self.op("Cast", [y], hint + ".out16", to=10)
+
+    @property
+    def _scale_size(self) -> int:
+        return 2 if self.half else 4
 
     def matmul_nbits(self, x: str, weight: str, scales: str, in_f: int, out_f: int, bits: int, hint: str) -> str:
         """MatMulNBits. With `int8_activations`, 8-bit weights run at accuracy_level 4 (the activations quantized
@@ -315,9 +344,7 @@ class Graph:
             self.quantized.append(QuantNode(name, "MatMulNBits", bits))
             return self.matmul_nbits(x, qn, sn, in_f, out_f, bits, hint)
         w = self.float_weight(name, (out_f, in_f), blocks, type_name)
-        if type_name == "FP16":
-            w = self.op("Cast", [w], hint + ".cast", to=1)
-        return self.op("Gemm", [x, w], hint, transB=1)
+        return self._gemm(x, w, type_name, hint)
 
     def tied_head(self, x: str, name: str, rows: int, cols: int) -> str:
         """x [T, cols] @ table^T, on the lookup table's own bytes: a quantized table's packing is MatMulNBits'
@@ -331,10 +358,7 @@ class Graph:
             self.external(view, TensorProto.UINT8, (rows, kb, blob), rows * kb * blob, at=off)
             self.quantized.append(QuantNode(name, "MatMulNBits", bits))
             return self.matmul_nbits(x, view, scales, cols, rows, bits, "head")
-        w = name
-        if self.float_types.get(name) == "FP16":
-            w = self.op("Cast", [name], "head.cast", to=1)
-        return self.op("Gemm", [x, w], "head", transB=1)
+        return self._gemm(x, name, self.float_types.get(name, "FP32"), "head")
 
     def embedding(self, ids: str, name: str, rows: int, cols: int, blocks: RowBlocks, type_name: str) -> str:
         """Row lookup ids -> [..., cols] float32."""
@@ -346,16 +370,22 @@ class Graph:
             return self.op("GatherBlockQuantized", [qn, ids, sn], hint, domain=MS_DOMAIN, bits=bits,
                            block_size=BLOCK, gather_axis=0, quantize_axis=1)
         w = self.float_weight(name, (rows, cols), blocks, type_name)
-        g = self.op("Gather", [w, ids], hint)
-        return self.op("Cast", [g], hint + ".cast", to=1) if type_name == "FP16" else g
+        return self._to_compute(self.op("Gather", [w, ids], hint), type_name, hint + ".cast")
+
+    def _to_compute(self, x: str, type_name: str, hint: str) -> str:
+        """A float weight's values (FP16 or FP32 storage) as the compute type."""
+        return x if (type_name == "FP16") == self.half else self.op("Cast", [x], hint, to=self.ft)
 
     def rms_norm(self, x: str, weight: str | None, eps: float, hint: str) -> str:
         """x * (mean(x^2) + eps)^-0.5 [* weight], over the last axis, as transformers computes it."""
-        sq = self.op("Mul", [x, x], hint + ".sq")
+        x32 = self.op("Cast", [x], hint + ".f32", to=1) if self.half else x  # x*x overflows float16
+        sq = self.op("Mul", [x32, x32], hint + ".sq")
         mean = self.op("ReduceMean", [sq, self.ints(-1)], hint + ".mean", keepdims=1)
-        inv = self.op("Pow", [self.op("Add", [mean, self.const(eps)], hint + ".eps"), self.const(-0.5)],
-                      hint + ".rsqrt")
-        y = self.op("Mul", [x, inv], hint + ".normed")
+        inv = self.op("Pow", [self.op("Add", [mean, self.const(eps, np.float32)], hint + ".eps"),
+                              self.const(-0.5, np.float32)], hint + ".rsqrt")
+        y = self.op("Mul", [x32, inv], hint + ".normed")
+        if self.half:
+            y = self.op("Cast", [y], hint + ".f16", to=10)
         return self.op("Mul", [y, weight], hint) if weight else y
 
     def gelu(self, x: str, hint: str) -> str:
