@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import Staging, atomic_dir, atomic_file
+from .errors import Gemma4ExportError
 from .exporter.checkpoint import Checkpoint
 from .exporter.source import ModelSource
 from .progress import Reporter, Silent
@@ -128,6 +129,9 @@ class ExportResult:
     seconds: dict[str, float] = field(default_factory=dict)
     bytes: int = 0
     plan_file: Path | None = None
+    # what `validate` takes for this export: the artifact itself, or, in an ONNX directory that holds several
+    # presets (`into`), this preset's decoder graph
+    validate_as: Path | None = None
 
 
 @dataclass
@@ -167,6 +171,7 @@ def export(
     calibration_device: str = "cpu",
     target_bpw: float | None = None,
     max_size: int | None = None,
+    into: str | Path | None = None,
     **options: Any,
 ) -> ExportResult:
     """Export `source` as `target`'s artifact with `preset` (the target's default when None) into directory `out`;
@@ -178,7 +183,10 @@ def export(
 
     `target_bpw` (bits per weight over the text parameters) or `max_size` (bytes of the whole file) choose each
     class of tensors' type from its measured sensitivity to fit that size (GGUF); the artifact's name says the
-    size it was made for."""
+    size it was made for.
+
+    `into` (ONNX): an existing ONNX directory of the same checkpoint that this preset's graphs join, as several
+    dtypes live in one onnx-community repository; its other presets are kept, and `force` replaces this preset's."""
     t = get_target(target)
     t.require()
     reporter = reporter or Silent()
@@ -195,7 +203,15 @@ def export(
             stem, dot, ext = name.rpartition(".") if t.artifact_kind == "file" else (name, "", "")
             name = f"{stem}-{label}{dot}{ext}"
         final = Path(out) / name
-        if not force and final.exists():
+        if into is not None:
+            if t.name != "onnx":
+                raise Gemma4ExportError(f"--into is for ONNX directories, not {t.name}")
+            from .targets.onnx import check_into
+
+            final = Path(into)
+            check_into(final, p.name, src.provenance().get("source_digest"), force)
+            options = {**options, "into": final}
+        elif not force and final.exists():
             from .atomic import prepare_output
 
             prepare_output(final, force, 0)  # an existing artifact is refused before any calibration work
@@ -216,13 +232,22 @@ def export(
         result = ExportResult(final, the_plan, t.name, seconds)
         job = ExportJob(src, ck, p, the_plan, final, None, reporter, options, result.seconds, importance)
         atomic = atomic_file if t.artifact_kind == "file" else atomic_dir
-        with atomic(final, force, t.need_bytes(job)) as st:
+        with atomic(final, force or into is not None, t.need_bytes(job)) as st:
             job.path, job.staging = st.path, st
+            if into is not None:
+                from .targets.onnx import link_other_presets
+
+                link_other_presets(final, st.path, p.name)
             t.write(job)
     finally:
         ck.close()
     result.bytes = artifact_bytes(final)
-    result.plan_file = write_plan(final, the_plan)
+    result.plan_file = write_plan(final, the_plan, p.name if into is not None else None)
+    result.validate_as = final
+    if into is not None:
+        from .targets.onnx import DECODER, graph_files
+
+        result.validate_as = final / graph_files(p.name)[DECODER]
     result.seconds["total"] = time.perf_counter() - t0
     return result
 
@@ -268,15 +293,16 @@ def artifact_bytes(artifact: Path) -> int:
     return sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
 
 
-def plan_path(artifact: Path) -> Path:
-    """Where an artifact's plan is written: beside it, never inside an artifact directory."""
-    return artifact.parent / f"{artifact.name}.plan.json"
+def plan_path(artifact: Path, preset: str | None = None) -> Path:
+    """Where an artifact's plan is written: beside it, never inside an artifact directory (named by its preset too
+    for a directory that holds several, `into`)."""
+    return artifact.parent / f"{artifact.name}{'.' + preset if preset else ''}.plan.json"
 
 
-def write_plan(artifact: Path, p: Plan) -> Path:
+def write_plan(artifact: Path, p: Plan, preset: str | None = None) -> Path:
     from .atomic import write_text
 
-    path = plan_path(artifact)
+    path = plan_path(artifact, preset)
     write_text(path, json.dumps(p.to_json(), indent=2) + "\n")
     return path
 
@@ -311,8 +337,6 @@ def reference(source: Source | None = None, *, variant: str | None = None, model
         variant, model_dir = _split_source(source, variant, model_dir)
         src = ModelSource.open(variant, model_dir, need_weights=True, adapter=adapter)
     if out is not None and Path(out).exists() and not force:
-        from .errors import Gemma4ExportError
-
         raise Gemma4ExportError(f"{out} exists (pass --force to replace it)")
     spec = EvalSpec.for_arch(src.arch, windows, prompts, new_tokens)
     data = ReferenceData.compute(src, spec, device, reporter, keep_bytes)

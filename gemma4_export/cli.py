@@ -301,15 +301,20 @@ def onnx(
     calibration: CalibrationOpt = None,
     imatrix: ImatrixOpt = None,
     calibration_chunks: ChunksOpt = None,
+    into: Annotated[Optional[Path], typer.Option(
+        "--into", help="Add this preset's graphs to an existing ONNX directory of the same checkpoint (several "
+                       "dtypes in one directory, as onnx-community repositories hold them) instead of writing "
+                       "<variant>-onnx-<quant>/ under --out.")] = None,
 ) -> None:
-    """Export an ONNX decoder with KV cache for onnxruntime (<variant>-onnx-<quant>/), then validate it.
+    """Export the ONNX graphs transformers.js and onnxruntime-genai load (<variant>-onnx-<quant>/), then validate.
 
     Examples:
       gemma4-export onnx --variant tiny-e2b --quant int4 --out out/
+      gemma4-export onnx --variant tiny-e2b --quant q4f16 --into out/tiny-e2b-onnx-int4
       gemma4-export onnx --variant e2b-it --quant int4 --ple-type INT8 --device cuda
     """
     _export("onnx", variant, model_dir, quant, out, validate, device, adapter, calibrate, calibration, imatrix,
-            calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force)
+            calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, into=into)
 
 
 def _finish(r, validate: bool, variant, model_dir, device: str, adapter=None) -> None:
@@ -320,7 +325,7 @@ def _finish(r, validate: bool, variant, model_dir, device: str, adapter=None) ->
     _line(err, plan_summary(r.plan))
     _line(err, f"wrote {r.path} ({human_bytes(r.bytes)}; {secs})", markup=False)
     if validate:
-        _validate_and_exit(r.path, variant, model_dir, device, adapter)
+        _validate_and_exit(r.validate_as or r.path, variant, model_dir, device, adapter)
 
 
 def _validate_and_exit(artifact: Path, variant, model_dir, device: str, adapter=None, reference=None) -> None:

@@ -120,3 +120,22 @@ def test_apps_generate_the_same_tokens(variant, preset, workdir):
                      ("transformers.js", transformers_js(art, DTYPE[preset], ids, n))):
         ok, why = _agree(_until_eos(got, eos), want, margin_long, runner.tie)
         assert ok, f"{app} on {variant} {preset}, 90-token prompt: {why}"
+
+
+def test_one_directory_several_dtypes(workdir):
+    """fp32 and q4 graphs in one directory (`into`), as onnx-community repositories hold them: transformers.js picks
+    each by its dtype option and generates what our runner does on that preset's graphs."""
+    d = api.export("onnx", "tiny-e2b", "fp32", out=workdir / "multi", force=True).path
+    api.export("onnx", "tiny-e2b", "int4", into=d)
+    ids = list(range(300, 340))
+    for dtype, graph in (("fp32", "decoder_model_merged.onnx"), ("q4", "decoder_model_merged_q4.onnx")):
+        runner = ONNXRunner(d / "onnx" / graph)
+        want = runner.greedy(ids, 24)
+
+        def margin_at(j, want=want, runner=runner):
+            top2 = np.partition(runner.logits(ids + want[:j])[-1], -2)[-2:]
+            return float(top2[1] - top2[0])
+        got = transformers_js(d, dtype, ids, 24)
+        eos = set(runner.cfg["eos_token_ids"])
+        ok, why = _agree(_until_eos(got, eos), _until_eos(want, eos), margin_at, runner.tie)
+        assert ok, f"transformers.js {dtype}: {why}"

@@ -16,7 +16,7 @@ from gemma4_export.errors import Gemma4ExportError, QuantError  # noqa: E402
 from gemma4_export.exporter.variants import TINY, get_variant  # noqa: E402
 from gemma4_export.targets.onnx import CONFIG_FILE, graph_files, quantized_weights  # noqa: E402
 from gemma4_export import api  # noqa: E402
-from gemma4_export.validate.onnxrt import ONNXRunner, cache_consistency  # noqa: E402
+from gemma4_export.validate.onnxrt import ONNXRunner, cache_consistency, read_config  # noqa: E402
 
 BITS = {"INT4": 4, "INT8": 8}
 
@@ -27,8 +27,7 @@ def out_dir(tmp_path_factory):
 
 
 def _graphs(path):
-    cfg = json.loads((path / CONFIG_FILE).read_text())
-    files = graph_files(cfg["gemma4_export"]["preset"])
+    files = graph_files(read_config(path)["gemma4_export"]["preset"])
     return [onnx.load(str(path / files[part]), load_external_data=False)
             for part in ("embed_tokens", "decoder_model_merged")]
 
@@ -92,7 +91,7 @@ def test_export_matches_plan_and_validates(variant, preset, out_dir):
     else:
         assert not quant
 
-    cfg = json.loads((r.path / CONFIG_FILE).read_text())
+    cfg = read_config(r.path)
     owners = [i for i in range(a.num_layers) if not a.is_kv_shared(i)]
     assert [c["layer"] for c in cfg["kv_cache"]["layers"]] == owners
     assert [s["reads_layer"] for s in cfg["kv_cache"]["kv_shared_layers"]] == \
@@ -223,6 +222,55 @@ def test_moe_runs_only_the_experts_tokens_chose(out_dir, tmp_path):
             assert np.array_equal(a, b), tok
             finite += 1
     assert finite and nan, (finite, nan)
+
+
+def test_several_presets_in_one_directory(out_dir, monkeypatch):
+    """`into`: int4's graphs join an fp32 directory of the same checkpoint, as onnx-community repositories hold
+    several dtypes; both validate, named by their graphs; config.json declares every data file; the wrong
+    directory, a second int4 and other weights are refused; an interrupted join leaves the directory as it was."""
+    base = api.export("onnx", "tiny-e2b", "fp32", out=out_dir / "multi", force=True).path
+    before = {p.name: p.read_bytes() for p in (base / "onnx").iterdir()}
+    r = api.export("onnx", "tiny-e2b", "int4", into=base)
+    assert r.path == base and r.validate_as == base / "onnx/decoder_model_merged_q4.onnx"
+    assert r.plan_file.name == f"{base.name}.int4.plan.json"
+    for name, data in before.items():  # the fp32 graphs are untouched
+        assert (base / "onnx" / name).read_bytes() == data
+    tjs = json.loads((base / "config.json").read_text())["transformers.js_config"]["use_external_data_format"]
+    assert set(tjs) == {"embed_tokens.onnx", "decoder_model_merged.onnx", "embed_tokens_q4.onnx",
+                        "decoder_model_merged_q4.onnx"}
+    doc = json.loads((base / CONFIG_FILE).read_text())
+    assert set(doc["presets"]) == {"fp32", "int4"}
+    for preset, graph in (("fp32", "decoder_model_merged.onnx"), ("int4", "decoder_model_merged_q4.onnx")):
+        report = api.validate(base / "onnx" / graph)
+        assert report.passed and report.preset == preset, report.failures
+        assert (out_dir / "multi" / f"{base.name}.{preset}.validation.json").is_file()
+    with pytest.raises(Gemma4ExportError, match="several presets"):
+        api.validate(base)
+    with pytest.raises(Gemma4ExportError, match="already holds int4"):
+        api.export("onnx", "tiny-e2b", "int4", into=base)
+    with pytest.raises(Gemma4ExportError, match="other weights"):
+        api.export("onnx", "tiny-31b", "int4", into=base)
+    with pytest.raises(Gemma4ExportError, match="not an ONNX directory"):
+        api.export("onnx", "tiny-e2b", "int4", into=out_dir)
+    with pytest.raises(Gemma4ExportError, match="for ONNX directories"):
+        api.export("gguf", "tiny-e2b", "q8_0", into=base)
+
+    from gemma4_export.targets import onnx_ops
+
+    files = {p.relative_to(base): p.read_bytes() for p in base.rglob("*") if p.is_file()}
+    real, calls = onnx_ops.Graph.quant_weight, []
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(onnx_ops.Graph, "quant_weight", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        api.export("onnx", "tiny-e2b", "int8", into=base)
+    assert {p.relative_to(base): p.read_bytes() for p in base.rglob("*") if p.is_file()} == files
+    assert sorted(p.name for p in (out_dir / "multi").iterdir() if p.name.startswith(".")) == []
 
 
 def test_ple_type_and_overrides_reach_the_graph(out_dir):

@@ -122,7 +122,6 @@ def inference_config(src: ModelSource, plan: Plan) -> dict:
                  "doc": "the per-layer table's rows scaled by sqrt(per-layer dim); the decoder adds the projection"}
     embed_out = {"inputs_embeds": embeds, **({"per_layer_inputs": per_layer} if a.has_ple else {})}
     return {
-        "format": "gemma4-export onnx (transformers.js layout)",
         "graphs": {
             EMBED: {"file": files[EMBED], "inputs": {"input_ids": {"dtype": "int64", "shape": ["batch_size", "sequence"]}},
                     "outputs": embed_out},
@@ -165,6 +164,49 @@ def inference_config(src: ModelSource, plan: Plan) -> dict:
                          "symmetric": True} if any(e.type in QUANT_BITS for e in plan.kept) else None,
         "gemma4_export": meta,
     }
+
+
+def _existing_presets(directory: Path | str) -> dict:
+    return json.loads((Path(directory) / CONFIG_FILE).read_text())["presets"]
+
+
+def check_into(directory: Path | str, preset: str, digest: str | None, force: bool) -> None:
+    """Before a preset's graphs join an existing ONNX directory: it was written by gemma4-export from the same
+    checkpoint (same weights digest) and holds no graphs of this preset (unless `force`)."""
+    d = Path(directory)
+    from ..validate.onnxrt import read_config
+
+    try:
+        presets = _existing_presets(d)
+        read_config(d / graph_files(next(iter(presets)))[DECODER])
+    except (OSError, ValueError, KeyError, StopIteration, Gemma4ExportError):
+        raise ONNXExportError(f"--into {d}: not an ONNX directory written by gemma4-export") from None
+    theirs = {c["gemma4_export"].get("source_digest") for c in presets.values()}
+    if theirs != {digest}:
+        raise ONNXExportError(f"--into {d}: its graphs were exported from other weights ({', '.join(map(str, theirs))};"
+                              f" this checkpoint's are {digest}): a directory holds one model's graphs")
+    if preset in presets and not force:
+        raise ONNXExportError(f"--into {d}: it already holds {preset} graphs (pass --force to replace them)")
+
+
+def link_other_presets(directory: Path | str, staging: Path, preset: str) -> None:
+    """Hard-link the other presets' graphs and data of `directory` into the staging directory that replaces it when
+    the export completes. Nothing in the existing directory is written to: an interrupted export leaves it as it
+    was."""
+    import os
+    import shutil
+
+    d = Path(directory)
+    mine = set(graph_files(preset).values())
+    (staging / ONNX_DIR).mkdir(exist_ok=True)
+    for f in sorted((d / ONNX_DIR).iterdir()):
+        rel = f"{ONNX_DIR}/{f.name}"
+        if any(rel == m or rel.startswith(m + "_data") for m in mine):
+            continue
+        try:
+            os.link(f, staging / rel)
+        except OSError:  # another file system: a copy
+            shutil.copy2(f, staging / rel)
 
 
 def hf_config(checkpoint_dir: Path, data_files: dict[str, int]) -> dict:
@@ -308,7 +350,7 @@ class ONNXTarget(Target):
     def write(self, job) -> None:
         t0 = time.perf_counter()
         tmp, plan, src = job.path, job.plan, job.source
-        (tmp / ONNX_DIR).mkdir()
+        (tmp / ONNX_DIR).mkdir(exist_ok=True)
         files = graph_files(plan.preset)
         weights = _weights(job.checkpoint, plan)
         # the tied head is the embedding table again, in the decoder's own data
@@ -341,10 +383,17 @@ class ONNXTarget(Target):
         job.seconds["weights"] = time.perf_counter() - t0
         check_quantized(quantized, plan)
         cfg = inference_config(src, plan)
-        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        into = job.options.get("into")  # an existing directory this preset's graphs join (the others are kept)
+        presets = dict(_existing_presets(into) if into else {})
+        presets[plan.preset] = cfg
+        doc = {"format": "gemma4-export onnx (transformers.js layout)", "presets": presets}
+        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
         (tmp / GENAI_FILE).write_text(json.dumps(genai_config(cfg, plan.preset), indent=2) + "\n")
         copy_tokenizer_files(job.checkpoint.dir, tmp)
         tokenizer_config_with_template(tmp)
+        if into:  # the other presets' data files stay declared
+            old = json.loads((Path(into) / "config.json").read_text()).get("transformers.js_config", {})
+            data_files = {**old.get("use_external_data_format", {}), **data_files}
         (tmp / "config.json").write_text(json.dumps(hf_config(job.checkpoint.dir, data_files), indent=2) + "\n")
 
     def recognises(self, path: Path) -> bool:

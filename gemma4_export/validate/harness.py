@@ -129,6 +129,10 @@ class Report:
         base = Path(self.artifact)
         d = directory or base.parent  # beside the artifact, never inside an artifact directory
         stem = base.name
+        if base.parent.name == "onnx" and (base.parent.parent / "inference_config.json").is_file():
+            # one preset's graph of an ONNX directory: beside the directory, named by the preset
+            art = base.parent.parent
+            d, stem = directory or art.parent, f"{art.name}.{self.preset}"
         j, m = d / f"{stem}.validation.json", d / f"{stem}.validation.md"
         j.write_text(json.dumps(self.to_json(), indent=2) + "\n")
         m.write_text(self.to_markdown())

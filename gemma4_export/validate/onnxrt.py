@@ -22,18 +22,34 @@ def _directory(path: Path | str) -> Path:
     return path.parent if path.name == "onnx" and not (path / "inference_config.json").is_file() else path
 
 
-def read_config(path: Path) -> dict:
+def read_config(path: Path | str) -> dict:
+    """One preset's section of an ONNX directory's inference_config.json. A directory can hold several presets' graphs
+    (`--into`); then the path names which: one of its graphs (onnx/decoder_model_merged_q4.onnx, ...)."""
     from ..targets.onnx import CONFIG_FILE
 
+    path = Path(path)
     d = _directory(path)
     try:
-        cfg = json.loads((d / CONFIG_FILE).read_text())
+        doc = json.loads((d / CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise Gemma4ExportError(f"{d}/{CONFIG_FILE}: unreadable ({e})") from None
-    meta = cfg.get("gemma4_export")
-    if not isinstance(meta, dict) or meta.get("target") != "onnx" or "preset" not in meta:
+    presets = doc.get("presets") if isinstance(doc, dict) else None
+    if not isinstance(presets, dict) or not presets or not all(
+            isinstance(c, dict) and isinstance(c.get("gemma4_export"), dict) and c["gemma4_export"].get("target") == "onnx"
+            for c in presets.values()):
         raise Gemma4ExportError(f"{d}: not an ONNX model written by gemma4-export")
-    return cfg
+    if path.is_file():
+        for c in presets.values():
+            if any(Path(g["file"]).name == path.name for g in c.get("graphs", {}).values()):
+                return c
+        raise Gemma4ExportError(f"{path}: not one of the graphs {d}/{CONFIG_FILE} lists")
+    if len(presets) > 1:
+        from ..targets.onnx import DECODER
+
+        names = ", ".join(f"{d}/{c['graphs'][DECODER]['file']}" for c in presets.values())
+        raise Gemma4ExportError(f"{d} holds the graphs of several presets ({', '.join(presets)}): name one of them by "
+                                f"its decoder graph, {names}")
+    return next(iter(presets.values()))
 
 
 def artifact_info(path: Path):
