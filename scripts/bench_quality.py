@@ -1,7 +1,10 @@
 """Benchmark: the quality of gemma4-export's quantized artifacts against the reference tools' own, at (near) equal size.
 
     python scripts/bench_quality.py [--variants tiny-e2b ...] [--only gguf,mlx,onnx] [--gguf-presets q4_k_m ...]
-        [--llama-cpp LLAMA_CPP_TREE --llama-bin LLAMA_CPP_BINARIES] [--out DIR] [--work DIR]
+        [--llama-cpp LLAMA_CPP_TREE --llama-bin LLAMA_CPP_BINARIES] [--out DIR] [--work DIR] [--merge JSON ...]
+
+`--merge` reports earlier runs' rows with this run's (`--variants` with no names runs nothing: the table and the
+plot of what was measured, for instance one target measured again after a change).
 
 For every variant (default: every tiny one) it makes, side by side:
 
@@ -435,7 +438,7 @@ def versions() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", nargs="+", default=list(TINY))
+    ap.add_argument("--variants", nargs="*", default=list(TINY), help="(none: only --merge)")
     ap.add_argument("--only", default="gguf,mlx,onnx", help="comma-separated targets: gguf,mlx,onnx")
     ap.add_argument("--gguf-presets", nargs="+", default=list(GGUF_PRESETS), choices=GGUF_PRESETS)
     ap.add_argument("--out", default="bench-quality", help="where bench_quality.json and .svg go")
@@ -443,6 +446,9 @@ def main() -> None:
     ap.add_argument("--llama-cpp", help="llama.cpp source tree (convert_hf_to_gguf.py, gguf-py)")
     ap.add_argument("--llama-bin", help="directory with llama-imatrix and llama-quantize")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
+    ap.add_argument("--merge", nargs="+", type=Path, default=[], metavar="JSON",
+                    help="rows of earlier runs' bench_quality.json to report with this run's (a row measured again "
+                         "here, or failed there, is left out)")
     a = ap.parse_args()
     a.only = {t.strip() for t in a.only.split(",") if t.strip()}
     if a.only - {"gguf", "mlx", "onnx"}:
@@ -454,13 +460,22 @@ def main() -> None:
         log(f"skipping {k}: {why}")
     t0 = time.perf_counter()
 
+    merged = [Row(**{k: v for k, v in r.items() if k in Row.__dataclass_fields__})
+              for f in a.merge for r in json.loads(f.read_text())["rows"] if not r.get("error")]
+
+    run_rows = b.rows  # what this run measures (Bench.add appends here)
+
     def save(final: bool) -> None:  # after every variant, so that a run cut short leaves what it measured
+        mine = {(r.variant, r.group, r.label) for r in run_rows}
+        b.rows = [r for r in merged if (r.variant, r.group, r.label) not in mine] + run_rows
         b.compare()
         (out / "bench_quality.json").write_text(json.dumps(
             {"rows": [asdict(r) for r in b.rows], "skipped": b.skipped, "seconds": time.perf_counter() - t0,
              "complete": final, "versions": versions(), "same_size_within": SAME_SIZE,
              "calibration": {"chunk": CHUNK, "chunks": CHUNKS}, "target_bpw": b.target_bpw}, indent=2) + "\n")
         (out / "bench_quality.svg").write_text(b.svg())
+        if not final:
+            b.rows = run_rows
 
     for v in a.variants:
         tv = time.perf_counter()
