@@ -39,7 +39,9 @@ Workarounds, each in a copy of the checkpoint (symlinked files, an edited config
 - mlx-lm's gemma4 ModelArgs takes a top-level `vocab_size` (default 262,144) over text_config's, and defaults an
   absent `hidden_size_per_layer_input` to 256 (so it expects per-layer-input weights tiny-12b does not have, and stops
   with "Missing 21 parameters"); the copy for `mlx_lm convert` sets vocab_size to the text vocabulary and an absent
-  hidden_size_per_layer_input to 0, which is what transformers and gemma4-export read it as.
+  hidden_size_per_layer_input to 0, which is what transformers and gemma4-export read it as; and it defaults an absent
+  global_head_dim to 512, where a re-saved config (tiny-e2b-ft) gives the full layers' head dim in per_layer_config:
+  the copy states it.
 The converter makes the text model only (no --mmproj), so the towers' processor files are never needed.
 
 Time, measured on 2 CPU cores shared with a test run: tiny-e2b takes about 25 minutes once the caches are warm (the
@@ -158,6 +160,12 @@ def mlx_lm_config(c: dict) -> None:
     t = c["text_config"]
     c["vocab_size"] = t["vocab_size"]
     t.setdefault("hidden_size_per_layer_input", 0)
+    if t.get("global_head_dim") is None:  # a re-saved config gives it per layer, which mlx-lm does not read
+        over = [o for o in (t.get("per_layer_config") or {}).values() if isinstance(o, dict)]
+        t["global_head_dim"] = next((o["head_dim"] for o in over if "head_dim" in o), t["head_dim"])
+        kv = next((o["num_key_value_heads"] for o in over if o.get("num_key_value_heads") is not None), None)
+        if kv is not None:
+            t.setdefault("num_global_key_value_heads", kv)
 
 
 # ---- measuring ---------------------------------------------------------------------------------------------------
