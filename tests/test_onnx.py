@@ -224,6 +224,21 @@ def test_moe_runs_only_the_experts_tokens_chose(out_dir, tmp_path):
     assert finite and nan, (finite, nan)
 
 
+def _ctrl_c_at_third_weight(monkeypatch) -> None:
+    """Ctrl-C when the export writes its third quantized weight."""
+    from gemma4_export.targets import onnx_ops
+
+    real, calls = onnx_ops.Graph.quant_weight, []
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(onnx_ops.Graph, "quant_weight", interrupted)
+
+
 def test_several_presets_in_one_directory(out_dir, monkeypatch):
     """`into`: int4's graphs join an fp32 directory of the same checkpoint, as onnx-community repositories hold
     several dtypes; both validate, named by their graphs; config.json declares every data file; the wrong
@@ -255,18 +270,8 @@ def test_several_presets_in_one_directory(out_dir, monkeypatch):
     with pytest.raises(Gemma4ExportError, match="for ONNX directories"):
         api.export("gguf", "tiny-e2b", "q8_0", into=base)
 
-    from gemma4_export.targets import onnx_ops
-
     files = {p.relative_to(base): p.read_bytes() for p in base.rglob("*") if p.is_file()}
-    real, calls = onnx_ops.Graph.quant_weight, []
-
-    def interrupted(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(onnx_ops.Graph, "quant_weight", interrupted)
+    _ctrl_c_at_third_weight(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         api.export("onnx", "tiny-e2b", "int8", into=base)
     assert {p.relative_to(base): p.read_bytes() for p in base.rglob("*") if p.is_file()} == files
@@ -296,17 +301,7 @@ def test_bad_choices_and_atomic_output(out_dir, monkeypatch):
     before = sorted(p.name for p in first.path.iterdir())
 
     # Ctrl-C in the middle of writing weights: the existing artifact is untouched, nothing half-written is left
-    from gemma4_export.targets import onnx_ops
-
-    real, calls = onnx_ops.Graph.quant_weight, []
-
-    def interrupted(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(onnx_ops.Graph, "quant_weight", interrupted)
+    _ctrl_c_at_third_weight(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         api.export("onnx", "tiny-31b", "int8", out=out_dir / "a", force=True)
     assert sorted(p.name for p in first.path.iterdir()) == before

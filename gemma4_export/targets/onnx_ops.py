@@ -50,10 +50,6 @@ class WeightFile:
     def files(self) -> list[str]:
         return [self.name(i) for i in range(len(self.sizes))]
 
-    @property
-    def size(self) -> int:
-        return sum(self.sizes)
-
     def reserve(self, nbytes: int) -> int:
         align = BIG_ALIGN if nbytes >= (1 << 20) else ALIGN
         off = -(-self.sizes[-1] // align) * align
