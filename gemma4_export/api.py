@@ -62,29 +62,50 @@ def plan(source: Source | None = None, target: str = "gguf", preset: str | None 
          variant: str | None = None, model_dir: str | Path | None = None, overrides: list[str] | None = None,
          ple_type: str | None = None, group_size: int | None = None, adapter: str | Path | None = None,
          target_bpw: float | None = None, max_size: int | None = None, calibrate: bool | None = None,
-         imatrix: str | Path | None = None, device: str = "cpu", reporter: Reporter | None = None) -> Plan:
+         imatrix: str | Path | None = None, device: str = "cpu", reporter: Reporter | None = None,
+         qat: str = "auto") -> Plan:
     """The per-tensor plan: from the shipped config for a published variant (no weights needed), from the weights
     for a tiny variant or a checkpoint directory (so the plan lists the file's own tensors). With an adapter, the
     tensors it merges into say so. With `target_bpw` or `max_size`, the types are chosen from the checkpoint's
-    measured sensitivity to fit that size (quant/sensitivity.py; needs the weights)."""
+    measured sensitivity to fit that size (quant/sensitivity.py; needs the weights). `qat` (auto, on, off): whether
+    tensors found on a QAT checkpoint's 4-bit lattice are written on it (quant/lattice.py; measured on the weights
+    when they are at hand)."""
     t = get_target(target)
     sized = target_bpw is not None or max_size is not None
     src = open_source(source, variant=variant, model_dir=model_dir, adapter=adapter, need_weights=sized)
     p = t.preset(preset, group_size)
     try:
-        the_plan = build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type)
+        lat = _lattice(src, p, qat, reporter)
+        the_plan = build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type, lattice=lat, qat=qat)
         if sized:
             imp = _importance(src, the_plan, t, calibrate, None, imatrix, None, device, reporter or Silent())
             the_plan = _sized_plan(src, the_plan, p, t, overrides, ple_type, imp, target_bpw, max_size, device,
-                                   reporter or Silent())
+                                   reporter or Silent(), lat, qat)
         return _with_adapter(the_plan, src)
     finally:
-        if src.adapter is not None or sized:
+        if src.directory is not None:
             src.checkpoint.close()
 
 
+def _lattice(src: ModelSource, p: Preset, qat: str, reporter: Reporter | None):
+    """{tensor: LatticeFit} when the preset can write a lattice and the weights are at hand; else None."""
+    from .errors import QuantError
+    from .quant.plan import QAT_MODES, lattice_preset
+
+    if qat not in QAT_MODES:
+        raise QuantError(f"--qat {qat!r}: choose auto, on or off")
+    if qat == "off" or not lattice_preset(p) or src.directory is None:
+        if qat == "on" and not lattice_preset(p):
+            raise QuantError(f"--qat on: preset {p.name} is not a 4-bit one; use --quant qat (or a 4-bit preset)")
+        return None
+    from .quant.lattice import measure_checkpoint
+
+    return measure_checkpoint(src.checkpoint, src.tensor_specs(), reporter)
+
+
 def _sized_plan(src: ModelSource, the_plan: Plan, p: Preset, t: Target, overrides, ple_type, importance,
-                target_bpw: float | None, max_size: int | None, device: str, reporter: Reporter) -> Plan:
+                target_bpw: float | None, max_size: int | None, device: str, reporter: Reporter, lattice=None,
+                qat: str = "auto") -> Plan:
     """Rebuild the plan with each traded class's type chosen from the measured sensitivity to fit the size."""
     from .errors import QuantError
     from .quant import sensitivity
@@ -103,7 +124,8 @@ def _sized_plan(src: ModelSource, the_plan: Plan, p: Preset, t: Target, override
         budget, what = int(max_size) - overhead, f"max size {max_size / 1e6:.1f} MB"
     sens = sensitivity.sensitivity_for(src, importance, device, reporter)
     assigned = sensitivity.mixed_assignments(src, the_plan, sens, budget, what)
-    sized = build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type, assigned=assigned)
+    sized = build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type, assigned=assigned,
+                       lattice=lattice, qat=qat)
     sized.sensitivity = {"tokens": sens.tokens, "target_bpw": target_bpw, "max_size": max_size,
                          "kld": sens.kld, "seconds": sens.meta.get("seconds"), "cached": sens.meta.get("cached", False)}
     return sized
@@ -172,6 +194,7 @@ def export(
     target_bpw: float | None = None,
     max_size: int | None = None,
     into: str | Path | None = None,
+    qat: str = "auto",
     **options: Any,
 ) -> ExportResult:
     """Export `source` as `target`'s artifact with `preset` (the target's default when None) into directory `out`;
@@ -186,7 +209,10 @@ def export(
     size it was made for.
 
     `into` (ONNX): an existing ONNX directory of the same checkpoint that this preset's graphs join, as several
-    dtypes live in one onnx-community repository; its other presets are kept, and `force` replaces this preset's."""
+    dtypes live in one onnx-community repository; its other presets are kept, and `force` replaces this preset's.
+
+    `qat` (auto, on, off): tensors of a quantization-aware-trained checkpoint found on a 4-bit lattice are written
+    on it, with the trained steps and integers (quant/lattice.py), in the `qat` preset and the 4-bit ones."""
     t = get_target(target)
     t.require()
     reporter = reporter or Silent()
@@ -195,7 +221,8 @@ def export(
     src = open_source(source, variant=variant, model_dir=model_dir, need_weights=True, adapter=adapter)
     ck = src.checkpoint
     try:
-        the_plan = build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type)
+        lat = _lattice(src, p, qat, reporter)
+        the_plan = build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type, lattice=lat, qat=qat)
         sized = target_bpw is not None or max_size is not None
         name = t.artifact_name(src.name, p, group_size)
         if sized:
@@ -224,7 +251,7 @@ def export(
         if sized:
             t1 = time.perf_counter()
             the_plan = _sized_plan(src, the_plan, p, t, overrides, ple_type, importance, target_bpw, max_size,
-                                   calibration_device, reporter)
+                                   calibration_device, reporter, lat, qat)
             seconds["sensitivity"] = time.perf_counter() - t1
         the_plan = _with_adapter(the_plan, src)
         if importance is not None:

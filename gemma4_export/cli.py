@@ -127,6 +127,10 @@ def _size(text: str | None) -> int | None:
 TargetBpwOpt = Annotated[Optional[float], typer.Option(
     "--target-bpw", help="Choose each tensor class's type from its measured sensitivity (KLD on calibration text) "
                          "to minimise KLD at this many bits per weight (GGUF).")]
+QatOpt = Annotated[str, typer.Option(
+    "--qat", help="A quantization-aware-trained checkpoint's 4-bit lattice: auto writes every tensor found on it "
+                  "(nearly all its groups of 32) with the trained steps, in --quant qat and the 4-bit presets; on "
+                  "writes every tensor with any group on it; off never.")]
 MaxSizeOpt = Annotated[Optional[str], typer.Option(
     "--max-size", help="As --target-bpw, for a whole-file size such as 2.5GB (GGUF).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
@@ -185,6 +189,7 @@ def plan(
     adapter: AdapterOpt = None,
     target_bpw: TargetBpwOpt = None,
     max_size: MaxSizeOpt = None,
+    qat: QatOpt = "auto",
 ) -> None:
     """Show which type every tensor gets, and why, with totals (parameters, size, bits per weight).
 
@@ -203,7 +208,7 @@ def plan(
 
         sized = {"target_bpw": target_bpw, "max_size": _size(max_size), "reporter": RichReporter(err)}
     p = api.plan(target=target, preset=quant, variant=variant, model_dir=model_dir, overrides=tensor_type, adapter=adapter,
-                 ple_type=ple_type, group_size=group_size, **sized)
+                 ple_type=ple_type, group_size=group_size, qat=qat, **sized)
     if as_json:
         sys.stdout.write(json.dumps(p.to_json()) + "\n")
         return
@@ -243,6 +248,7 @@ def gguf(
     calibration: CalibrationOpt = None,
     imatrix: ImatrixOpt = None,
     calibration_chunks: ChunksOpt = None,
+    qat: QatOpt = "auto",
 ) -> None:
     """Export a GGUF for llama.cpp (writes <variant>-<quant>.gguf), then validate it against the fp32 model.
 
@@ -254,7 +260,7 @@ def gguf(
     """
     _export("gguf", variant, model_dir, quant, out, validate, device, adapter, calibrate, calibration, imatrix,
             calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, threads=threads,
-            target_bpw=target_bpw, max_size=_size(max_size))
+            target_bpw=target_bpw, max_size=_size(max_size), qat=qat)
 
 
 @app.command()
@@ -274,6 +280,7 @@ def mlx(
     calibration: CalibrationOpt = None,
     imatrix: ImatrixOpt = None,
     calibration_chunks: ChunksOpt = None,
+    qat: QatOpt = "auto",
 ) -> None:
     """Export an MLX directory for mlx-lm (<variant>-mlx-<quant>/), then validate it against the fp32 model.
 
@@ -282,7 +289,7 @@ def mlx(
       gemma4-export mlx --variant e4b-it --quant mixed --group-size 32 --device gpu
     """
     _export("mlx", variant, model_dir, quant, out, validate, device, adapter, calibrate, calibration, imatrix,
-            calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, group_size=group_size)
+            calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, group_size=group_size, qat=qat)
 
 
 @app.command()
@@ -305,6 +312,7 @@ def onnx(
         "--into", help="Add this preset's graphs to an existing ONNX directory of the same checkpoint (several "
                        "dtypes in one directory, as onnx-community repositories hold them) instead of writing "
                        "<variant>-onnx-<quant>/ under --out.")] = None,
+    qat: QatOpt = "auto",
 ) -> None:
     """Export the ONNX graphs transformers.js and onnxruntime-genai load (<variant>-onnx-<quant>/), then validate.
 
@@ -314,7 +322,7 @@ def onnx(
       gemma4-export onnx --variant e2b-it --quant int4 --ple-type INT8 --device cuda
     """
     _export("onnx", variant, model_dir, quant, out, validate, device, adapter, calibrate, calibration, imatrix,
-            calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, into=into)
+            calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, into=into, qat=qat)
 
 
 def _finish(r, validate: bool, variant, model_dir, device: str, adapter=None) -> None:

@@ -190,12 +190,19 @@ def _plan_rows(plan: Plan, all_rows: bool, prefix: str) -> tuple[list[dict], dic
             towers[tower].append(e)
             continue
         name = e.name[len(prefix):] if prefix and e.name.startswith(prefix) else e.name
+        fit = (plan.qat or {}).get("tensors", {}).get(e.name)
         rows.append({"name": name, "shape": "x".join(map(str, e.shape)), "role": e.role, "type": e.type,
-                     "bytes": e.bytes, "rule": e.rule})
+                     "bytes": e.bytes, "rule": e.rule,
+                     "lattice": "-" if fit is None else f"{100 * fit['share']:.1f}%",
+                     "lattice detail": "-" if fit is None else (
+                         f"{100 * fit['share']:.2f}% of {fit['groups']} groups, worst {fit['worst']:.3f} step, "
+                         f"Q4_0 rule {100 * fit['q4_0_rule'] / max(1, fit['groups']):.1f}%"
+                         + ("" if fit["rows_read"] == fit["rows"] else f", first {fit['rows_read']} rows"))})
     for tower, entries in towers.items():
         n = sum(r.numel for r in entries)
         rows.append({"name": f"{tower}* ({len(entries)} tensors)", "shape": f"{human_count(n)} params",
-                     "role": "tower", "type": "DROP", "bytes": 0, "rule": entries[0].rule})
+                     "role": "tower", "type": "DROP", "bytes": 0, "rule": entries[0].rule, "lattice": "-",
+                     "lattice detail": "-"})
     return rows, reasons
 
 
@@ -226,7 +233,8 @@ def plan_table(plan: Plan, all_rows: bool = False, width: int | None = None) -> 
         note += " without '.weight'" if short_names else ""
         return Layout(cols, out, _plan_title(plan) + (f"  ({note})" if prefix or short_names else ""))
 
-    full = ["name", "shape", "role", "type", "bytes", "rule"]
+    full = ["name", "shape", "role", "type", "bytes", "rule"] + (["lattice"] if plan.qat and plan.qat.get("tensors")
+                                                                  else [])
     no_role = [k for k in full if k != "role"]
     no_shape = [k for k in no_role if k != "shape"]
     layouts = [layout(full, False), layout(no_role, False), layout(no_role, True), layout(no_shape, True),
@@ -238,7 +246,8 @@ def plan_lines(plan: Plan, all_rows: bool = False) -> list[str]:
     """The plan for a pipe: the title, a header, one line per tensor (full name, shape, type, bytes, rule; one line
     per tower unless all_rows), then each rule's reason, one per line."""
     rows, reasons = _plan_rows(plan, all_rows, "")
-    keys = ["name", "shape", "type", "bytes", "rule"]
+    keys = ["name", "shape", "type", "bytes", "rule"] + (["lattice detail"] if plan.qat and plan.qat.get("tensors")
+                                                        else [])
     cols = [Col(k, right=k == "bytes") for k in keys]
     table = plain_lines(cols, [[r[k] if k != "bytes" else f"{r['bytes']:,}" for k in keys] for r in rows])
     return [_plan_title(plan), *table, "", *(f"{rule}: {why}" for rule, why in reasons.items())]
@@ -256,5 +265,21 @@ def plan_summary(plan: Plan) -> str:
     return (
         f"{plan.variant} {plan.target} {plan.preset}: {human_count(plan.parameters)} parameters kept, "
         f"{human_bytes(plan.total_bytes)} of tensor data ({plan.total_bytes:,} bytes), "
-        f"{plan.bits_per_weight:.2f} bits per weight; tensors by type: {counts}"
+        f"{plan.bits_per_weight:.2f} bits per weight; tensors by type: {counts}" + _lattice_summary(plan)
     )
+
+
+def _lattice_summary(plan: Plan) -> str:
+    """One sentence on the QAT lattice detection, when the plan measured it."""
+    fits = (plan.qat or {}).get("tensors") or {}
+    if not fits:
+        return ""
+    on = [e for e in plan.entries if e.method == "lattice"]
+    s = f"; QAT lattice ({plan.qat['mode']}): {len(on)} of {len(fits)} measured tensors written on it"
+    if on:
+        f = [fits[e.name] for e in on]
+        groups = sum(x["groups"] for x in f)
+        s += (f" ({100 * sum(x['on'] for x in f) / groups:.2f}% of their groups on it, worst value "
+              f"{max(x['worst'] for x in f):.3f} of a step off; Q4_0's extremum/-8 rule recovers "
+              f"{100 * sum(x['q4_0_rule'] for x in f) / groups:.1f}% of their steps)")
+    return s

@@ -495,6 +495,89 @@ def finetune(steps: int, seq: int, batch: int, seed: int = 0, log=print) -> dict
     return report
 
 
+# ---- quantization-aware training: a tiny QAT release ----------------------------------------------------------
+
+QAT_BASES = {"tiny-e2b-qat": "tiny-e2b", "tiny-26b-a4b-qat": "tiny-26b-a4b"}
+QAT_GROUP = 32
+
+
+def _lattice_parametrization(weight):
+    """Fake quantization on a 4-bit lattice, as a QAT pipeline trains for Q4_0: each group of 32 along a row is a
+    learned step d (log-parametrised, started at the group's absmax / 8) times an integer in -8..7, with a
+    straight-through estimator for the rounding (LSQ: the clamp passes gradients to w inside the range and to d)."""
+    import torch
+
+    class Lattice(torch.nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            g = w.detach().float().reshape(-1, QAT_GROUP)
+            self.log_d = torch.nn.Parameter(g.abs().amax(-1).clamp_min(1e-8).div(8).log())
+
+        def forward(self, w):
+            g = w.reshape(-1, QAT_GROUP)
+            d = self.log_d.exp()[:, None]
+            x = torch.clamp(g / d, -8, 7)
+            return ((x + (torch.round(x) - x).detach()) * d).reshape(w.shape)
+
+    return Lattice(weight)
+
+
+def _qat_targets(model):
+    """(module, parameter name) of every decoder-layer weight matrix a QAT release trains on the lattice: attention,
+    MLP, the PLE gate and projection, the experts; not the router, norms, embeddings, PLE table or towers."""
+    out = []
+    for name, mod in model.named_modules():
+        if ".language_model.layers." not in f".{name}." or "router" in name:
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.ndim >= 2 and p.shape[-1] % QAT_GROUP == 0:
+                out.append((mod, pname))
+    return out
+
+
+def qat(name: str, steps: int, seq: int, batch: int, seed: int = 0, log=print) -> dict[str, Any]:
+    """A tiny QAT checkpoint: the base tiny model trained further with every decoder weight matrix fake-quantized on
+    a 4-bit lattice with learned per-group steps, then saved as Google's `-qat-q4_0-unquantized` releases are: the
+    lattice values (d x integer) in bf16, in the base model's hub layout. The steps are learned, so they are not
+    Q4_0's absmax / -8 rule: plain Q4_0 recomputes a different step and loses what training bought."""
+    import torch
+    import transformers
+    from torch.nn.utils import parametrize
+
+    base = OUT_DIR / QAT_BASES[name]
+    config = json.loads((base / "config.json").read_text())
+    model = getattr(transformers, config["architectures"][0]).from_pretrained(base, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(base).backend_tokenizer
+    targets = _qat_targets(model)
+    for mod, pname in targets:
+        parametrize.register_parametrization(mod, pname, _lattice_parametrization(getattr(mod, pname)))
+    text = read_corpus("train")
+    stream = encode_corpus(tok, text, chat_samples(text))
+    held = np.asarray(tok.encode(read_corpus("heldout"), add_special_tokens=False).ids, dtype=np.int64)
+    before = evaluate(model, tok, held)
+    log(f"{name}: {len(targets)} matrices on the lattice; held-out loss at the start {before['heldout_loss']:.3f}; "
+        f"training {steps} steps of {batch}x{seq} tokens")
+    t0 = time.time()
+    final = train(model, stream, steps, seq, batch, lr=5e-4, seed=seed + 2, log=log)
+    ev = evaluate(model, tok, held)
+    with torch.no_grad():
+        for mod, pname in targets:
+            parametrize.remove_parametrizations(mod, pname, leave_parametrized=True)
+    out = OUT_DIR / name
+    save_checkpoint(model, config, out, shards=2 if "26b" in name else 1, seed=seed)
+    for f in base.iterdir():
+        if f.suffix in (".jinja",) or f.name.startswith(("tokenizer", "generation_config")):
+            (out / f.name).write_bytes(f.read_bytes())
+    report = {"base": QAT_BASES[name], "lattice": {"group": QAT_GROUP, "levels": "-8..7", "step": "learned per group",
+              "matrices": len(targets)}, "steps": steps, "seq": seq, "batch": batch,
+              "heldout_loss_at_start": before["heldout_loss"], "train_loss_ema": final,
+              "train_seconds": round(time.time() - t0, 1), **ev}
+    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"{name}: loss {final:.3f}, held-out loss {ev['heldout_loss']:.3f} (start {before['heldout_loss']:.3f}), "
+        f"top-1 acc {ev['heldout_top1_accuracy']:.3f}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", choices=sorted(tiny_configs()), help="build just these")
@@ -505,9 +588,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--corpus", action="store_true", help="re-extract the corpus from this Python's stdlib first")
     ap.add_argument("--finetune", type=int, metavar="STEPS", help=f"only (re)build {FT_NAME}: tiny-e2b trained "
                     "STEPS more steps with added tokens, saved by transformers' save_pretrained")
+    ap.add_argument("--qat", choices=sorted(QAT_BASES), action="append", help="only (re)build this tiny QAT "
+                    "checkpoint: its base trained --steps more steps on a 4-bit lattice")
     a = ap.parse_args(argv)
     if a.corpus or not (CORPUS_DIRS["train"] / "train.txt.gz").exists():
         make_corpus()
+    if a.qat:
+        for name in a.qat:
+            qat(name, a.steps, a.seq, a.batch, a.seed)
+        return
     if a.finetune:
         finetune(a.finetune, a.seq, a.batch, a.seed)
         return

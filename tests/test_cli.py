@@ -151,7 +151,7 @@ def test_error_message_is_one_line():
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("error: unknown variant 'nope'") and lines[0].rstrip().endswith("tiny-e2b-ft")
+    assert lines[0].startswith("error: unknown variant 'nope'") and lines[0].rstrip().endswith("tiny-26b-a4b-qat")
     assert len(lines[0]) > 80  # long enough that rich would have wrapped it at 80 columns
 
 

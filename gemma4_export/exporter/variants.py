@@ -74,6 +74,10 @@ TINY = ("tiny-e2b", "tiny-12b", "tiny-26b-a4b", "tiny-31b")
 # transformers' config form), trained further with tokens added to its vocabulary: the form users' own checkpoints
 # come in (scripts/build_tiny.py --finetune). Not in TINY, so the default matrix stays one model per architecture.
 TINY_FINETUNES = ("tiny-e2b-ft",)
+# Quantization-aware-trained tiny checkpoints, built as Google's `-qat-q4_0-unquantized` releases are: every decoder
+# weight matrix trained with fake quantization on a 4-bit lattice (groups of 32, learned steps) and saved as the
+# lattice values in bf16 (scripts/build_tiny.py --qat). Not in TINY either.
+TINY_QAT = ("tiny-e2b-qat", "tiny-26b-a4b-qat")
 
 
 def _build() -> dict[str, Variant]:
@@ -85,6 +89,8 @@ def _build() -> dict[str, Variant]:
         reg[name] = Variant(name, None, name.removeprefix("tiny-"), tiny=True)
     for name in TINY_FINETUNES:
         reg[name] = Variant(name, None, name.removeprefix("tiny-").removesuffix("-ft"), tiny=True)
+    for name in TINY_QAT:
+        reg[name] = Variant(name, None, name.removeprefix("tiny-").removesuffix("-qat"), tiny=True)
     return reg
 
 

@@ -45,6 +45,7 @@ class PlanEntry:
     reason: str
     rule: str
     layer: int | None = None
+    method: str = ""  # "lattice": written on the tensor's trained 4-bit lattice (quant/lattice.py)
 
     @property
     def dropped(self) -> bool:
@@ -65,6 +66,7 @@ class Plan:
     overrides: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None  # set by the export when the quantizers were given an imatrix
     sensitivity: dict[str, Any] | None = None  # the measurement a size-targeted plan was chosen from
+    qat: dict[str, Any] | None = None  # the lattice detection: mode and each measured tensor's LatticeFit
 
     @property
     def kept(self) -> list[PlanEntry]:
@@ -104,8 +106,10 @@ class Plan:
             "dropped": sum(1 for e in self.entries if e.dropped),
             **({"calibration": self.calibration} if self.calibration else {}),
             **({"sensitivity": self.sensitivity} if self.sensitivity else {}),
+            **({"qat": self.qat} if self.qat else {}),
             "tensors": [
-                {k: (list(v) if k == "shape" else v) for k, v in asdict(e).items() if k not in ("rule", "layer")}
+                {k: (list(v) if k == "shape" else v) for k, v in asdict(e).items()
+                 if k not in ("rule", "layer") and (k != "method" or v)}
                 for e in self.entries
             ],
         }
@@ -149,9 +153,12 @@ def build_plan(
     target: str = "gguf",
     group_size: int | None = None,
     assigned: dict[str, tuple[str, str]] | None = None,
+    lattice: dict[str, Any] | None = None,
+    qat: str = "auto",
 ) -> Plan:
     """The plan: each tensor's rule decision, then `assigned` ({name: (type, reason)}, a mixed-precision choice
-    from measurement: quant/sensitivity.py), then the user's --tensor-type overrides, which win."""
+    from measurement: quant/sensitivity.py), then the QAT lattice (`lattice`: {name: LatticeFit} measured on the
+    weights; `qat` auto, on or off, see qat_choice), then the user's --tensor-type overrides, which win."""
     from ..targets.registry import get_target
 
     p = preset if isinstance(preset, Preset) else get_preset(preset, target, group_size)
@@ -171,6 +178,11 @@ def build_plan(
         if assigned and spec.name in assigned and tname != DROP:
             tname, reason = assigned[spec.name]
             rule = "target-size"
+        method = ""
+        if tname != DROP and lattice and spec.name in lattice:
+            chosen = qat_choice(lattice[spec.name], p, tgt, qat)
+            if chosen is not None:
+                tname, rule, reason, method = chosen
         for k, o in enumerate(ovs):
             if o.regex.search(spec.name):
                 if tname == DROP:
@@ -187,6 +199,7 @@ def build_plan(
                         f"not a multiple of {t.name}'s block of {t.block}"
                     )
                 tname, rule, reason = t.name, "override", f"override {o.pattern}={o.type} from the command line"
+                method = ""
                 break
         if tname == DROP:
             entries.append(PlanEntry(spec.name, spec.shape, spec.role.value, DROP, 0, reason, rule, spec.layer))
@@ -203,9 +216,38 @@ def build_plan(
                       f"{tgt.max_tensor_reason}: {small.name}")
             t, rule = small, f"{rule}+size-limit"
         entries.append(PlanEntry(spec.name, spec.shape, spec.role.value, t.name, t.nbytes(spec.numel), reason, rule,
-                                 spec.layer))
+                                 spec.layer, method if t.name == tname else ""))
     unused = [ovs[k].pattern for k in range(len(ovs)) if not used[k]]
     if unused:
         raise QuantError(f"--tensor-type pattern(s) matched no kept tensor: {', '.join(unused)}")
-    return Plan(variant, p.name, p.target, entries, ple_type, [f"{o.pattern}={o.type}" for o in ovs])
+    out = Plan(variant, p.name, p.target, entries, ple_type, [f"{o.pattern}={o.type}" for o in ovs])
+    if lattice is not None:
+        out.qat = {"mode": qat, "tensors": {n: f.to_json() for n, f in lattice.items()}}
+    return out
+
+
+QAT_MODES = ("auto", "on", "off")
+
+
+def lattice_preset(p: Preset) -> bool:
+    """The presets that write a QAT checkpoint's lattice: `qat`, and the 4-bit ones (a lattice tensor costs what
+    their 4-bit type costs, or, in MLX's groups of 64, a group-of-32 scale and bias more)."""
+    return p.name == "qat" or p.base in ("Q4_0", "Q4_K", "IQ4_XS", "INT4") or p.base.startswith("Q4G")
+
+
+def qat_choice(fit, p: Preset, tgt, mode: str) -> tuple[str, str, str, str] | None:
+    """(type, rule, reason, method) for a tensor measured on a 4-bit lattice, or None to keep the rule's choice.
+    auto: the tensor is written on its lattice when at least lattice.AUTO_SHARE of its groups are on it; on: when
+    any group is (the groups off it get Q4_0's rule, and the reason says how many and how far)."""
+    from .lattice import AUTO_SHARE
+
+    if mode not in QAT_MODES:
+        raise QuantError(f"--qat {mode!r}: choose auto, on or off")
+    if mode == "off" or not lattice_preset(p) or fit.on == 0 or (mode == "auto" and fit.share < AUTO_SHARE):
+        return None
+    why = ("QAT lattice: written with the trained steps and integers (" + tgt.lattice_form + "), lossless on its "
+           "groups; " + fit.describe())
+    if fit.share < 1:
+        why += "; the groups off the lattice get Q4_0's rule"
+    return tgt.lattice_type, "qat-lattice", why, "lattice"
 

@@ -104,6 +104,12 @@ PRESET_LIST: tuple[Preset, ...] = (
           "MOSTLY_IQ4_XS", description="4.25-bit non-linear blocks of 256", mix="iq4_xs"),
     _gguf("q4_0", "Q4_0", "Q6_K", "Q4_0", "Q8_0", "BF16", T(2.1e-2, 0.7, 0.83, 1.014, 0.0, 6), "MOSTLY_Q4_0",
           description="4-bit blocks of 32"),
+    # QAT checkpoints (quant/lattice.py): every tensor found on a 4-bit lattice is written on it as Q4_0 blocks with
+    # the trained steps; the rest as q4_0 (the tied head Q6_K, as Google's own QAT GGUFs keep it). Its limits are
+    # q4_0's, since a checkpoint off the lattice gets a plain 4-bit file; on a lattice checkpoint the lattice
+    # tensors are lossless (tests/test_qat.py holds the exactly-on-lattice form to the bf16 limits).
+    _gguf("qat", "Q4_0", "Q6_K", "Q4_0", "Q8_0", "BF16", T(2.1e-2, 0.7, 0.83, 1.014, 0.0, 6), "MOSTLY_Q4_0",
+          description="a QAT checkpoint's 4-bit lattice, kept (Q4_0 with the trained steps)"),
     _gguf("q3_k_m", "Q3_K", "Q6_K", "Q3_K", "Q8_0", "BF16", T(3.3e-2, 0.7, 0.72, 1.03, 0.0, 5), "MOSTLY_Q3_K_M",
           description="3-bit K-quant mix", mix="q3_k_m"),
     _gguf("q2_k", "Q2_K", "Q6_K", "Q2_K", "Q8_0", "BF16", T(7.2e-2, 0.9, 0.62, 1.08, 0.0, 5), "MOSTLY_Q2_K",
@@ -124,6 +130,8 @@ PRESET_LIST: tuple[Preset, ...] = (
           description="4-bit blocks of 32, 8-bit head"),
     _onnx("q4f16", "INT4", "INT8", "INT4", "INT8", "INT8", T(1.9e-2, 0.65, 0.84, 1.017, 0.0, 10),
           description="int4's weights, float16 compute (for fp16 providers: WebGPU, CUDA, CoreML)"),
+    _onnx("qat", "INT4", "INT8", "INT4", "INT8", "INT8", T(1.9e-2, 0.65, 0.85, 1.014, 0.0, 10),
+          description="a QAT checkpoint's 4-bit lattice, kept (scale = trained step, zero point 8); else int4"),
     # MLX affine quantization as mlx-lm names it (group size 64 here; --group-size makes others). The tied
     # embedding / output head stays bf16: measured on tiny-e2b at 8 bits, quantizing it alone raises mean KLD
     # six-fold (0.0038 against 0.00063 with a bf16 head), more than every other module together.
@@ -139,6 +147,8 @@ PRESET_LIST: tuple[Preset, ...] = (
          description="6-bit affine, 8-bit PLE projections, bf16 tied head"),
     _mlx("4bit", 4, None, 8, T(2e-2, 0.35, 0.83, 1.021, 0.0, 8),
          description="4-bit affine, 8-bit PLE projections, bf16 tied head"),
+    _mlx("qat", 4, None, 8, T(2e-2, 0.35, 0.83, 1.021, 0.0, 8), group=32,
+         description="a QAT checkpoint's 4-bit lattice, kept (groups of 32, scale = trained step, bias = -8 step)"),
     _mlx("mixed", 4, None, 8, T(2e-2, 0.25, 0.83, 1.016, 0.0, 8), more_bits=6,
          description="4-bit with 6-bit values/down projections on the layers a K-quant mix favours, 8-bit PLE "
                      "projections, bf16 head"),

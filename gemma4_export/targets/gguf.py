@@ -274,6 +274,9 @@ def convert(ck: Checkpoint, src: ModelSource, plan: Plan, preset: Preset, out: P
         e = sources[entry.name]
         info = ck.info(e.name)
         src_dtype = info.dtype
+        if e.method == "lattice":
+            yield from _lattice_blocks(ck, e, block_bytes, task)
+            return
         if entry.type not in FLOAT_TYPES:
             yield from _quantized_blocks(ck, e, entry.name, importance, quantizer, block_bytes, task)
             return
@@ -303,6 +306,20 @@ def _quantizer(wanted: dict[str, str], threads: int | None):
     from .ggml_quant import Quantizer
 
     return Quantizer(threads)
+
+
+def _lattice_blocks(ck: Checkpoint, e: PlanEntry, block_bytes: int, task) -> Iterator[np.ndarray]:
+    """A QAT tensor as Q4_0 blocks on its trained lattice (quant/lattice.py): the trained step as the fp16 scale and
+    the trained integers as the nibbles, instead of ggml's extremum / -8."""
+    from ..exporter.checkpoint import f32_row_blocks
+    from ..quant.lattice import q4_0_bytes
+
+    if e.type != "Q4_0":
+        raise ExportError(f"{e.name}: the lattice is written as Q4_0, the plan says {e.type}")
+    for _, rows in f32_row_blocks(ck, e.name, block_bytes, ring=2):
+        q = q4_0_bytes(rows)
+        task.advance(q.nbytes)
+        yield q
 
 
 def _quantized_blocks(ck: Checkpoint, e: PlanEntry, name: str, importance, quantizer, block_bytes: int, task
@@ -436,6 +453,8 @@ class GGUFTarget(Target):
     artifact_kind = "file"
     color = "#1f77b4"
     devices_help = "cpu, cuda or mps (GPU offload)"
+    lattice_type = "Q4_0"
+    lattice_form = "Q4_0 blocks: fp16 step, nibbles k + 8"
 
     def artifact_name(self, source: str, preset: Preset, group_size: int | None = None) -> str:
         return f"{source}-{preset.name}.gguf"

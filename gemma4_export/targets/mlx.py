@@ -200,6 +200,7 @@ def _write(tmp: Path, ck: Checkpoint, jobs: list[_Job], outs: list[_Out], names:
     """Quantized modules go through `mx.quantize` (min/max affine groups), or, when calibrating, through
     quant.weighted.mlx_affine: the same affine layout, with each group's scale and bias chosen to minimise the
     importance-weighted error (evenly weighted for a lookup table, which no imatrix covers)."""
+    from ..quant.lattice import mlx_lattice
     from ..quant.weighted import mlx_affine
 
     fds, bases = [], []
@@ -218,6 +219,12 @@ def _write(tmp: Path, ck: Checkpoint, jobs: list[_Job], outs: list[_Out], names:
                 for r0, block in _blocks(ck, job, 32 << 20):
                     if bg is None:
                         parts = [encode_float(block, job.entry.type).tobytes()]
+                    elif job.entry.method == "lattice":  # a QAT tensor: its trained steps and integers
+                        if bg != (4, 32):
+                            raise MLXExportError(f"{job.entry.name}: the lattice is written as Q4G32, the plan says "
+                                                 f"{job.entry.type}")
+                        wq, scales, biases = mlx_lattice(block)
+                        parts = [wq.tobytes(), scales.tobytes(), biases.tobytes()]
                     elif importance is not None:  # a lookup table has no statistics: the search, evenly weighted
                         wq, scales, biases = mlx_affine(block, _row_importance(imat, job.entry, r0, len(block)),
                                                         bg[0], bg[1])
@@ -256,6 +263,8 @@ class MLXTarget(Target):
     group_sizes = (32, 64, 128)
     default_group_size = 64
     devices_help = "cpu, or gpu (Metal)"
+    lattice_type = "Q4G32"
+    lattice_form = "affine groups of 32: scale = step, bias = -8 step"
 
     def small_type(self, preset: Preset):
         """What a tensor over the size limit becomes: the preset's "high" type, or 8 bits in its group."""

@@ -43,7 +43,8 @@ from .onnx_ops import OPSET, QUANT_BITS, Graph, WeightFile
 
 CONFIG_FILE, GENAI_FILE, ONNX_DIR = "inference_config.json", "genai_config.json", "onnx"
 EMBED, DECODER, SINGLE = "embed_tokens", "decoder_model_merged", "model"
-SUFFIXES = {"fp32": "", "fp16": "_fp16", "int8": "_quantized", "int4": "_q4", "q4f16": "_q4f16"}  # transformers.js
+# transformers.js's dtypes; a QAT export is 4-bit blocks like int4's, so it is what dtype "q4" loads
+SUFFIXES = {"fp32": "", "fp16": "_fp16", "int8": "_quantized", "int4": "_q4", "q4f16": "_q4f16", "qat": "_q4"}
 HALF = {"fp16", "q4f16"}  # presets whose graphs compute in float16 (activations, KV cache, block scales)
 DATA_LIMIT = 2_000_000_000  # bytes per external data file (transformers.js in a browser reads each into one buffer)
 IR_VERSION = 10  # what onnxruntime 1.20 and later read
@@ -187,6 +188,11 @@ def check_into(directory: Path | str, preset: str, digest: str | None, force: bo
                               f" this checkpoint's are {digest}): a directory holds one model's graphs")
     if preset in presets and not force:
         raise ONNXExportError(f"--into {d}: it already holds {preset} graphs (pass --force to replace them)")
+    same = [q for q in presets if q != preset and SUFFIXES.get(q) == SUFFIXES.get(preset)]
+    if same:
+        raise ONNXExportError(f"--into {d}: its {same[0]} graphs have the file names {preset}'s would take "
+                              f"(transformers.js's dtype suffix {SUFFIXES.get(preset)!r}); export {preset} into a "
+                              "directory of its own")
 
 
 def link_other_presets(directory: Path | str, staging: Path, preset: str) -> None:
@@ -340,6 +346,8 @@ class ONNXTarget(Target):
     artifact_kind = "directory"
     color = "#2ca02c"
     devices_help = "cpu, cuda (CUDA provider) or mps (CoreML)"
+    lattice_type = "INT4"
+    lattice_form = "4-bit blocks of 32: scale = step, zero point 8"
 
     def require(self) -> None:
         _require_onnx()
@@ -366,7 +374,8 @@ class ONNXTarget(Target):
                     # faster on CPU, and the measured KLD is unchanged at the int4 level (tiny-e2b 0.00263 ->
                     # 0.00264). The int8 preset keeps float32 activations: there they cost 2-3x its KLD.
                     g = Graph(wf, advance=task.advance, int8_activations=any(e.type == "INT4" for e in plan.kept),
-                              half=plan.preset in HALF)
+                              half=plan.preset in HALF,
+                              lattice=frozenset(e.name for e in plan.kept if e.method == "lattice"))
                     if job.importance is not None:
                         g.importance = lambda name: job.importance.for_tensor(name, job.checkpoint.text_prefix)
                     build(g, src.arch, weights)

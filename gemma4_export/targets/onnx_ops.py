@@ -113,6 +113,7 @@ class Graph:
     # compute in float16 (activations, KV cache, float weights, block scales), for providers that compute in fp16;
     # RMSNorm statistics, RoPE angles and weights the plan keeps at FP32 (the router) stay in float32
     half: bool = False
+    lattice: frozenset = frozenset()  # checkpoint names written on their QAT lattice (plan method "lattice")
 
     @property
     def ft(self) -> int:
@@ -300,6 +301,13 @@ class Graph:
 
     def _quantizer(self, name: str, rows: int, cols: int, bits: int):
         """(first row, float32 row block) -> (packed, scales) for one weight."""
+        if name in self.lattice:  # a QAT tensor: its trained steps and integers (quant/lattice.py)
+            from ..quant.lattice import f16_round, int4_lattice
+
+            if bits != 4:
+                raise ValueError(f"{name}: the lattice is written at 4 bits, not {bits}")
+            rd = f16_round if self.half else (lambda d: d)
+            return lambda first, b: int4_lattice(b, rd)
         imat = self.importance(name) if self.importance is not None else None
         if imat is None and self.importance is not None:  # calibrating, but no statistics: a lookup table
             imat = np.ones((1, cols), np.float32)  # the same search, each block's own error weighted evenly

@@ -67,6 +67,9 @@ class Target:
     group_sizes: ClassVar[tuple[int, ...]] = ()  # quantization groups a user may choose (--group-size)
     default_group_size: ClassVar[int | None] = None
     devices_help: ClassVar[str] = "cpu"
+    # the type a QAT checkpoint's 4-bit lattice is written in (quant/lattice.py), and how, in words
+    lattice_type: ClassVar[str] = ""
+    lattice_form: ClassVar[str] = ""
 
     # ---- presets ---------------------------------------------------------------------------------------------
     @property
