@@ -42,9 +42,16 @@ from gemma4_export import api  # noqa: E402
 from gemma4_export.exporter.variants import TINY_QAT, get_variant  # noqa: E402
 
 HEAD_Q8 = r"embed_tokens\.weight$=Q8_0"
+HEAD_MLX8 = r"embed_tokens\.weight$=Q8G32"  # mlx-lm quantizes the tied head with the rest; ours keeps it bf16
+HEAD_MLX4 = r"embed_tokens\.weight$=Q4G32"
 
 
 class QatBench(bq.Bench):
+    def add(self, variant, group, label, *args, **kw):
+        if self.a.rows and not any(x in label for x in self.a.rows):
+            return None
+        return super().add(variant, group, label, *args, **kw)
+
     def variant(self, v: str) -> None:
         ck = get_variant(v).local_dir
         with bq.Step(v, "fp32 reference (held-out text)"):
@@ -63,6 +70,12 @@ class QatBench(bq.Bench):
                      baseline=True, tag="q4_0")
             self.add(v, g, "Q4_0 + imatrix", "llama.cpp + imatrix",
                      self.ours("gguf", v, "q4_0", "g-q4_0-imat", qat="off"), ref, params, True, tag="q4_0 imat")
+            self.add(v, g, "plain Q4_0, head Q8_0", "llama.cpp",
+                     self.ours("gguf", v, "q4_0", "g-q4_0-q8head", calibrate=False, qat="off", overrides=[HEAD_Q8]),
+                     ref, params, True, tag="q4_0 q8 head")
+            self.add(v, g, "Q4_0 + imatrix, head Q8_0", "llama.cpp + imatrix",
+                     self.ours("gguf", v, "q4_0", "g-q4_0-imat-q8head", qat="off", overrides=[HEAD_Q8]), ref, params,
+                     True, tag="q4_0 imat q8 head")
             self.add(v, g, "Q4_K_M + imatrix", "llama.cpp + imatrix",
                      self.ours("gguf", v, "q4_k_m", "g-q4_k_m-imat", qat="off"), ref, params, True,
                      tag="q4_k_m imat")
@@ -70,6 +83,11 @@ class QatBench(bq.Bench):
             g = "mlx 4-bit"
             self.add(v, g, "ours qat (lattice, groups of 32)", "gemma4-export", self.ours("mlx", v, "qat", "m-qat"),
                      ref, params, True, tag="qat")
+            self.add(v, g, "ours qat, head 8-bit", "gemma4-export", self.ours("mlx", v, "qat", "m-qat-h8",
+                                                                           overrides=[HEAD_MLX8]),
+                     ref, params, True, tag="qat h8")
+            self.add(v, g, "ours qat, head 4-bit lattice policy g32", "gemma4-export",
+                     self.ours("mlx", v, "qat", "m-qat-h4", overrides=[HEAD_MLX4]), ref, params, True, tag="qat h4")
             self.add(v, g, "ours 4bit --qat off", "gemma4-export --no-calibrate",
                      self.ours("mlx", v, "4bit", "m-4bit", qat="off"), ref, params, True, tag="4bit")
             if importlib.util.find_spec("mlx_lm") is not None:
@@ -109,6 +127,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench-qat")
     ap.add_argument("--work", default=None)
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--rows", nargs="*", help="only the rows whose label contains one of these")
+    ap.add_argument("--merge", nargs="*", default=[], help="earlier bench_qat.json files whose rows join the table")
     a = ap.parse_args()
     a.only = set(a.only.split(","))
     a.llama_cpp = a.llama_bin = None
@@ -116,11 +136,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     b = QatBench(a)
     b.skipped.pop("llama.cpp", None)  # this benchmark makes every GGUF with ggml's kernels through gemma4-export
-    for v in a.variants:
-        b.variant(v)
+    for f in a.merge:  # a row measured again (same variant and label) replaces the earlier one
+        for r in json.loads(Path(f).read_text())["rows"]:
+            b.rows = [x for x in b.rows if (x.variant, x.label) != (r["variant"], r["label"])] + [bq.Row(**r)]
+    def save() -> None:
         b.compare()
         (out / "bench_qat.json").write_text(json.dumps({"rows": [asdict(r) for r in b.rows], "skipped": b.skipped,
                                                         "versions": bq.versions()}, indent=2) + "\n")
+    for v in a.variants:
+        b.variant(v)
+        save()  # after every variant, so that a run cut short leaves what it measured
+    save()
     print(b.table())
 
 

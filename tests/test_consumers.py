@@ -5,6 +5,7 @@ transformers.js_config. Each generates greedily from the fp32 reference's chat p
 - int4 (q4): they equal our onnxruntime runner's on the same directory (the artifact itself validates against the
   reference within the preset's limits in test_onnx).
 - q4f16 (float16 compute): as int4, on tiny-e2b.
+- qat (a QAT checkpoint's lattice in 4-bit blocks, which transformers.js loads as dtype q4): as int4, on tiny-e2b-qat.
 Where two sequences part, the test accepts it only at a near-tie: the step's top-2 logit margin under 1e-4 (float
 rounding between onnxruntime builds; 3e-2 in a float16 graph), as the KV-cache check does; anything else fails.
 """
@@ -28,8 +29,9 @@ from gemma4_export.validate.onnxrt import ONNXRunner  # noqa: E402
 
 JS = Path(__file__).parent / "js"
 CASES = [pytest.param(v, p, marks=() if (v, p) == ("tiny-e2b", "int4") else pytest.mark.slow)
-         for v in TINY for p in ("fp32", "int4")] + [pytest.param("tiny-e2b", "q4f16", marks=pytest.mark.slow)]
-DTYPE = {"fp32": "fp32", "int4": "q4", "q4f16": "q4f16"}  # transformers.js's names
+         for v in TINY for p in ("fp32", "int4")] + [pytest.param("tiny-e2b", "q4f16", marks=pytest.mark.slow),
+                                                     pytest.param("tiny-e2b-qat", "qat", marks=pytest.mark.slow)]
+DTYPE = {"fp32": "fp32", "int4": "q4", "q4f16": "q4f16", "qat": "q4"}  # transformers.js's names (qat: 4-bit blocks)
 
 
 def _node() -> str:
