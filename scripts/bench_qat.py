@@ -86,7 +86,7 @@ class QatBench(bq.Bench):
             self.add(v, g, "ours qat, head 8-bit", "gemma4-export", self.ours("mlx", v, "qat", "m-qat-h8",
                                                                            overrides=[HEAD_MLX8]),
                      ref, params, True, tag="qat h8")
-            self.add(v, g, "ours qat, head 4-bit lattice policy g32", "gemma4-export",
+            self.add(v, g, "ours qat, head 4-bit g32", "gemma4-export",
                      self.ours("mlx", v, "qat", "m-qat-h4", overrides=[HEAD_MLX4]), ref, params, True, tag="qat h4")
             self.add(v, g, "ours 4bit --qat off", "gemma4-export --no-calibrate",
                      self.ours("mlx", v, "4bit", "m-4bit", qat="off"), ref, params, True, tag="4bit")
