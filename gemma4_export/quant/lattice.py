@@ -8,8 +8,9 @@ model keeps what training bought; on any other grid it loses it. Plain Q4_0 reco
 Detection, per group: for every m in 1..8, the step candidate max|w| / m, each value rounded to the nearest multiple,
 the step refitted by least squares on those integers; the group is on the lattice when every value lies within
 TOL of a step from its multiple and the integers fit -8..7 (or 8..-7, which is the same lattice with the step's sign
-flipped). The smallest m that fits is taken (the largest step): a lattice whose integers are all even is the same
-lattice at twice the step. TOL is a sixteenth of a step: a value stored in bfloat16 is off its exact multiple by at
+flipped). The candidates are tried from m = 8 down, each only on the groups still unplaced, so a trained group
+(whose integers nearly always reach 7 or 8 in magnitude) costs one or two; any candidate that fits is exact, since a
+lattice whose integers are all even is the same lattice at twice the step. TOL is a sixteenth of a step: a value stored in bfloat16 is off its exact multiple by at
 most 2^-8 of itself (1/32 of a step at |k| = 8), while a wrong candidate misses some value by at least 1/8 of a step.
 
 Every target writes the same codes, k + 8 in 0..15, with its own step format:
@@ -33,6 +34,7 @@ LO, HI = -8, 7
 TOL = 1.0 / 16  # in steps
 AUTO_SHARE = 0.99  # --qat auto: a tensor is on the lattice when at least this share of its groups is
 ROW_BLOCK_ELEMS = 1 << 20
+PROBE_ROWS = 32  # rows read first from each tensor; the rest only when they show a lattice
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def fit_groups(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     err = np.full(n, np.inf, np.float32)
     on = amax == 0  # an all-zero group is on every lattice (d = 0)
     err[on] = 0
-    for m in range(1, HI + 2):
+    for m in range(-LO, 0, -1):
         todo = np.flatnonzero(~on)
         if not len(todo):
             break
@@ -242,13 +244,23 @@ def measure_checkpoint(ck, specs, reporter=None) -> dict[str, LatticeFit]:
 
     skip = {Role.TOWER, Role.KV_SHARED_UNUSED, Role.ROUTER_PROJ, Role.ROUTER_SCALE, Role.ROUTER_EXPERT_SCALE,
             Role.NORM, Role.LAYER_SCALAR}
+    from ..exporter.checkpoint import to_f32
+
     todo = [s for s in specs if s.role not in skip and eligible(s.shape)]
     out: dict[str, LatticeFit] = {}
     with (reporter or Silent()).task("detect QAT lattice", len(todo), unit="tensors") as task:
         for s in todo:
             info = ck.info(s.name)
             rows = info.numel // info.shape[-1]
-            out[s.name] = measure((b for _, b in f32_row_blocks(ck, s.name, 8 << 20, ring=2)), rows)
+            # the first rows first: a tensor with under half of their groups on a lattice is not read further, so
+            # a checkpoint that is not QAT costs a few rows per tensor
+            first = min(rows, PROBE_ROWS)
+            fit = measure(iter([to_f32(ck.rows(s.name, 0, first), info.dtype)]), first)
+            if fit.on >= fit.groups / 2 and first < rows:
+                fit = measure((b for _, b in f32_row_blocks(ck, s.name, 8 << 20, ring=2)), rows)
+            else:
+                fit = LatticeFit(fit.groups, fit.on, fit.q4_0_rule, fit.worst, first, rows)
+            out[s.name] = fit
             task.advance(1)
     return out
 
