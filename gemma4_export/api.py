@@ -90,10 +90,9 @@ def plan(source: Source | None = None, target: str = "gguf", preset: str | None 
 def _lattice(src: ModelSource, p: Preset, qat: str, reporter: Reporter | None):
     """{tensor: LatticeFit} when the preset can write a lattice and the weights are at hand; else None."""
     from .errors import QuantError
-    from .quant.plan import QAT_MODES, lattice_preset
+    from .quant.plan import check_qat_mode, lattice_preset
 
-    if qat not in QAT_MODES:
-        raise QuantError(f"--qat {qat!r}: choose auto, on or off")
+    check_qat_mode(qat)
     if qat == "off" or not lattice_preset(p) or src.directory is None:
         if qat == "on" and not lattice_preset(p):
             raise QuantError(f"--qat on: preset {p.name} is not a 4-bit one; use --quant qat (or a 4-bit preset)")

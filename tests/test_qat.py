@@ -88,13 +88,11 @@ def test_every_target_writes_the_lattice_exactly():
     packed, scales = L.int4_lattice(s, L.f16_round)
     _codes_equal(int_dequant(packed, scales.astype(np.float16).astype(np.float32), 4), s)
     # plain Q4_0 of the same weights is not the lattice
+    pytest.importorskip("llama_cpp")  # the gguf extra
     from gemma4_export.targets.ggml_quant import Quantizer
 
-    try:
-        with Quantizer(1) as qz:
-            plain = qz.quantize("Q4_0", s)
-    except Exception as e:  # noqa: BLE001 - llama-cpp-python is an optional extra
-        pytest.skip(f"ggml not available: {e}")
+    with Quantizer(1) as qz:
+        plain = qz.quantize("Q4_0", s)
     assert not np.array_equal(dequantize(plain.reshape(len(s), -1), GGMLQuantizationType.Q4_0).reshape(s.shape), s)
 
 
@@ -157,6 +155,23 @@ def test_qat_on_needs_a_four_bit_preset():
         api.plan("tiny-e2b-qat", "gguf", "q8_0", qat="on")
     with pytest.raises(QuantError, match="choose auto, on or off"):
         api.plan("tiny-e2b-qat", "gguf", "qat", qat="maybe")
+
+
+def test_llama_cpps_quantizer_is_never_handed_a_lattice(tmp_path):
+    """The staged conversion (the input of llama.cpp's own quantizer, the reference the one-pass writer is checked
+    against) refuses a plan with lattice tensors instead of letting llama.cpp recompute their steps."""
+    from gemma4_export.exporter.source import ModelSource
+    from gemma4_export.progress import Silent
+    from gemma4_export.quant.rules import get_preset
+    from gemma4_export.targets import gguf as G
+
+    src = ModelSource.open("tiny-e2b-qat")
+    try:
+        p = api.plan("tiny-e2b-qat", "gguf", "qat")
+        with pytest.raises(G.ExportError, match="cannot write a QAT lattice"):
+            G.convert(src.checkpoint, src, p, get_preset("qat", "gguf"), tmp_path / "staged.gguf", True, Silent())
+    finally:
+        src.checkpoint.close()
 
 
 def test_the_qat_export_is_no_larger_than_plain_four_bit_with_groups_of_32():
@@ -248,13 +263,14 @@ def test_faithful_export_of_a_lattice_checkpoint_is_lossless(target, variant, ex
     """The exactly-on-lattice form of each tiny QAT checkpoint (every tensor a 4-bit preset quantizes moved onto its
     lattice, steps of 4 significant bits): the qat export validates within the target's float preset's limits, and
     the plain 4-bit export of the same checkpoint (groups of 32) does not."""
+    from gemma4_export.errors import Gemma4ExportError
     from gemma4_export.targets.registry import get_target
     from gemma4_export.validate.harness import check
     from gemma4_export.validate.thresholds import thresholds_for
 
     try:
         get_target(target).require()
-    except Exception as e:  # noqa: BLE001
+    except Gemma4ExportError as e:  # the target's extra is not installed
         pytest.skip(str(e))
     exact_qat = exact_forms(variant)
     ref = api.reference(model_dir=exact_qat)

@@ -5,13 +5,14 @@ each group of 32 consecutive values along a row is a step d times an integer in 
 model keeps what training bought; on any other grid it loses it. Plain Q4_0 recomputes d from each group's extremum
 (d = extremum / -8), which is the trained step only where the extremum happens to sit at -8 d.
 
-Detection, per group: for every m in 1..8, the step candidate max|w| / m, each value rounded to the nearest multiple,
-the step refitted by least squares on those integers; the group is on the lattice when every value lies within
-TOL of a step from its multiple and the integers fit -8..7 (or 8..-7, which is the same lattice with the step's sign
-flipped). The candidates are tried from m = 8 down, each only on the groups still unplaced, so a trained group
-(whose integers nearly always reach 7 or 8 in magnitude) costs one or two; any candidate that fits is exact, since a
-lattice whose integers are all even is the same lattice at twice the step. TOL is a sixteenth of a step: a value stored in bfloat16 is off its exact multiple by at
-most 2^-8 of itself (1/32 of a step at |k| = 8), while a wrong candidate misses some value by at least 1/8 of a step.
+Detection, per group: for m = 8 down to 1, the step candidate max|w| / m, each value rounded to the nearest multiple,
+the step refitted by least squares on those integers; the group is on the lattice when every value lies within TOL
+of a step from its multiple and the integers fit -8..7 (or 8..-7, which is the same lattice with the step's sign
+flipped). Each candidate is tried only on the groups still unplaced, so a trained group (whose integers nearly always
+reach 7 or 8 in magnitude) costs one or two; any candidate that fits is exact, since a lattice whose integers are all
+even is the same lattice at twice the step. TOL is a sixteenth of a step: a value stored in bfloat16 is off its exact
+multiple by at most 2^-8 of itself (1/32 of a step at |k| = 8), while a wrong candidate misses some value by at least
+1/8 of a step.
 
 Every target writes the same codes, k + 8 in 0..15, with its own step format:
 - GGUF: Q4_0 blocks (fp16 d, 16 bytes of nibbles: element j low, j + 16 high), deq = d (q - 8);
@@ -23,9 +24,9 @@ Groups off the lattice (in a tensor that is only nearly on it) get Q4_0's own ru
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -135,15 +136,15 @@ def _q4_0_recovers(g: np.ndarray) -> np.ndarray:
     return res <= TOL
 
 
-def measure(rows_iter, rows: int, early_rows: int = 256) -> LatticeFit:
-    """LatticeFit of a tensor from its float32 row blocks (an iterator of [n, cols] arrays in order). After the
-    first `early_rows` rows, a tensor with under half its groups on the lattice is not read further."""
+def measure(rows_iter, rows: int) -> LatticeFit:
+    """LatticeFit of a tensor's `rows` rows from its float32 row blocks (an iterable of [n, cols] arrays)."""
     groups = on = q40 = 0
     worst = 0.0
     read = 0
     for block in rows_iter:
-        for s in range(0, len(block), max(1, ROW_BLOCK_ELEMS // max(1, block.shape[1]))):
-            b = block[s: s + max(1, ROW_BLOCK_ELEMS // max(1, block.shape[1]))]
+        step = max(1, ROW_BLOCK_ELEMS // block.shape[1])
+        for s in range(0, len(block), step):
+            b = block[s: s + step]
             _, _, o, e = fit_groups(b)
             groups += o.size
             on += int(o.sum())
@@ -151,8 +152,6 @@ def measure(rows_iter, rows: int, early_rows: int = 256) -> LatticeFit:
             if o.any():
                 worst = max(worst, float(e[o].max()))
             read += len(b)
-        if read >= early_rows and read < rows and on < groups / 2:
-            break
     return LatticeFit(groups, on, q40, worst, read, rows)
 
 
@@ -255,11 +254,9 @@ def measure_checkpoint(ck, specs, reporter=None) -> dict[str, LatticeFit]:
             # the first rows first: a tensor with under half of their groups on a lattice is not read further, so
             # a checkpoint that is not QAT costs a few rows per tensor
             first = min(rows, PROBE_ROWS)
-            fit = measure(iter([to_f32(ck.rows(s.name, 0, first), info.dtype)]), first)
+            fit = measure([to_f32(ck.rows(s.name, 0, first), info.dtype)], rows)
             if fit.on >= fit.groups / 2 and first < rows:
                 fit = measure((b for _, b in f32_row_blocks(ck, s.name, 8 << 20, ring=2)), rows)
-            else:
-                fit = LatticeFit(fit.groups, fit.on, fit.q4_0_rule, fit.worst, first, rows)
             out[s.name] = fit
             task.advance(1)
     return out

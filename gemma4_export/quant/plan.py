@@ -168,6 +168,7 @@ def build_plan(
         if not arch.has_ple:
             raise QuantError(f"--ple-type given, but {variant or 'this model'} has no per-layer embedding table")
         ple_type = storage_type(ple_type, types).name
+    check_qat_mode(qat)
     ovs = [Override.parse(o) for o in overrides or []]
     for o in ovs:
         storage_type(o.type, types)
@@ -229,6 +230,11 @@ def build_plan(
 QAT_MODES = ("auto", "on", "off")
 
 
+def check_qat_mode(mode: str) -> None:
+    if mode not in QAT_MODES:
+        raise QuantError(f"--qat {mode!r}: choose auto, on or off")
+
+
 def lattice_preset(p: Preset) -> bool:
     """The presets that write a QAT checkpoint's lattice: `qat`, and the 4-bit ones (a lattice tensor costs what
     their 4-bit type costs, or, in MLX's groups of 64, a group-of-32 scale and bias more)."""
@@ -241,8 +247,6 @@ def qat_choice(fit, p: Preset, tgt, mode: str) -> tuple[str, str, str, str] | No
     any group is (the groups off it get Q4_0's rule, and the reason says how many and how far)."""
     from .lattice import AUTO_SHARE
 
-    if mode not in QAT_MODES:
-        raise QuantError(f"--qat {mode!r}: choose auto, on or off")
     if mode == "off" or not lattice_preset(p) or fit.on == 0 or (mode == "auto" and fit.share < AUTO_SHARE):
         return None
     why = ("QAT lattice: written with the trained steps and integers (" + tgt.lattice_form + "), lossless on its "

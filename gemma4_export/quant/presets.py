@@ -107,7 +107,8 @@ PRESET_LIST: tuple[Preset, ...] = (
     # QAT checkpoints (quant/lattice.py): every tensor found on a 4-bit lattice is written on it as Q4_0 blocks with
     # the trained steps; the rest as q4_0 (the tied head Q6_K, as Google's own QAT GGUFs keep it). Its limits are
     # q4_0's, since a checkpoint off the lattice gets a plain 4-bit file; on a lattice checkpoint the lattice
-    # tensors are lossless (tests/test_qat.py holds the exactly-on-lattice form to the bf16 limits).
+    # tensors are lossless (tests/test_qat.py reads them back bit for bit and holds the exactly-on-lattice form to
+    # the bf16 limits; to q8_0's on the MoE model, where llama.cpp's 8-bit activations flip experts).
     _gguf("qat", "Q4_0", "Q6_K", "Q4_0", "Q8_0", "BF16", T(2.1e-2, 0.7, 0.83, 1.014, 0.0, 6), "MOSTLY_Q4_0",
           description="a QAT checkpoint's 4-bit lattice, kept (Q4_0 with the trained steps)"),
     _gguf("q3_k_m", "Q3_K", "Q6_K", "Q3_K", "Q8_0", "BF16", T(3.3e-2, 0.7, 0.72, 1.03, 0.0, 5), "MOSTLY_Q3_K_M",

@@ -246,6 +246,9 @@ def convert(ck: Checkpoint, src: ModelSource, plan: Plan, preset: Preset, out: P
     quant.calibrate.Importance) has one. With `staged`, quantized tensors are written in their source float type
     instead (the input `llama_quantize` takes). Returns {gguf name: plan type} for the kept tensors."""
     a = src.arch
+    if staged and any(e.method == "lattice" for e in plan.kept):
+        raise ExportError("llama.cpp's quantizer cannot write a QAT lattice (its Q4_0 recomputes every step): "
+                          "stage a plan made with qat='off'")
     tok = read_tokenizer(ck.dir, a.vocab_size)
     w = GGUFWriter()
     write_metadata(w, a, tok, src, preset, read_license(ck.dir), None if staged else importance)
