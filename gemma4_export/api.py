@@ -28,6 +28,7 @@ from .atomic import Staging, atomic_dir, atomic_file
 from .errors import Gemma4ExportError
 from .exporter.checkpoint import Checkpoint
 from .exporter.source import ModelSource
+from .exporter.tensors import Role
 from .progress import Reporter, Silent
 from .quant.plan import Plan, build_plan
 from .quant.presets import Preset
@@ -82,6 +83,24 @@ def plan(source: Source | None = None, target: str = "gguf", preset: str | None 
             the_plan = _sized_plan(src, the_plan, p, t, overrides, ple_type, imp, target_bpw, max_size, device,
                                    reporter or Silent(), lat, qat)
         return _with_adapter(the_plan, src)
+    finally:
+        if src.directory is not None:
+            src.checkpoint.close()
+
+
+def tower_plan_of(source: Source | None = None, target: str = "gguf", *, variant: str | None = None,
+                  model_dir: str | Path | None = None, tower_type: str | None = None) -> Plan:
+    """The towers' plan that an export to `target` writes (GGUF: the mmproj file), from the shipped config for a
+    published variant or from the checkpoint's own tensors."""
+    t = get_target(target)
+    src = open_source(source, variant=variant, model_dir=model_dir)
+    try:
+        if tower_type is not None and tower_type.lower() == "none":
+            raise Gemma4ExportError("--mmproj none: no towers, so no towers' plan")
+        p = tower_plan(src, t, True, tower_type or (t.tower_choices[0] if t.tower_choices else None), Silent())
+        if p is None:
+            raise Gemma4ExportError(f"{src.name} has no vision or audio tower that {t.name} writes")
+        return p
     finally:
         if src.directory is not None:
             src.checkpoint.close()
@@ -153,6 +172,8 @@ class ExportResult:
     # what `validate` takes for this export: the artifact itself, or, in an ONNX directory that holds several
     # presets (`into`), this preset's decoder graph
     validate_as: Path | None = None
+    tower_plan: Plan | None = field(default=None, repr=False)  # the towers' plan, when they were exported
+    towers: Path | None = None  # the companion tower artifact (GGUF: the mmproj file), when there is one
 
 
 @dataclass
@@ -169,6 +190,7 @@ class ExportJob:
     options: dict[str, Any]  # target options (threads, ...)
     seconds: dict[str, float]
     importance: Any = None  # quant.calibrate.Importance: what the quantizers weight their error by, or None
+    tower_plan: Plan | None = None  # the towers' plan: written inside the artifact, or beside it (Target.towers_kind)
 
 
 def export(
@@ -194,6 +216,8 @@ def export(
     max_size: int | None = None,
     into: str | Path | None = None,
     qat: str = "auto",
+    towers: bool = True,
+    tower_type: str | None = None,
     **options: Any,
 ) -> ExportResult:
     """Export `source` as `target`'s artifact with `preset` (the target's default when None) into directory `out`;
@@ -211,7 +235,12 @@ def export(
     dtypes live in one onnx-community repository; its other presets are kept, and `force` replaces this preset's.
 
     `qat` (auto, on, off): tensors of a quantization-aware-trained checkpoint found on a 4-bit lattice are written
-    on it, with the trained steps and integers (quant/lattice.py), in the `qat` preset and the 4-bit ones."""
+    on it, with the trained steps and integers (quant/lattice.py), in the `qat` preset and the 4-bit ones.
+
+    `towers`: the vision and audio towers are exported wherever the checkpoint has them and the target can write
+    them (GGUF: the projector file `mmproj-<name>-<type>.gguf` beside the text GGUF, one per checkpoint, reused by
+    its other quants); `tower_type` chooses their type (GGUF: f16, q8_0 or f32); `towers=False` (--text-only,
+    --mmproj none) leaves them out."""
     t = get_target(target)
     t.require()
     reporter = reporter or Silent()
@@ -222,6 +251,7 @@ def export(
     try:
         lat = _lattice(src, p, qat, reporter)
         the_plan = build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type, lattice=lat, qat=qat)
+        tplan = tower_plan(src, t, towers, tower_type, reporter)
         sized = target_bpw is not None or max_size is not None
         name = t.artifact_name(src.name, p, group_size)
         if sized:
@@ -241,6 +271,7 @@ def export(
             from .atomic import prepare_output
 
             prepare_output(final, force, 0)  # an existing artifact is refused before any calibration work
+        tower_final = _tower_final(t, src, tplan, Path(out), force, reporter)
         t1 = time.perf_counter()
         importance = _importance(src, the_plan, t, calibrate, calibration, imatrix, calibration_chunks,
                                  calibration_device, reporter)
@@ -255,8 +286,9 @@ def export(
         the_plan = _with_adapter(the_plan, src)
         if importance is not None:
             the_plan.calibration = describe_importance(importance)
-        result = ExportResult(final, the_plan, t.name, seconds)
-        job = ExportJob(src, ck, p, the_plan, final, None, reporter, options, result.seconds, importance)
+        result = ExportResult(final, the_plan, t.name, seconds, tower_plan=tplan)
+        job = ExportJob(src, ck, p, the_plan, final, None, reporter, options, result.seconds, importance,
+                        tplan if t.towers_kind == "inside" else None)
         atomic = atomic_file if t.artifact_kind == "file" else atomic_dir
         with atomic(final, force or into is not None, t.need_bytes(job)) as st:
             job.path, job.staging = st.path, st
@@ -265,6 +297,13 @@ def export(
 
                 link_other_presets(final, st.path, p.name)
             t.write(job)
+        if tower_final is not None:
+            job.tower_plan = tplan
+            with atomic_file(tower_final, True, tplan.total_bytes + (1 << 20)) as st:
+                t.write_towers(job, st.path)
+            write_plan(tower_final, tplan)
+        if tplan is not None and t.towers_kind == "file":
+            result.towers = Path(out) / t.tower_artifact_name(src.name, t.tower_policy(tower_type))
     finally:
         ck.close()
     result.bytes = artifact_bytes(final)
@@ -276,6 +315,58 @@ def export(
         result.validate_as = final / graph_files(p.name)[DECODER]
     result.seconds["total"] = time.perf_counter() - t0
     return result
+
+
+def tower_plan(src: ModelSource, t: Target, towers: bool, choice: str | None, reporter: Reporter) -> Plan | None:
+    """The towers' plan, or None when they are not exported: asked not to, none in the checkpoint, a target that
+    does not write them, or (without an explicit choice) a tower layout the target cannot write yet, said in a
+    note."""
+    from .quant.plan import build_tower_plan
+
+    if choice is not None and choice.lower() == "none":
+        return None
+    if not towers:
+        if choice is not None:
+            raise Gemma4ExportError("a tower type was given with the towers left out (--text-only): choose one")
+        return None
+    specs = [s for s in src.tensor_specs() if s.role == Role.TOWER]
+    if not specs or not t.towers_kind:
+        if choice is not None:
+            raise Gemma4ExportError(f"no towers to write: {src.name} has none" if not specs
+                                    else f"{t.name} does not write the towers")
+        return None
+    policy = t.tower_policy(choice)
+    try:
+        t.check_towers(src.config)
+    except Gemma4ExportError as e:
+        if choice is not None:
+            raise
+        reporter.note(f"towers not exported: {e}")
+        return None
+    return build_tower_plan(specs, policy, t.name, src.name)
+
+
+def _tower_final(t: Target, src: ModelSource, tplan: Plan | None, out: Path, force: bool,
+                 reporter: Reporter) -> Path | None:
+    """Where the companion tower artifact goes, or None when there is nothing to write: no companion, or the same
+    weights' projector is already there (one per checkpoint, shared by its quants: kept, unless --force). A file of
+    other weights under that name is refused without --force."""
+    if tplan is None or t.towers_kind != "file":
+        return None
+    final = out / t.tower_artifact_name(src.name, t.tower_policy(tplan.preset.split("-", 1)[1]))
+    if final.exists() and not force:
+        from .targets.gguf_mmproj import mmproj_digest
+
+        try:
+            same = mmproj_digest(final) == src.provenance().get("source_digest")
+        except Gemma4ExportError:
+            same = False
+        if not same:
+            raise Gemma4ExportError(f"{final} exists and is not this checkpoint's projector (pass --force to "
+                                    "replace it)")
+        reporter.note(f"kept {final.name}: this checkpoint's projector is already there")
+        return None
+    return final
 
 
 def needs_calibration(plan: Plan, target: Target) -> bool:

@@ -190,6 +190,9 @@ def plan(
     target_bpw: TargetBpwOpt = None,
     max_size: MaxSizeOpt = None,
     qat: QatOpt = "auto",
+    towers: Annotated[bool, typer.Option("--towers", help="Show the vision/audio towers' plan (the artifact they "
+                                                          "go to: GGUF's mmproj file) instead of the text plan.")] = False,
+    mmproj: MmprojOpt = None,
 ) -> None:
     """Show which type every tensor gets, and why, with totals (parameters, size, bits per weight).
 
@@ -198,10 +201,19 @@ def plan(
       gemma4-export plan --variant 26b-a4b --quant q4_k_m --json
       gemma4-export plan --model-dir ./gemma-4-E2B-it --quant q5_k_m --tensor-type 'attn_q=Q8_0'
       gemma4-export plan --variant tiny-e2b --quant q4_k_m --target-bpw 5.5
+      gemma4-export plan --variant e2b --towers --mmproj q8_0
     """
     from . import api
     from .report import plan_lines, plan_summary, plan_table
 
+    if towers or mmproj:
+        p = api.tower_plan_of(target=target, variant=variant, model_dir=model_dir, tower_type=mmproj)
+        if as_json:
+            sys.stdout.write(json.dumps(p.to_json()) + "\n")
+            return
+        _listing(lambda width: plan_table(p, True, width=width), lambda: plan_lines(p, True))
+        _line(out, plan_summary(p))
+        return
     sized = {}
     if target_bpw is not None or max_size is not None:
         from .progress import RichReporter
@@ -214,6 +226,11 @@ def plan(
         return
     _listing(lambda width: plan_table(p, all_rows, width=width), lambda: plan_lines(p, all_rows))
     _line(out, plan_summary(p))
+
+
+MmprojOpt = Annotated[Optional[str], typer.Option(
+    "--mmproj", help="The projector (vision/audio towers) beside the GGUF: f16 (default), q8_0, f32 or none.")]
+TextOnlyOpt = Annotated[bool, typer.Option("--text-only", help="Leave the vision/audio towers out.")]
 
 
 def _export(target: str, variant, model_dir, quant, out_dir, validate: bool, device: str, adapter=None,
@@ -249,18 +266,22 @@ def gguf(
     imatrix: ImatrixOpt = None,
     calibration_chunks: ChunksOpt = None,
     qat: QatOpt = "auto",
+    mmproj: MmprojOpt = None,
+    text_only: TextOnlyOpt = False,
 ) -> None:
-    """Export a GGUF for llama.cpp (writes <variant>-<quant>.gguf), then validate it against the fp32 model.
+    """Export a GGUF for llama.cpp (writes <variant>-<quant>.gguf and, for a checkpoint with vision/audio towers,
+    its projector mmproj-<variant>-<type>.gguf), then validate both against the fp32 model.
 
     Examples:
       gemma4-export gguf --variant tiny-e2b --quant q4_k_m --out out/
       gemma4-export gguf --variant e2b-it --quant q5_k_m --ple-type q8_0
       gemma4-export gguf --model-dir ./my-gemma4 --quant q8_0 --no-validate
       gemma4-export gguf --variant tiny-e2b --quant q4_k_m --target-bpw 4.5
+      gemma4-export gguf --variant e2b-it --quant q4_k_m --mmproj q8_0
     """
     _export("gguf", variant, model_dir, quant, out, validate, device, adapter, calibrate, calibration, imatrix,
             calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, threads=threads,
-            target_bpw=target_bpw, max_size=_size(max_size), qat=qat)
+            target_bpw=target_bpw, max_size=_size(max_size), qat=qat, towers=not text_only, tower_type=mmproj)
 
 
 @app.command()
@@ -332,6 +353,9 @@ def _finish(r, validate: bool, variant, model_dir, device: str, adapter=None) ->
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items())
     _line(err, plan_summary(r.plan))
     _line(err, f"wrote {r.path} ({human_bytes(r.bytes)}; {secs})", markup=False)
+    if r.towers is not None:
+        _line(err, f"projector {r.towers} ({human_bytes(r.towers.stat().st_size)}; {plan_summary(r.tower_plan)})",
+              markup=False)
     if validate:
         _validate_and_exit(r.validate_as or r.path, variant, model_dir, device, adapter)
 

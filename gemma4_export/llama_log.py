@@ -31,6 +31,15 @@ def capture() -> None:
     llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
 
 
+def capture_mtmd() -> None:
+    """The same capture for llama.cpp's multimodal library, which has a log of its own (and its helpers another)."""
+    capture()
+    from llama_cpp import mtmd_cpp
+
+    mtmd_cpp.mtmd_log_set(_callback, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_helper_log_set(_callback, ctypes.c_void_p(0))
+
+
 def recent(n: int = 40) -> str:
     return "".join(list(_lines)[-n:])
 

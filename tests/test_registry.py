@@ -110,7 +110,9 @@ def test_pipeline_writes_the_artifact_and_its_plan(tmp_path, target):
     plan = json.loads(r.plan_file.read_text())
     assert r.plan_file == tmp_path / f"{r.path.name}.plan.json"
     assert (plan["target"], plan["preset"]) == (target, preset) and r.bytes == api.artifact_bytes(r.path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([r.path.name, r.plan_file.name])
+    companions = [r.towers.name, f"{r.towers.name}.plan.json"] if r.towers is not None else []
+    assert (r.towers is not None) == (t.towers_kind == "file")  # tiny-31b has a vision tower
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([r.path.name, r.plan_file.name, *companions])
 
 
 @pytest.mark.parametrize("target", ["gguf", "mlx", "onnx"])

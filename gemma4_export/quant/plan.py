@@ -227,6 +227,28 @@ def build_plan(
     return out
 
 
+def build_tower_plan(specs: list[TensorSpec], policy, target: str, variant: str = "") -> Plan:
+    """The towers' plan: every tower tensor's type by the tower rules (quant/rules.py, TOWER_RULES) under the
+    target's tower policy; a type that cannot hold a tensor's rows (Q8_0 needs multiples of 32) falls back as the
+    text plan's do, and the reason says so."""
+    from ..targets.registry import get_target
+    from .rules import decide_tower
+
+    types = get_target(target).types
+    entries: list[PlanEntry] = []
+    for spec in specs:
+        if spec.role != Role.TOWER:
+            continue
+        tname, rule, reason = decide_tower(spec.name, spec.shape, policy)
+        t = types[tname]
+        alt = _fallback(t, spec.row_length, types) if len(spec.shape) >= 2 else None
+        if alt is not None:
+            reason = f"{reason}; {t.name} needs rows in multiples of {t.block}, rows here are {spec.row_length}: {alt.name}"
+            t, rule = alt, f"{rule}+fallback"
+        entries.append(PlanEntry(spec.name, spec.shape, spec.role.value, t.name, t.nbytes(spec.numel), reason, rule))
+    return Plan(variant, policy.name, target, entries)
+
+
 QAT_MODES = ("auto", "on", "off")
 
 

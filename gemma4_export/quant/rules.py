@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from ..errors import QuantError
 from ..exporter.arch import Gemma4Arch
 from ..exporter.tensors import Role, TensorSpec
+from ..exporter.tower_names import tower_kind
 from .presets import PRESETS, Preset, presets_of
 from .types import DROP
 
@@ -104,7 +105,8 @@ def _more_bits(c: Ctx) -> str | None:
 
 RULES: tuple[Rule, ...] = (
     Rule("tower", frozenset({Role.TOWER}), lambda c: DROP,
-         "vision/audio tower: not part of the text decoder artifact"),
+         "vision/audio tower: not in the text decoder artifact; the towers' own artifact (the mmproj GGUF, the MLX "
+         "directory's towers, the ONNX encoders) takes them by the tower rules (`plan --towers`)"),
     Rule("kv-shared", frozenset({Role.KV_SHARED_UNUSED}), lambda c: DROP,
          "KV-shared layer: reads its donor layer's cache, so its own k/v weights are never used"),
     Rule("router", frozenset({Role.ROUTER_PROJ, Role.ROUTER_SCALE, Role.ROUTER_EXPERT_SCALE}), lambda c: c.preset.full,
@@ -144,3 +146,56 @@ def decide(ctx: Ctx) -> tuple[str, str, str]:
             if t is not None:
                 return t, rule.name, rule.reason
     raise QuantError(f"no quantization rule covers '{ctx.spec.name}' (role {ctx.spec.role.value})")
+
+
+# ---- the towers -------------------------------------------------------------------------------------------------
+#
+# The vision and audio towers go into their own artifact (llama.cpp's mmproj GGUF, the towers of an mlx-vlm
+# directory, the ONNX encoder graphs) and get their types from this table, read by every target the same way: what
+# each runtime computes with must stay F32 (the clippable linears' limits, which llama.cpp reads as 1-element F32
+# scalars; norms; biases; position tables; the audio convolutions, which llama.cpp's converter also keeps F32), and
+# the matrices take the tower type the user chose (GGUF --mmproj f16|q8_0|f32|bf16; MLX keeps the checkpoint's
+# bf16, as mlx-vlm's own convert leaves the towers; ONNX the encoder preset's float type).
+
+@dataclass(frozen=True)
+class TowerPolicy:
+    """The types a target's tower artifact offers the tower rules."""
+
+    name: str  # what the plan calls it: "mmproj-f16", "towers-bf16", "encoders-fp32"
+    matrix: str  # attention, MLP and projection matrices
+    full: str  # scalars, norms, biases, position tables, audio convolutions
+    patch: str  # the patch embedding (a convolution kernel in llama.cpp)
+
+
+@dataclass(frozen=True)
+class TowerRule:
+    name: str
+    kinds: frozenset[str]
+    pick: Callable[[TowerPolicy], str]
+    reason: str
+
+
+TOWER_RULES: tuple[TowerRule, ...] = (
+    TowerRule("tower-scalar", frozenset({"scalar"}), lambda p: p.full,
+              "tower scalar (a clippable linear's input/output limit, a layer scalar, the standardisation, the "
+              "attention's per-dimension scale): full precision; llama.cpp reads the limits as 1-element F32"),
+    TowerRule("tower-norm", frozenset({"norm", "bias"}), lambda p: p.full, "tower norm or bias: full precision"),
+    TowerRule("tower-position", frozenset({"position"}), lambda p: p.full,
+              "tower position table: full precision (looked up, not multiplied; llama.cpp's converter keeps it F32)"),
+    TowerRule("tower-conv", frozenset({"conv"}), lambda p: p.full,
+              "audio convolution: full precision (llama.cpp's converter keeps the audio convolutions F32)"),
+    TowerRule("tower-patch", frozenset({"patch"}), lambda p: p.patch,
+              "patch embedding: a convolution kernel in llama.cpp, which takes F16 or F32 there: F16 in an f16 "
+              "projector, F32 otherwise"),
+    TowerRule("tower-matrix", frozenset({"matrix"}), lambda p: p.matrix,
+              "tower matrix (attention, MLP, the embedder's projection into the text width): the tower type"),
+)
+
+
+def decide_tower(name: str, shape: tuple[int, ...], policy: TowerPolicy) -> tuple[str, str, str]:
+    """(type, rule name, reason) for one tower tensor."""
+    kind = tower_kind(name, shape)
+    for rule in TOWER_RULES:
+        if kind in rule.kinds:
+            return rule.pick(policy), rule.name, rule.reason
+    raise QuantError(f"no tower rule covers '{name}' ({kind})")

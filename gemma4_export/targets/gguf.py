@@ -488,8 +488,45 @@ class GGUFTarget(Target):
         job.seconds["convert" if not self._quantized(job.plan) else "quantize"] = time.perf_counter() - t0
         check_types(job.path, names)
 
+    towers_kind = "file"
+    tower_choices = ("f16", "q8_0", "f32")
+
+    def tower_policy(self, choice: str | None):
+        from .gguf_mmproj import mmproj_policy
+
+        return mmproj_policy(choice or "f16")
+
+    def check_towers(self, config: dict) -> None:
+        from .gguf_mmproj import check_towers
+
+        check_towers(config)
+
+    def tower_artifact_name(self, source: str, policy) -> str:
+        from .gguf_mmproj import mmproj_name
+
+        return mmproj_name(source, policy.name.removeprefix("mmproj-"))
+
+    def write_towers(self, job, path: Path) -> None:
+        from .gguf_mmproj import mmproj_policy, write_mmproj
+
+        t0 = time.perf_counter()
+        policy = mmproj_policy(job.tower_plan.preset.removeprefix("mmproj-"))
+        write_mmproj(job.checkpoint, job.source.config, job.tower_plan, path, job.source.name, policy, job.reporter,
+                     threads=job.options.get("threads"), digest=job.source.provenance().get("source_digest"))
+        job.seconds["projector"] = time.perf_counter() - t0
+
+    def tower_runner(self, artifact: Path, towers: Path | None, device: str, src):
+        from .gguf_mmproj import find_mmproj
+        from ..validate.mtmd import MtmdRunner
+
+        mm = towers or find_mmproj(artifact)
+        if mm is None:
+            return None
+        return MtmdRunner(artifact, mm, device=device, image_id=src.config.get("image_token_id", -1),
+                          audio_id=src.config.get("audio_token_id", -1))
+
     def recognises(self, path: Path) -> bool:
-        return path.is_file() and path.suffix == ".gguf"
+        return path.is_file() and path.suffix == ".gguf" and not path.name.startswith("mmproj-")
 
     def artifact_info(self, path: Path):
         from ..validate.llamacpp import artifact_info

@@ -51,6 +51,10 @@ class Platform:
         return self.runtimes.get(target)
 
 
+class TowersNotChecked(Gemma4ExportError):
+    """An artifact's towers cannot be run here (their runtime is missing): the report says so."""
+
+
 class Target:
     """What every target declares. Subclasses set the class attributes and implement the methods."""
 
@@ -106,6 +110,33 @@ class Target:
     def write(self, job: Any) -> None:
         """Write the artifact's bytes into `job.path` (a file or a directory, per `artifact_kind`)."""
         raise NotImplementedError
+
+    # ---- towers -----------------------------------------------------------------------------------------------
+    # How the vision / audio towers are exported: "file" (a companion artifact beside the text one: llama.cpp's
+    # mmproj GGUF), "inside" (in the same directory, written by `write` when job.tower_plan is set), or "" (not
+    # exported by this target).
+    towers_kind: ClassVar[str] = ""
+    tower_choices: ClassVar[tuple[str, ...]] = ()  # what the user may choose for the towers' type
+
+    def tower_policy(self, choice: str | None):
+        """The quant.rules.TowerPolicy for the user's choice (None: the target's default)."""
+        raise NotImplementedError
+
+    def check_towers(self, config: dict) -> None:
+        """Raise a clear error when this checkpoint's towers cannot be written by this target."""
+
+    def tower_artifact_name(self, source: str, policy) -> str:
+        raise NotImplementedError
+
+    def write_towers(self, job, path: Path) -> None:
+        """Write the companion tower artifact (towers_kind "file") to `path`, from job.tower_plan."""
+        raise NotImplementedError
+
+    def tower_runner(self, artifact: Path, towers: Path | None, device: str, src):
+        """A runner of this target's towers for validate.towers.tower_checks (`src`: the checkpoint's
+        ModelSource), None when the artifact has none; TowersNotChecked when it has them but they cannot be run
+        here."""
+        return None
 
     # ---- artifacts and their runtime ------------------------------------------------------------------------
     def recognises(self, path: Path) -> bool:

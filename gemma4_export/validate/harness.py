@@ -256,9 +256,14 @@ def validate_artifact(
     write: bool = True,
     reference: ReferenceData | str | Path | None = None,
     adapter: str | Path | None = None,
+    towers: bool | str | Path = True,
 ) -> Report:
     """Validate one artifact against reference results: `reference` (ReferenceData, or a directory written by
-    `gemma4-export reference`) of the artifact's weights, or else computed here by the streamed fp32 model."""
+    `gemma4-export reference`) of the artifact's weights, or else computed here by the streamed fp32 model.
+
+    The towers are checked too where the artifact has them (GGUF: the projector beside it, or the file `towers`
+    names): their embeddings and media-prompted generations against transformers' (validate/towers.py). That needs
+    the checkpoint: a stored `reference` without `variant` / `model_dir` skips them; `towers=False` always does."""
     from ..api import artifact_bytes
     from ..targets.registry import detect_target
 
@@ -324,10 +329,65 @@ def validate_artifact(
     prompt_ids = [g.ids for g in ref.generations[:2]]
     rep.checks = tgt.runtime_checks(runner, prompt_ids, min(spec.new_tokens, 32))
     rep.seconds["runtime_checks"] = time.perf_counter() - t0
-    rep.failures = check(rep, t)
-    rep.seconds["total"] = time.perf_counter() - t_all
     if hasattr(runner, "close"):
         runner.close()
+    runner = None
+    if towers is not False and (reference is None or variant is not None or model_dir is not None):
+        t0 = time.perf_counter()
+        tsrc = src if reference is None else ModelSource.open(variant, model_dir, need_weights=True)
+        try:
+            rep.checks.update(_tower_checks(tgt, artifact, None if towers is True else Path(towers), device, tsrc, t))
+        finally:
+            if reference is not None and tsrc.directory is not None:
+                tsrc.checkpoint.close()
+        rep.seconds["towers"] = time.perf_counter() - t0
+    rep.failures = check(rep, t)
+    rep.seconds["total"] = time.perf_counter() - t_all
     if write:
         rep.write()
     return rep
+
+
+# The whole multimodal model is loaded in fp32 for the media-prompted generations when it takes at most this share
+# of the machine's memory (the tiny checkpoints; a real E2B needs about 20 GB, so there only the towers' embeddings
+# are compared, against the towers alone).
+WHOLE_MODEL_MEMORY_SHARE = 0.25
+
+
+def _tower_checks(tgt, artifact: Path, towers: Path | None, device: str, src: ModelSource, t: Thresholds
+                  ) -> dict[str, dict]:
+    from .towers import MEDIA_NEW_TOKENS, TOWER_LIMITS, tower_checks
+
+    if not any(s.role.value == "tower" for s in src.tensor_specs()):
+        return {}
+    from ..targets.registry import TowersNotChecked
+
+    try:
+        runner = tgt.tower_runner(artifact, towers, device, src)
+    except TowersNotChecked as e:
+        return {"towers": {"passed": True, "summary": f"not run: {e}"}}
+    if runner is None:
+        return {}
+    try:
+        params = sum(s.numel for s in src.tensor_specs())
+        whole = params * 4 <= WHOLE_MODEL_MEMORY_SHARE * _memory_bytes()
+        # the text check's floor on the mean first divergence (of 64 greedy tokens), scaled to the media prompts'
+        # 16; a float preset whose text generations must all be identical needs identical ones here too
+        floor = float("inf") if t.gen_exact >= 1 else t.gen_first_div * MEDIA_NEW_TOKENS / 64
+        checks = tower_checks(runner, src.checkpoint.dir, TOWER_LIMITS[runner.limits], whole=whole,
+                              gen_first_div=floor)
+        if not whole:
+            checks["media_generation"] = {"passed": True, "summary": f"not run: the whole model in fp32 "
+                                          f"({params * 4 / 1e9:.1f} GB) is over a quarter of this machine's memory"}
+        return checks
+    finally:
+        runner.close()
+
+
+def _memory_bytes() -> int:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30

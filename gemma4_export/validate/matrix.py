@@ -57,6 +57,8 @@ class Cell:
     started: str | None = None
     finished: str | None = None
     traceback: str | None = None
+    towers: str | None = None  # the companion tower artifact (GGUF's projector), relative to the output directory
+    towers_digest: dict | None = None
 
     @property
     def name(self) -> str:
@@ -192,6 +194,8 @@ def run_cell(cell: Cell, refs: _References, out_dir: Path, force: bool, reporter
         cell.artifact, cell.plan_file = _rel(r.path, out_dir), _rel(r.plan_file, out_dir)
         cell.digest = artifact_digest(r.path)
         cell.bytes = cell.digest["bytes"]
+        if r.towers is not None:
+            cell.towers, cell.towers_digest = _rel(r.towers, out_dir), artifact_digest(r.towers)
         t1 = time.perf_counter()
         rep = validate_artifact(r.path, cell.variant, None, cell.device, reporter, windows, prompts, new_tokens,
                                 write=True, reference=refs.get(cell.variant, windows, prompts, new_tokens),

@@ -152,11 +152,18 @@ def plot_points(cells: list[Cell]):
 
 def manifest_json(res: MatrixResult) -> dict[str, Any]:
     rows = []
+    seen: set[str] = set()
     for c in res.cells:
         if c.artifact is None or c.digest is None:
             continue
         rows.append({"path": c.artifact, "target": c.target, "variant": c.variant, "preset": c.preset,
                      **c.digest, "plan": c.plan_file, "validation": c.report_files, "result": c.result})
+        if c.towers is not None and c.towers_digest is not None and c.towers not in seen:
+            # one projector per checkpoint, shared by its quants' cells (each validates it with its text GGUF)
+            seen.add(c.towers)
+            rows.append({"path": c.towers, "target": c.target, "variant": c.variant, "role": "towers",
+                         **c.towers_digest, "plan": f"{c.towers}.plan.json",
+                         "used_by": [d.artifact for d in res.cells if d.towers == c.towers]})
     return {"created": now(), "directory_digest": DIR_DIGEST, "artifacts": rows}
 
 
