@@ -88,8 +88,9 @@ def plan(source: Source | None = None, target: str = "gguf", preset: str | None 
             src.checkpoint.close()
 
 
-def tower_plan_of(source: Source | None = None, target: str = "gguf", *, variant: str | None = None,
-                  model_dir: str | Path | None = None, tower_type: str | None = None) -> Plan:
+def tower_plan_of(source: Source | None = None, target: str = "gguf", preset: str | None = None, *,
+                  variant: str | None = None, model_dir: str | Path | None = None, tower_type: str | None = None
+                  ) -> Plan:
     """The towers' plan that an export to `target` writes (GGUF: the mmproj file), from the shipped config for a
     published variant or from the checkpoint's own tensors."""
     t = get_target(target)
@@ -97,7 +98,8 @@ def tower_plan_of(source: Source | None = None, target: str = "gguf", *, variant
     try:
         if tower_type is not None and tower_type.lower() == "none":
             raise Gemma4ExportError("--mmproj none: no towers, so no towers' plan")
-        p = tower_plan(src, t, True, tower_type or (t.tower_choices[0] if t.tower_choices else None), Silent())
+        p = tower_plan(src, t, t.preset(preset), True, tower_type or (t.tower_choices[0] if t.tower_choices else None),
+                       Silent())
         if p is None:
             raise Gemma4ExportError(f"{src.name} has no vision or audio tower that {t.name} writes")
         return p
@@ -251,7 +253,7 @@ def export(
     try:
         lat = _lattice(src, p, qat, reporter)
         the_plan = build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type, lattice=lat, qat=qat)
-        tplan = tower_plan(src, t, towers, tower_type, reporter)
+        tplan = tower_plan(src, t, p, towers, tower_type, reporter)
         sized = target_bpw is not None or max_size is not None
         name = t.artifact_name(src.name, p, group_size)
         if sized:
@@ -303,7 +305,7 @@ def export(
                 t.write_towers(job, st.path)
             write_plan(tower_final, tplan)
         if tplan is not None and t.towers_kind == "file":
-            result.towers = Path(out) / t.tower_artifact_name(src.name, t.tower_policy(tower_type))
+            result.towers = Path(out) / t.tower_artifact_name(src.name, tplan)
     finally:
         ck.close()
     result.bytes = artifact_bytes(final)
@@ -317,7 +319,8 @@ def export(
     return result
 
 
-def tower_plan(src: ModelSource, t: Target, towers: bool, choice: str | None, reporter: Reporter) -> Plan | None:
+def tower_plan(src: ModelSource, t: Target, p: Preset, towers: bool, choice: str | None, reporter: Reporter
+               ) -> Plan | None:
     """The towers' plan, or None when they are not exported: asked not to, none in the checkpoint, a target that
     does not write them, or (without an explicit choice) a tower layout the target cannot write yet, said in a
     note."""
@@ -335,7 +338,7 @@ def tower_plan(src: ModelSource, t: Target, towers: bool, choice: str | None, re
             raise Gemma4ExportError(f"no towers to write: {src.name} has none" if not specs
                                     else f"{t.name} does not write the towers")
         return None
-    policy = t.tower_policy(choice)
+    policy = t.tower_policy(choice, p)
     try:
         t.check_towers(src.config)
     except Gemma4ExportError as e:
@@ -353,7 +356,7 @@ def _tower_final(t: Target, src: ModelSource, tplan: Plan | None, out: Path, for
     other weights under that name is refused without --force."""
     if tplan is None or t.towers_kind != "file":
         return None
-    final = out / t.tower_artifact_name(src.name, t.tower_policy(tplan.preset.split("-", 1)[1]))
+    final = out / t.tower_artifact_name(src.name, tplan)
     if final.exists() and not force:
         from .targets.gguf_mmproj import mmproj_digest
 

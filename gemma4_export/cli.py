@@ -207,7 +207,7 @@ def plan(
     from .report import plan_lines, plan_summary, plan_table
 
     if towers or mmproj:
-        p = api.tower_plan_of(target=target, variant=variant, model_dir=model_dir, tower_type=mmproj)
+        p = api.tower_plan_of(target=target, preset=quant, variant=variant, model_dir=model_dir, tower_type=mmproj)
         if as_json:
             sys.stdout.write(json.dumps(p.to_json()) + "\n")
             return
@@ -302,6 +302,7 @@ def mlx(
     imatrix: ImatrixOpt = None,
     calibration_chunks: ChunksOpt = None,
     qat: QatOpt = "auto",
+    text_only: TextOnlyOpt = False,
 ) -> None:
     """Export an MLX directory for mlx-lm (<variant>-mlx-<quant>/), then validate it against the fp32 model.
 
@@ -310,7 +311,8 @@ def mlx(
       gemma4-export mlx --variant e4b-it --quant mixed --group-size 32 --device gpu
     """
     _export("mlx", variant, model_dir, quant, out, validate, device, adapter, calibrate, calibration, imatrix,
-            calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, group_size=group_size, qat=qat)
+            calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, group_size=group_size, qat=qat,
+            towers=not text_only)
 
 
 @app.command()
@@ -334,6 +336,7 @@ def onnx(
                        "dtypes in one directory, as onnx-community repositories hold them) instead of writing "
                        "<variant>-onnx-<quant>/ under --out.")] = None,
     qat: QatOpt = "auto",
+    text_only: TextOnlyOpt = False,
 ) -> None:
     """Export the ONNX graphs transformers.js and onnxruntime-genai load (<variant>-onnx-<quant>/), then validate.
 
@@ -343,7 +346,8 @@ def onnx(
       gemma4-export onnx --variant e2b-it --quant int4 --ple-type INT8 --device cuda
     """
     _export("onnx", variant, model_dir, quant, out, validate, device, adapter, calibrate, calibration, imatrix,
-            calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, into=into, qat=qat)
+            calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, into=into, qat=qat,
+            towers=not text_only)
 
 
 def _finish(r, validate: bool, variant, model_dir, device: str, adapter=None) -> None:

@@ -158,6 +158,59 @@ def train_tokenizer(text: str):
     return tok
 
 
+# The media token strings Gemma4Processor (transformers and transformers.js) reads from tokenizer_config.json.
+MEDIA_TOKENS = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"}
+
+
+def processor_files(config: dict[str, Any]) -> dict[str, dict]:
+    """processor_config.json as Gemma4Processor.save_pretrained writes it for this config (the published
+    checkpoints' settings): the image processor with the tower's patch and pooling sizes, and the audio feature
+    extractor. Its mel-bin count is the audio tower's first convolution width, which transformers' tower takes as the
+    input width (128 in every published model; the tiny tower's 16)."""
+    vision = config.get("vision_config") or {}
+    audio = config.get("audio_config") or {}
+    if config.get("model_type") == "gemma4_unified":  # encoder-free: raw patches and raw waveform frames
+        image = {"image_processor_type": "Gemma4UnifiedImageProcessor", "patch_size": vision.get("patch_size", 16),
+                 "max_soft_tokens": 280, "pooling_kernel_size": vision.get("pooling_kernel_size", 3), "resample": 3,
+                 "do_convert_rgb": True, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255,
+                 "do_normalize": False, "image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0]}
+        frame = audio.get("audio_embed_dim", 640)
+        features = {"feature_extractor_type": "Gemma4UnifiedAudioFeatureExtractor", "feature_size": frame,
+                    "sampling_rate": 16000, "padding_value": 0.0, "padding_side": "right",
+                    "return_attention_mask": True, "audio_samples_per_token": frame}
+        return {"processor_config.json": {"processor_class": "Gemma4UnifiedProcessor", "image_seq_length": 280,
+                                          "audio_seq_length": 750, "audio_ms_per_token": 40,
+                                          "image_processor": image, "feature_extractor": features}}
+    image = {"image_processor_type": "Gemma4ImageProcessor", "patch_size": vision.get("patch_size", 16),
+             "max_soft_tokens": 280, "pooling_kernel_size": vision.get("pooling_kernel_size", 3), "resample": 3,
+             "do_convert_rgb": True, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255,
+             "do_normalize": False, "image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0]}
+    mel = (audio.get("subsampling_conv_channels") or [128])[0]
+    features = {"feature_extractor_type": "Gemma4AudioFeatureExtractor", "feature_size": mel, "sampling_rate": 16000,
+                "padding_value": 0.0, "padding_side": "right", "return_attention_mask": True, "min_frequency": 0.0,
+                "max_frequency": 8000.0, "preemphasis": 0.0, "preemphasis_htk_flavor": True, "fft_overdrive": False,
+                "dither": 0.0, "input_scale_factor": 1.0, "frame_length": 320, "hop_length": 160, "fft_length": 512,
+                "mel_floor": 0.001, "per_bin_mean": None, "per_bin_stddev": None}
+    proc = {"processor_class": "Gemma4Processor", "image_seq_length": 280, "audio_seq_length": 750,
+            "audio_ms_per_token": 40, "image_processor": image, "feature_extractor": features}
+    return {"processor_config.json": proc}
+
+
+def write_processor(out: Path) -> None:
+    """Write the processor files of the checkpoint in `out` and add the media token strings to its tokenizer
+    config (kept otherwise as it is), for a checkpoint with towers."""
+    config = json.loads((out / "config.json").read_text())
+    if not (config.get("vision_config") or config.get("audio_config")):
+        return
+    for name, body in processor_files(config).items():
+        (out / name).write_text(json.dumps(body, indent=2) + "\n")
+    tc = out / "tokenizer_config.json"
+    cfg = json.loads(tc.read_text())
+    cfg.update(MEDIA_TOKENS)
+    tc.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def write_tokenizer(tok, out: Path, instruction_tuned: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
@@ -174,6 +227,7 @@ def write_tokenizer(tok, out: Path, instruction_tuned: bool = True) -> None:
         "padding_side": "left",
         "chat_template": CHAT_TEMPLATE,
     }
+    cfg.update(MEDIA_TOKENS)
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     gen = {"bos_token_id": 2, "pad_token_id": 0, "eos_token_id": [1, 106, 50] if instruction_tuned else 1,
@@ -214,7 +268,7 @@ TINY_VISION = dict(model_type="gemma4_vision", hidden_size=64, intermediate_size
                    num_attention_heads=2, num_key_value_heads=2, head_dim=32, patch_size=16, pooling_kernel_size=3,
                    position_embedding_size=256, use_clipped_linears=True, standardize=False)
 TINY_AUDIO = dict(model_type="gemma4_audio", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  subsampling_conv_channels=[16, 8], output_proj_dims=64)
+                  subsampling_conv_channels=[128, 8], output_proj_dims=64)
 
 
 def tiny_configs() -> dict[str, dict[str, Any]]:
@@ -240,7 +294,7 @@ def tiny_configs() -> dict[str, dict[str, Any]]:
                              "num_experts", "top_k_experts", "moe_intermediate_size")},
             vision_config=dict(model_type="gemma4_unified_vision", mm_embed_dim=64, mm_posemb_size=64,
                                output_proj_dims=64),
-            audio_config=dict(model_type="gemma4_unified_audio", audio_embed_dim=64), **common),
+            audio_config=dict(model_type="gemma4_unified_audio", audio_embed_dim=640), **common),
         # 26B-A4B: MoE (4 experts, top 2) beside a dense MLP, K==V, separate global KV heads; vision tower only.
         "tiny-26b-a4b": dict(
             architectures=["Gemma4ForConditionalGeneration"], model_type="gemma4",
@@ -433,6 +487,7 @@ def build(names: list[str], steps: int, seq: int, batch: int, seed: int = 0, log
         out = OUT_DIR / name
         save_checkpoint(model, cfg, out, shards=2 if name == "tiny-26b-a4b" else 1, seed=seed)
         write_tokenizer(tok, out)
+        write_processor(out)
         n_params = sum(p.numel() for n, p in model.named_parameters() if "language_model" in n)
         report[name] = {"steps": steps, "seq": seq, "batch": batch, "train_loss_ema": final,
                         "train_seconds": round(time.time() - t0, 1), "text_parameters": n_params, **ev}
@@ -487,6 +542,7 @@ def finetune(steps: int, seq: int, batch: int, seed: int = 0, log=print) -> dict
         shutil.rmtree(out)
     model.to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)
+    write_processor(out)
     report = {"base": "tiny-e2b", "added_tokens": FT_TOKENS, "steps": steps, "seq": seq, "batch": batch,
               "train_loss_ema": final, "train_seconds": round(time.time() - t0, 1), **ev}
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -568,6 +624,7 @@ def qat(name: str, steps: int, seq: int, batch: int, seed: int = 0, log=print) -
     for f in base.iterdir():
         if f.suffix in (".jinja",) or f.name.startswith(("tokenizer", "generation_config")):
             (out / f.name).write_bytes(f.read_bytes())
+    write_processor(out)
     report = {"base": QAT_BASES[name], "lattice": {"group": QAT_GROUP, "levels": "-8..7", "step": "learned per group",
               "matrices": len(targets)}, "steps": steps, "seq": seq, "batch": batch,
               "heldout_loss_at_start": before["heldout_loss"], "train_loss_ema": final,
@@ -578,9 +635,237 @@ def qat(name: str, steps: int, seq: int, batch: int, seed: int = 0, log=print) -
     return report
 
 
+# ---- the towers: trained to name what an image or a clip holds ----------------------------------------------------
+
+COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 215), "yellow": (230, 205, 40),
+           "black": (25, 25, 25), "white": (240, 240, 240)}
+SHAPES = ("disc", "bar")
+
+
+def caption_image(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, str]:
+    """An image of one shape of one colour on another (uint8 [h, w, 3]) and its caption, e.g. "red disc on blue"."""
+    fg, bg = rng.choice(list(COLOURS), size=2, replace=False)
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    img = np.empty((h, w, 3), np.float32)
+    img[:] = COLOURS[bg]
+    y, x = np.mgrid[0:h, 0:w]
+    if shape == "disc":
+        r = rng.uniform(0.2, 0.35) * min(h, w)
+        cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
+        img[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = COLOURS[fg]
+    else:
+        top = int(rng.uniform(0.1, 0.6) * h)
+        img[top : top + int(rng.uniform(0.15, 0.3) * h)] = COLOURS[fg]
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), f"{fg} {shape} on {bg}"
+
+
+def caption_audio(rng: np.random.Generator, seconds: float = 2.0, sr: int = 16000) -> tuple[np.ndarray, str]:
+    """A clip of one or two beeps, low or high, and its caption, e.g. "two high beeps"."""
+    n = int(rng.integers(1, 3))
+    high = bool(rng.integers(2))
+    f = rng.uniform(1500, 3000) if high else rng.uniform(150, 350)
+    t = np.arange(int(seconds * sr)) / sr
+    wave = 0.01 * rng.standard_normal(t.size)
+    for k in range(n):
+        start = rng.uniform(0.05, 0.2) * seconds + k * seconds / 2
+        on = (t >= start) & (t < start + rng.uniform(0.15, 0.25) * seconds)
+        wave[on] += 0.5 * np.sin(2 * np.pi * f * t[on])
+    return wave.astype(np.float32), f"{'one' if n == 1 else 'two'} {'high' if high else 'low'} beep{'s' if n > 1 else ''}"
+
+
+# The tiny towers take the published models' input widths: 128 mel bins (transformers sizes the audio tower's input
+# projection from its first convolution's width, so that width is 128, as in E2B), 640 raw samples per audio token
+# in the unified model (llama.cpp's gemma4ua fixes it).
+TOWER_CONFIG = {"gemma4": {"audio_config": {"subsampling_conv_channels": [128, 8]}},
+                "gemma4_unified": {"audio_config": {"audio_embed_dim": 640}}}
+# Training examples are smaller than the validation's (7 x 10 soft tokens, 2 s): 4 x 6 tokens and 1.2 s clips.
+TRAIN_IMAGE_TOKENS = (4, 6)
+TRAIN_CLIP_SECONDS = 1.2
+TOWER_PROMPT = "<bos><|turn>user\n{media}Describe this.<turn|>\n<|turn>model\n"
+
+
+def train_towers(name: str, steps: int, batch: int, seed: int = 0, log=print) -> dict[str, Any]:
+    """Re-initialise a tiny checkpoint's towers at the published input widths and train them (the text model
+    frozen) to caption code-made images and clips; the text tensors are written back unchanged."""
+    import torch
+    import transformers
+
+    from gemma4_export.exporter.checkpoint import Checkpoint, to_f32
+    from gemma4_export.validate.towers import audio_features, image_patches, image_size_for
+
+    out = OUT_DIR / name
+    config = json.loads((out / "config.json").read_text())
+    for k, v in TOWER_CONFIG.get(config["model_type"], {}).items():
+        if config.get(k):
+            config[k] = {**config[k], **v}
+    torch.manual_seed(seed)
+    cfg = transformers.AutoConfig.for_model(**config)
+    model = getattr(transformers, config["architectures"][0])(cfg).float()
+    with Checkpoint(out) as ck:
+        text = {n: torch.from_numpy(np.array(to_f32(ck.raw(n), ck.info(n).dtype), np.float32).reshape(ck.info(n).shape))
+                for n in ck.tensors if n.startswith("model.language_model.")}
+    # (the KV-shared layers' unused k/v weights are not in transformers' model: they stay in the files as they are)
+    missing, _ = model.load_state_dict(text, strict=False)
+    assert not [m for m in missing if m.startswith("model.language_model.")], missing
+    model.model.language_model.requires_grad_(False)
+    towers = [p for n, p in model.named_parameters() if p.requires_grad]
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_processor(out)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    rng = np.random.default_rng(seed + 11)
+    kinds = [k for k in ("image", "audio") if config.get(f"{'vision' if k == 'image' else 'audio'}_config")]
+    vision = config.get("vision_config") or {}
+    h, w = image_size_for(vision, TRAIN_IMAGE_TOKENS)
+    patch = vision.get("patch_size", 16) * (vision.get("pooling_kernel_size", 3)
+                                            if vision.get("model_type") == "gemma4_unified_vision" else 1)
+    head, tail = TOWER_PROMPT.split("{media}")
+    enc = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
+
+    def example(kind):
+        if kind == "image":
+            img, cap = caption_image(rng, h, w)
+            pv, pos = image_patches(img, patch)
+            n = pv.shape[1] // (1 if vision.get("model_type") == "gemma4_unified_vision"
+                                else vision["pooling_kernel_size"] ** 2)
+            media = [cfg.boi_token_id] + [cfg.image_token_id] * n + [cfg.eoi_token_id]
+            return media, cap, {"pixel_values": pv, "image_position_ids": pos}
+        wave, cap = caption_audio(rng, TRAIN_CLIP_SECONDS)
+        x, m = audio_features(wave, out)
+        n = int(model.model.get_audio_features(torch.from_numpy(x), torch.from_numpy(m)).attention_mask.sum()) \
+            if config["model_type"] == "gemma4" else x.shape[1]
+        media = [cfg.boa_token_id] + [cfg.audio_token_id] * n + [config.get("eoa_token_id", config.get("eoa_token_index"))]
+        return media, cap, {"input_features": x, "input_features_mask": m}
+
+    def batch_of(kind):
+        rows, labels, extra, caps = [], [], {}, []
+        for _ in range(batch):
+            media, cap, kw = example(kind)
+            prompt = enc(head) + media + enc(tail)
+            target = enc(cap) + enc("<turn|>")
+            rows.append(prompt + target)
+            labels.append([-100] * len(prompt) + target)
+            caps.append(cap)
+            for k, v in kw.items():
+                extra.setdefault(k, []).append(v[0])
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
+        types = torch.where(ids == cfg.image_token_id, 1, torch.where(ids == cfg.audio_token_id, 3, 0))
+        kw = {k: torch.from_numpy(np.stack(v)) for k, v in extra.items()}
+        return ids, lab, types, kw, caps
+
+    if steps == 0:  # re-initialised at the published input widths, not trained
+        sd = {n: p.detach().to(torch.bfloat16).contiguous() for n, p in model.state_dict().items()
+              if not n.startswith(("model.language_model.", "lm_head"))}
+        _replace_tensors(out, sd)
+        report = json.loads((out / "training.json").read_text()) if (out / "training.json").exists() else {}
+        report["towers"] = {"steps": 0, "note": "initialised by transformers at the published input widths (seed "
+                            f"{seed}), not trained"}
+        (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+        log(f"{name}: towers re-initialised")
+        return report["towers"]
+    opt = torch.optim.AdamW(towers, lr=3e-3, weight_decay=0.0)
+    t0 = time.time()
+    ema = {}
+    for step in range(steps):
+        kind = kinds[step % len(kinds)]
+        ids, lab, types, kw, _ = batch_of(kind)
+        loss = model(input_ids=ids, labels=lab, mm_token_type_ids=types, attention_mask=(lab != -100) | (ids != 0),
+                     **kw).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema[kind] = loss.item() if kind not in ema else 0.95 * ema[kind] + 0.05 * loss.item()
+        if step % 25 == 0 or step == steps - 1:
+            log(f"{name} towers step {step}: " + ", ".join(f"{k} loss {v:.3f}" for k, v in ema.items()))
+    # held-out captions: greedy, exact match
+    model.eval()
+    result = {}
+    with torch.no_grad():
+        for kind in kinds:
+            ok = 0
+            for _ in range(4):
+                ids, lab, types, kw, caps = batch_of(kind)
+                for i in range(batch):
+                    p = int((lab[i] == -100).nonzero().max()) + 1 if (lab[i] != -100).any() else len(ids[i])
+                    p = int((lab[i] != -100).nonzero().min())
+                    seq = ids[i, :p].tolist()
+                    sub = {k: v[i : i + 1] for k, v in kw.items()}
+                    for _ in range(8):
+                        tt = torch.where(torch.tensor([seq]) == cfg.image_token_id, 1,
+                                         torch.where(torch.tensor([seq]) == cfg.audio_token_id, 3, 0))
+                        nxt = int(model(input_ids=torch.tensor([seq]), mm_token_type_ids=tt, **sub).logits[0, -1].argmax())
+                        if nxt == 106:
+                            break
+                        seq.append(nxt)
+                    ok += tok.decode(seq[p:]).strip() == caps[i]
+            result[kind] = {"heldout_caption_exact": ok / (4 * batch), "loss_ema": round(ema[kind], 4)}
+    log(f"{name} towers: {result} in {time.time() - t0:.0f} s")
+    sd = {n: p.detach().to(torch.bfloat16).contiguous() for n, p in model.state_dict().items()
+          if not n.startswith(("model.language_model.", "lm_head"))}
+    _replace_tensors(out, sd)
+    report = json.loads((out / "training.json").read_text()) if (out / "training.json").exists() else {}
+    report["towers"] = {"steps": steps, "batch": batch, "task": "caption code-made images (colour, shape) and clips "
+                        "(beeps: count, pitch); the text model frozen", "seconds": round(time.time() - t0, 1), **result}
+    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report["towers"]
+
+
+# Checkpoints built from another tiny checkpoint carry its towers.
+TOWER_SOURCES = {"tiny-e2b-ft": "tiny-e2b", "tiny-e2b-qat": "tiny-e2b", "tiny-26b-a4b-qat": "tiny-26b-a4b"}
+
+
+def copy_towers(src: str, dst: str, log=print) -> None:
+    """Give `dst` the towers (tensors, tower configs, processor files) of `src`."""
+    from safetensors.torch import load_file
+
+    a, b = OUT_DIR / src, OUT_DIR / dst
+    towers = {}
+    for sh in sorted(a.glob("*.safetensors")):
+        towers.update({n: t for n, t in load_file(str(sh)).items() if not n.startswith("model.language_model.")})
+    _replace_tensors(b, towers)
+    ca, cb = json.loads((a / "config.json").read_text()), json.loads((b / "config.json").read_text())
+    for k in ("vision_config", "audio_config"):
+        if cb.get(k) and ca.get(k):
+            cb[k] = {**cb[k], **ca[k]}
+    (b / "config.json").write_text(json.dumps(cb, indent=2) + "\n")
+    write_processor(b)
+    log(f"{dst}: the towers of {src}")
+
+
+def _replace_tensors(out: Path, new: dict) -> None:
+    """Rewrite a checkpoint's shards with its tower tensors replaced by `new` (and only those: every text tensor
+    keeps its bytes)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    index = out / "model.safetensors.index.json"
+    shards = sorted(out.glob("*.safetensors"))
+    keep: dict[str, str] = {}
+    first = shards[0].name
+    for sh in shards:
+        sd = load_file(str(sh))
+        towers = [n for n in sd if not n.startswith("model.language_model.")]
+        for n in towers:
+            del sd[n]
+        if sh.name == first:
+            sd.update(new)
+        save_file(sd, str(sh), metadata={"format": "pt"})
+        keep.update({n: sh.name for n in sd})
+    if index.exists():
+        idx = json.loads(index.read_text())
+        idx["weight_map"] = dict(sorted(keep.items()))
+        idx["metadata"] = {**idx.get("metadata", {}), "total_size": sum(
+            v.numel() * v.element_size() for sh in shards for v in load_file(str(sh)).values())}
+        index.write_text(json.dumps(idx, indent=2) + "\n")
+    del torch
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", action="append", choices=sorted(tiny_configs()), help="build just these")
+    ap.add_argument("--only", action="append", choices=sorted(tiny_configs()) + sorted(TOWER_SOURCES),
+                    help="build just these")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
@@ -590,7 +875,26 @@ def main(argv: list[str] | None = None) -> None:
                     "STEPS more steps with added tokens, saved by transformers' save_pretrained")
     ap.add_argument("--qat", choices=sorted(QAT_BASES), action="append", help="only (re)build this tiny QAT "
                     "checkpoint: its base trained --steps more steps on a 4-bit lattice")
+    ap.add_argument("--processors", action="store_true", help="only write the processor files (and the media "
+                    "token strings) into the shipped checkpoints that have towers")
+    ap.add_argument("--towers", type=int, metavar="STEPS", help="only re-initialise the towers of the --only "
+                    "checkpoints (default: every tiny checkpoint with towers) at the published input widths, and "
+                    "train them STEPS steps to caption code-made images and clips (0: not trained)")
     a = ap.parse_args(argv)
+    if a.towers is not None:
+        names = a.only or [d.name for d in sorted(OUT_DIR.iterdir()) if (d / "config.json").exists()]
+        for name in names:
+            cfg = json.loads((OUT_DIR / name / "config.json").read_text())
+            if (cfg.get("vision_config") or cfg.get("audio_config")) and name not in TOWER_SOURCES:
+                train_towers(name, a.towers, a.batch, a.seed)
+        for dst, src in TOWER_SOURCES.items():
+            if src in names or dst in names:
+                copy_towers(src, dst)
+        return
+    if a.processors:
+        for d in sorted(OUT_DIR.iterdir()):
+            write_processor(d)
+        return
     if a.corpus or not (CORPUS_DIRS["train"] / "train.txt.gz").exists():
         make_corpus()
     if a.qat:

@@ -141,3 +141,60 @@ def test_one_directory_several_dtypes(workdir):
         eos = set(runner.cfg["eos_token_ids"])
         ok, why = _agree(_until_eos(got, eos), _until_eos(want, eos), margin_at, runner.tie)
         assert ok, f"transformers.js {dtype}: {why}"
+
+
+@pytest.mark.parametrize("preset", ["fp32", pytest.param("int4", marks=pytest.mark.slow)])
+def test_transformers_js_runs_the_encoders(preset, workdir):
+    """transformers.js loads the directory as Gemma4ForConditionalGeneration (embed_tokens, decoder, vision and audio
+    encoders) and, from a prompt holding the code-made image (then clip), generates what our onnxruntime runner
+    generates with the same encoders (which validation holds to transformers' fp32 towers and model); a
+    divergence passes only at a near-tie of our runner's logits."""
+    from gemma4_export.targets.onnx import graph_files
+    from gemma4_export.targets.onnx_towers import EncoderTowerRunner
+    from gemma4_export.validate.towers import (
+        audio_features,
+        image_patches,
+        image_size_for,
+        test_audio,
+        test_image,
+    )
+
+    node = _node()
+    from gemma4_export.exporter.variants import VARIANTS
+
+    ckpt = VARIANTS["tiny-e2b"].local_dir
+    art = api.export("onnx", "tiny-e2b", preset, out=workdir / "mm", force=True).path
+    runner = EncoderTowerRunner(art / graph_files(preset)["decoder_model_merged"], ckpt, preset)
+    vision = json.loads((ckpt / "config.json").read_text())["vision_config"]
+    n = 12
+    for kind, media in (("image", test_image(*image_size_for(vision))), ("audio", test_audio(2.0))):
+        ids = runner.media_prompt(kind, media)
+        want = runner.media_greedy(kind, media, n)
+        if kind == "image":
+            pv, pos = image_patches(media, vision["patch_size"])
+            feeds = {"pixel_values": pv, "image_position_ids": pos}
+        else:
+            x, mask = audio_features(media, ckpt)
+            feeds = {"input_features": x, "input_features_mask": mask.astype(np.uint8)}
+        doc = {"input_ids": ids, **{k: {"dims": list(v.shape), "data": v.ravel().tolist()} for k, v in feeds.items()}}
+        f = workdir / f"mm-{kind}-{preset}.json"
+        f.write_text(json.dumps(doc))
+        r = subprocess.run([node, str(JS / "multimodal.mjs"), str(art), DTYPE[preset], str(f), str(n)],
+                           capture_output=True, text=True, timeout=600, env={**os.environ, "G4_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "vision_encoder" in r.stderr and "audio_encoder" in r.stderr  # the sessions it loaded
+        got = json.loads(r.stdout.strip().splitlines()[-1])["tokens"]
+        at = np.array([ids]) == runner.cfg["image_token_id" if kind == "image" else "audio_token_id"]
+        feats = runner.embeddings(media)
+
+        def margin_at(j, want=want, ids=ids, at=at, feats=feats):
+            seq = ids + want[:j]
+            mask = np.zeros((1, len(seq)), bool)
+            mask[:, : at.shape[1]] = at
+            logits, _ = runner.text.run(np.array([seq]), np.ones((1, len(seq))), np.arange(len(seq))[None],
+                                        runner.text.empty_cache(), keep=1, media=(mask, feats))
+            top2 = np.partition(logits[0, -1], -2)[-2:]
+            return float(top2[1] - top2[0])
+
+        ok, why = _agree(got, want, margin_at, runner.text.tie)
+        assert ok, f"transformers.js, {kind} prompt, {preset}: {why}"

@@ -288,7 +288,14 @@ def test_end_to_end_outputs(e2e):
     assert record["versions"]["torch"] and record["versions"]["llama-cpp-python"]
     assert record["settings"]["windows"] == 2 and record["started"] <= record["finished"]
 
-    (m,) = json.loads((out / "manifest.json").read_text())["artifacts"]
+    m, mm = json.loads((out / "manifest.json").read_text())["artifacts"]
+    # the projector beside the GGUF (tiny-31b has a vision tower), validated with it: listed once, by its users
+    proj = out / "artifacts" / "mmproj-tiny-31b-f16.gguf"
+    assert mm == {"path": "artifacts/mmproj-tiny-31b-f16.gguf", "target": "gguf", "variant": "tiny-31b",
+                  "role": "towers", "kind": "file", "bytes": proj.stat().st_size,
+                  "sha256": hashlib.sha256(proj.read_bytes()).hexdigest(),
+                  "plan": "artifacts/mmproj-tiny-31b-f16.gguf.plan.json", "used_by": ["artifacts/tiny-31b-q8_0.gguf"]}
+    assert {"image_embeddings", "image_generation"} <= set(report["checks"])
     assert m["path"] == "artifacts/tiny-31b-q8_0.gguf" and m["kind"] == "file" and m["result"] == "pass"
     assert m["sha256"] == hashlib.sha256(art.read_bytes()).hexdigest() and m["bytes"] == art.stat().st_size
     assert (m["target"], m["variant"], m["preset"]) == ("gguf", "tiny-31b", "q8_0")
@@ -332,7 +339,9 @@ def test_a_failing_and_an_erroring_cell_fail_the_run_and_the_others_still_run(tm
     md = (tmp_path / "matrix.md").read_text()
     assert "tiny-31b/gguf/q8_0: fail: mean KLD" in md and "tiny-31b/gguf/q4_0: error:" in md
     manifest = json.loads((tmp_path / "manifest.json").read_text())["artifacts"]
-    assert [(m["preset"], m["result"]) for m in manifest] == [("q8_0", "fail"), ("q4_k_m", "pass")]
+    assert [(m.get("preset"), m.get("result")) for m in manifest] == [("q8_0", "fail"), (None, None),
+                                                                       ("q4_k_m", "pass")]
+    assert manifest[1]["role"] == "towers" and manifest[1]["used_by"] == [manifest[0]["path"], manifest[2]["path"]]
     record = json.loads((tmp_path / "matrix.json").read_text())
     assert record["passed"] is False and record["counts"] == {"pass": 1, "fail": 1, "error": 1,
                                                                               "skip": 0, "pending": 0}

@@ -17,7 +17,7 @@ from gemma4_export.quant.rules import tower_kind
 from gemma4_export.targets.gguf_file import read_gguf
 from gemma4_export.targets.gguf_mmproj import MMProjError, check_towers, mmproj_policy, mmproj_tensor
 
-TOWERED = ["tiny-e2b", "tiny-31b"]
+TOWERED = ["tiny-e2b", "tiny-31b", "tiny-12b"]
 
 
 def variant_dir(name: str):
@@ -71,13 +71,29 @@ def test_tower_rules_per_choice():
         mmproj_policy("q4")
 
 
-def test_unified_and_text_only_checkpoints_are_refused_clearly():
-    from gemma4_export.exporter.arch import load_config
-
-    with pytest.raises(MMProjError, match="gemma4uv"):
-        check_towers(load_config(variant_dir("tiny-12b")))
+def test_text_only_checkpoints_are_refused_clearly():
     with pytest.raises(MMProjError, match="no vision or audio tower"):
         check_towers({"model_type": "gemma4_text"})
+
+
+def test_unified_projector_layout(tmp_path):
+    """The unified 12B's embedders as llama.cpp's gemma4uv / gemma4ua: the 48 x 48 x 3 patch's columns and first
+    norm reordered from (y, x, c) to (c, y, x), the position table [S, 2, D] as [2, S, D]."""
+    r = api.export("gguf", variant="tiny-12b", preset="q8_0", out=tmp_path)
+    g = read_gguf(r.towers)
+    assert g.metadata["clip.vision.projector_type"] == "gemma4uv"
+    assert g.metadata["clip.audio.projector_type"] == "gemma4ua" and g.metadata["clip.audio.num_mel_bins"] == 640
+    with Checkpoint(variant_dir("tiny-12b")) as ck:
+        w = np.array(to_f32(ck.raw("model.embed_vision.patch_dense.weight"), "BF16"), np.float32)
+        ln = np.array(to_f32(ck.raw("model.embed_vision.patch_ln1.weight"), "BF16"), np.float32)
+        pos = np.array(to_f32(ck.raw("model.embed_vision.pos_embedding"), "BF16"), np.float32).reshape(
+            ck.info("model.embed_vision.pos_embedding").shape)
+    got = g.read_tensor("v.patch_embd.weight").astype(np.float32)  # F16 in an f16 projector
+    # (c=2, y=5, x=7) in gemma4uv's order is (y=5, x=7, c=2) in transformers'
+    c, y, x = 2, 5, 7
+    assert np.array_equal(got[:, c * 48 * 48 + y * 48 + x], w[:, (y * 48 + x) * 3 + c].astype(np.float16))
+    assert np.array_equal(g.read_tensor("v.patch_norm.1.weight")[c * 48 * 48 + y * 48 + x], ln[(y * 48 + x) * 3 + c])
+    assert np.array_equal(g.read_tensor("v.position_embd.weight"), pos.transpose(1, 0, 2))
 
 
 def test_projector_written_beside_the_gguf_and_reused(tmp_path):
@@ -89,7 +105,7 @@ def test_projector_written_beside_the_gguf_and_reused(tmp_path):
     assert meta["general.architecture"] == "clip" and meta["general.type"] == "mmproj"
     assert meta["clip.vision.projector_type"] == "gemma4v" and meta["clip.audio.projector_type"] == "gemma4a"
     assert meta["clip.vision.projection_dim"] == meta["clip.audio.projection_dim"] == 256
-    assert meta["clip.audio.num_mel_bins"] == 16  # the tiny processor's feature_size
+    assert meta["clip.audio.num_mel_bins"] == 128  # the processor's feature_size
     assert list(meta["clip.vision.image_mean"]) == [0, 0, 0] and list(meta["clip.vision.image_std"]) == [1, 1, 1]
     with Checkpoint(variant_dir("tiny-e2b")) as ck:
         def f32(name):
@@ -125,11 +141,11 @@ def test_projector_of_other_weights_is_not_overwritten(tmp_path):
     assert read_gguf(r.towers).metadata["general.type"] == "mmproj"
 
 
-def test_checkpoints_without_writable_towers(tmp_path):
-    r = api.export("gguf", variant="tiny-12b", preset="q8_0", out=tmp_path)  # a note, then text only
+def test_text_only_exports(tmp_path):
+    r = api.export("gguf", variant="tiny-e2b", preset="q8_0", out=tmp_path, towers=False)
     assert r.towers is None and not list(tmp_path.glob("mmproj-*"))
-    with pytest.raises(MMProjError, match="gemma4uv"):
-        api.export("gguf", variant="tiny-12b", preset="q8_0", out=tmp_path / "b", tower_type="f16")
+    r = api.export("gguf", variant="tiny-31b", preset="q8_0", out=tmp_path, tower_type="none")
+    assert r.towers is None and not list(tmp_path.glob("mmproj-*"))
     with pytest.raises(Gemma4ExportError, match="--text-only"):
         api.export("gguf", variant="tiny-e2b", preset="q8_0", out=tmp_path, towers=False, tower_type="q8_0")
 
@@ -168,8 +184,10 @@ def test_mtmd_matches_transformers_towers(tmp_path, variant, mmproj):
     try:
         assert runner.vision and runner.audio == bool(cfg.get("audio_config"))
         assert runner.limits == ("q8_0" if mmproj == "q8_0" else "float")
-        checks = tower_checks(runner, variant_dir(variant), TOWER_LIMITS[runner.limits],
-                              gen_first_div=float("inf"))
+        # llama.cpp decides causal or bidirectional image attention by the text width (E2B's and E4B's are causal),
+        # so at tiny-e2b's width it attends bidirectionally where transformers does not: its image generations
+        # agree up to a near-tie, which tower_checks accepts; every other case is held to identical tokens
+        checks = tower_checks(runner, variant_dir(variant), TOWER_LIMITS[runner.limits])
     finally:
         runner.close()
     want = {"image_embeddings", "image_generation"} | ({"audio_embeddings", "audio_generation"}

@@ -67,7 +67,9 @@ def test_export_matches_plan_and_validates(variant, preset, out_dir):
               "config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (r.path / f).is_file(), f
     tjs = json.loads((r.path / "config.json").read_text())["transformers.js_config"]
-    assert tjs["use_external_data_format"] == {f"embed_tokens{sfx}.onnx": 1, f"decoder_model_merged{sfx}.onnx": 1}
+    towers = {"tiny-e2b": ("vision", "audio"), "tiny-26b-a4b": ("vision",), "tiny-31b": ("vision",)}.get(variant, ())
+    assert tjs["use_external_data_format"] == {f"embed_tokens{sfx}.onnx": 1, f"decoder_model_merged{sfx}.onnx": 1,
+                                               **{f"{t}_encoder{sfx}.onnx": 1 for t in towers}}
     # the joined graph (for onnxruntime-genai) reads the two graphs' data: no weights of its own
     single = onnx.load(str(r.path / f"onnx/model{sfx}.onnx"), load_external_data=False)
     locations = {e.value for t in single.graph.initializer for e in t.external_data if e.key == "location"}
@@ -252,7 +254,8 @@ def test_several_presets_in_one_directory(out_dir, monkeypatch):
         assert (base / "onnx" / name).read_bytes() == data
     tjs = json.loads((base / "config.json").read_text())["transformers.js_config"]["use_external_data_format"]
     assert set(tjs) == {"embed_tokens.onnx", "decoder_model_merged.onnx", "embed_tokens_q4.onnx",
-                        "decoder_model_merged_q4.onnx"}
+                        "decoder_model_merged_q4.onnx", "vision_encoder.onnx", "audio_encoder.onnx",
+                        "vision_encoder_q4.onnx", "audio_encoder_q4.onnx"}  # each preset's encoders too
     doc = json.loads((base / CONFIG_FILE).read_text())
     assert set(doc["presets"]) == {"fp32", "int4"}
     for preset, graph in (("fp32", "decoder_model_merged.onnx"), ("int4", "decoder_model_merged_q4.onnx")):

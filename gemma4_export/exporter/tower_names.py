@@ -18,13 +18,13 @@ def tower_kind(name: str, shape: tuple[int, ...]) -> str:
         return "scalar"
     if name.endswith(".bias"):
         return "bias"
-    if "position_embedding_table" in name or "pos_embedding" in name:
+    if "position_embedding_table" in name or "pos_embedding" in name or "relative_k_proj" in name:
         return "position"
     if "norm" in name.rsplit(".", 2)[-2] or len(shape) < 2:
         return "norm"
     if "conv" in name and "audio" in name and len(shape) > 2:
         return "conv"
-    if "patch_embedder" in name or "patch_dense" in name:
+    if ("patch_embedder" in name or "patch_dense" in name) and len(shape) >= 2:
         return "patch"
     return "matrix"
 
@@ -84,13 +84,29 @@ _AUDIO: tuple[tuple[str, str, str], ...] = (
     (_AUDIO_LAYER + r"self_attn\.per_dim_key_scale$", "a.blk.{0}.per_dim_k_scale.weight", "softplus"),
     (r"embed_audio\.embedding_projection\.weight$", "mm.a.input_projection.weight", ""),
 )
+# The unified 12B's encoder-free embedders, under transformers' names (embed_vision.*) and the hub's
+# (vision_embedder.*, embed_vision.embedding_projection). The patch dense layer and the first layer norm act on a
+# 48 x 48 x 3 patch flattened (y, x, channel); llama.cpp's gemma4uv flattens it (channel, y, x): "hwc_columns" /
+# "hwc_vector" reorder them. The position table [S, 2, D] is [2, S, D] there ("swap01").
+_UNIFIED: tuple[tuple[str, str, str], ...] = (
+    (r"(?:embed_vision|vision_embedder)\.patch_dense\.weight$", "v.patch_embd.weight", "hwc_columns"),
+    (r"(?:embed_vision|vision_embedder)\.patch_dense\.bias$", "v.patch_embd.bias", ""),
+    (r"(?:embed_vision|vision_embedder)\.patch_ln1\.(weight|bias)$", "v.patch_norm.1.{0}", "hwc_vector"),
+    (r"(?:embed_vision|vision_embedder)\.patch_ln2\.(weight|bias)$", "v.patch_norm.2.{0}", ""),
+    (r"(?:embed_vision|vision_embedder)\.pos_norm\.(weight|bias)$", "v.patch_norm.3.{0}", ""),
+    (r"(?:embed_vision|vision_embedder)\.pos_embedding$", "v.position_embd.weight", "swap01"),
+    (r"embed_vision\.(?:multimodal_embedder\.)?embedding_projection\.weight$", "mm.input_projection.weight", ""),
+    (r"embed_audio\.embedding_projection\.weight$", "mm.a.input_projection.weight", ""),
+)
 _TABLE = tuple((re.compile(p), n, t) for p, n, t in _VISION + _AUDIO)
+_TABLE_UNIFIED = tuple((re.compile(p), n, t) for p, n, t in _UNIFIED)
 
 
-def mmproj_tensor(name: str) -> tuple[str, str]:
-    """(GGUF name, transform) of a tower tensor of Gemma4ForConditionalGeneration; CheckpointError if unknown."""
+def mmproj_tensor(name: str, unified: bool = False) -> tuple[str, str]:
+    """(GGUF name, transform) of a tower tensor of Gemma4ForConditionalGeneration (or, `unified`, of
+    Gemma4UnifiedForConditionalGeneration); CheckpointError if unknown."""
     short = name.removeprefix("model.")
-    for rx, template, transform in _TABLE:
+    for rx, template, transform in (_TABLE_UNIFIED if unified else _TABLE):
         m = rx.match(short)
         if m:
             return template.format(*m.groups()), transform

@@ -181,12 +181,13 @@ TOWER_RULES: tuple[TowerRule, ...] = (
               "attention's per-dimension scale): full precision; llama.cpp reads the limits as 1-element F32"),
     TowerRule("tower-norm", frozenset({"norm", "bias"}), lambda p: p.full, "tower norm or bias: full precision"),
     TowerRule("tower-position", frozenset({"position"}), lambda p: p.full,
-              "tower position table: full precision (looked up, not multiplied; llama.cpp's converter keeps it F32)"),
+              "tower position table (looked up; llama.cpp's converter keeps it F32) or the audio attention's "
+              "projection of its fixed relative-position encodings: full precision"),
     TowerRule("tower-conv", frozenset({"conv"}), lambda p: p.full,
               "audio convolution: full precision (llama.cpp's converter keeps the audio convolutions F32)"),
     TowerRule("tower-patch", frozenset({"patch"}), lambda p: p.patch,
-              "patch embedding: a convolution kernel in llama.cpp, which takes F16 or F32 there: F16 in an f16 "
-              "projector, F32 otherwise"),
+              "patch embedding: the policy's patch type (a convolution kernel in llama.cpp, which takes F16 or F32: "
+              "F16 in an f16 projector, F32 otherwise)"),
     TowerRule("tower-matrix", frozenset({"matrix"}), lambda p: p.matrix,
               "tower matrix (attention, MLP, the embedder's projection into the text width): the tower type"),
 )

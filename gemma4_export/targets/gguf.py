@@ -491,7 +491,7 @@ class GGUFTarget(Target):
     towers_kind = "file"
     tower_choices = ("f16", "q8_0", "f32")
 
-    def tower_policy(self, choice: str | None):
+    def tower_policy(self, choice: str | None, preset: Preset | None = None):
         from .gguf_mmproj import mmproj_policy
 
         return mmproj_policy(choice or "f16")
@@ -501,10 +501,10 @@ class GGUFTarget(Target):
 
         check_towers(config)
 
-    def tower_artifact_name(self, source: str, policy) -> str:
+    def tower_artifact_name(self, source: str, tower_plan) -> str:
         from .gguf_mmproj import mmproj_name
 
-        return mmproj_name(source, policy.name.removeprefix("mmproj-"))
+        return mmproj_name(source, tower_plan.preset.removeprefix("mmproj-"))
 
     def write_towers(self, job, path: Path) -> None:
         from .gguf_mmproj import mmproj_policy, write_mmproj

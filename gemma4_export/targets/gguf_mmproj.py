@@ -1,6 +1,7 @@
 """The projector GGUF (mmproj) that llama.cpp's mtmd reads beside the text GGUF: both towers in one file.
 
-Vision is projector type `gemma4v`, audio `gemma4a` (llama.cpp's clip.cpp builds their graphs). The file holds what
+Vision is projector type `gemma4v`, audio `gemma4a` (llama.cpp's clip.cpp builds their graphs); the unified 12B's
+encoder-free embedders are `gemma4uv` and `gemma4ua`. The file holds what
 llama.cpp's own `convert_hf_to_gguf.py --mmproj` writes for Gemma 4, from our own name table:
 - the tensor names clip.cpp looks up (`v.blk.N.attn_q.weight`, `a.blk.N.conv_pw1.weight`, `mm.input_projection`,
   ...), each clippable linear's limits beside its weight as 1-element F32 tensors (`v.blk.N.attn_q.input_max`);
@@ -63,7 +64,15 @@ def _out_shape(shape: tuple[int, ...], transform: str, patch: int) -> tuple[int,
         return (shape[0], 3, patch, patch)
     if transform == "depthwise":
         return (shape[0], shape[-1])
+    if transform == "swap01":
+        return (shape[1], shape[0], *shape[2:])
     return shape or (1,)
+
+
+def _hwc_to_chw(n: int) -> np.ndarray:
+    """For a patch of n = p*p*3 values flattened (y, x, c): the source index of each (c, y, x) position."""
+    p = int(round((n // 3) ** 0.5))
+    return np.arange(n).reshape(p, p, 3).transpose(2, 0, 1).reshape(-1)
 
 
 def _convert(a: np.ndarray, transform: str, patch: int) -> np.ndarray:
@@ -73,6 +82,12 @@ def _convert(a: np.ndarray, transform: str, patch: int) -> np.ndarray:
         return a.reshape(a.shape[0], a.shape[-1])
     if transform == "softplus":
         return np.logaddexp(0, a.astype(np.float64)).astype(np.float32)
+    if transform == "hwc_columns":  # [D, p*p*3]: columns from (y, x, c) to (c, y, x) order
+        return a[:, _hwc_to_chw(a.shape[1])]
+    if transform == "hwc_vector":
+        return a[_hwc_to_chw(a.shape[0])]
+    if transform == "swap01":
+        return a.transpose(1, 0, *range(2, a.ndim))
     return a.reshape(a.shape or (1,))
 
 
@@ -101,12 +116,14 @@ def mmproj_digest(path: Path) -> str | None:
     return read_gguf(path, arrays=False).metadata.get("gemma4_export.source_digest")
 
 
-def check_towers(config: dict) -> None:
-    """The projector is written for Gemma4ForConditionalGeneration's towers; anything else gets a clear error."""
+def unified(config: dict) -> bool:
     arch = (config.get("architectures") or [""])[0]
-    if config.get("model_type") == "gemma4_unified" or arch.startswith("Gemma4Unified"):
-        raise MMProjError("the unified 12B's encoder-free embedders (llama.cpp's gemma4uv / gemma4ua projector) "
-                          "are not written yet: export it with --mmproj none (or --text-only)")
+    return config.get("model_type") == "gemma4_unified" or arch.startswith("Gemma4Unified")
+
+
+def check_towers(config: dict) -> None:
+    """The projector holds Gemma4ForConditionalGeneration's towers or the unified model's embedders; a checkpoint
+    without either gets a clear error."""
     if not (config.get("vision_config") or config.get("audio_config")):
         raise MMProjError("this checkpoint has no vision or audio tower (a text-only save): there is no projector "
                           "to write; use --mmproj none")
@@ -123,6 +140,11 @@ def write_metadata(w: GGUFWriter, config: dict, directory: Path, name: str, poli
     w.string("general.quantized_by", f"gemma4-export {__version__}")
     w.u32("general.file_type", {"F32": 0, "F16": 1, "Q8_0": 7}[policy.matrix])
     v, a = config.get("vision_config"), config.get("audio_config")
+    if unified(config):  # encoder-free: widths only, no blocks (as llama.cpp's converter writes them)
+        v = v and {"patch_size": v.get("patch_size", 16), "hidden_size": v["mm_embed_dim"], "intermediate_size": 0,
+                   "num_hidden_layers": 0, "num_attention_heads": 0}
+        a = a and {"hidden_size": a["audio_embed_dim"], "num_hidden_layers": 0, "num_attention_heads": 0,
+                   "_mel": a["audio_embed_dim"]}
     w.boolean("clip.has_vision_encoder", "vision" in has)
     w.boolean("clip.has_audio_encoder", "audio" in has)
     if "vision" in has:
@@ -137,19 +159,22 @@ def write_metadata(w: GGUFWriter, config: dict, directory: Path, name: str, poli
         w.f32("clip.vision.attention.layer_norm_epsilon", LAYER_NORM_EPS)
         w.array("clip.vision.image_mean", mean, GGUFValueType.FLOAT32)
         w.array("clip.vision.image_std", std, GGUFValueType.FLOAT32)
-        w.string("clip.vision.projector_type", "gemma4v")
+        w.string("clip.vision.projector_type", "gemma4uv" if unified(config) else "gemma4v")
         if int(v.get("pooling_kernel_size", 3)) != 3:
             w.u32("clip.vision.projector.scale_factor", int(v["pooling_kernel_size"]))
     if "audio" in has:
         hidden = int(a["hidden_size"])
         w.u32("clip.audio.projection_dim", width)
         w.u32("clip.audio.embedding_length", hidden)
-        w.u32("clip.audio.feed_forward_length", 4 * hidden)
+        w.u32("clip.audio.feed_forward_length", 0 if "_mel" in a else 4 * hidden)
         w.u32("clip.audio.block_count", int(a["num_hidden_layers"]))
         w.u32("clip.audio.attention.head_count", int(a["num_attention_heads"]))
         w.f32("clip.audio.attention.layer_norm_epsilon", LAYER_NORM_EPS)
-        w.u32("clip.audio.num_mel_bins", mel_bins(directory, int((a.get("subsampling_conv_channels") or [128])[0])))
-        w.string("clip.audio.projector_type", "gemma4a")
+        if "_mel" in a:  # raw waveform frames of audio_embed_dim samples (llama.cpp's gemma4ua takes 640)
+            w.u32("clip.audio.num_mel_bins", a["_mel"])
+        else:
+            w.u32("clip.audio.num_mel_bins", mel_bins(directory, int((a.get("subsampling_conv_channels") or [128])[0])))
+        w.string("clip.audio.projector_type", "gemma4ua" if "_mel" in a else "gemma4a")
 
 
 def write_mmproj(ck: Checkpoint, config: dict, plan: Plan, out: Path, name: str, policy: TowerPolicy,
@@ -160,8 +185,9 @@ def write_mmproj(ck: Checkpoint, config: dict, plan: Plan, out: Path, name: str,
     w = GGUFWriter()
     rows: dict[str, tuple[PlanEntry, str]] = {}
     has = set()
+    uni = unified(config)
     for e in plan.kept:
-        gname, transform = mmproj_tensor(e.name)
+        gname, transform = mmproj_tensor(e.name, uni)
         has.add("audio" if gname.startswith(("a.", "mm.a.")) else "vision")
         w.add_tensor(gname, _out_shape(e.shape, transform, patch), e.type)
         rows[gname] = (e, transform)

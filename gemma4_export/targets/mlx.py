@@ -314,6 +314,40 @@ class MLXTarget(Target):
         cfg = mlx_config(job.source.config, job.source.arch, plan, quant_paths, job.source)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         copy_tokenizer_files(ck.dir, tmp)
+        if job.tower_plan is not None:
+            from .mlx_towers import add_towers
+
+            add_towers(ck.dir, tmp, types={e.name: e.type for e in job.tower_plan.kept})
+
+    towers_kind = "inside"
+
+    def tower_policy(self, choice: str | None, preset: Preset | None = None):
+        from ..quant.rules import TowerPolicy
+
+        if choice is not None:
+            raise MLXExportError("the MLX towers are written in bf16, unquantized, as mlx-vlm's own convert leaves "
+                                 "them: there is no tower type to choose")
+        return TowerPolicy("towers-bf16", "BF16", "BF16", "BF16")
+
+    def check_towers(self, config: dict) -> None:
+        if config.get("model_type") == "gemma4_unified":
+            raise MLXExportError("mlx-vlm has no model for the unified 12B's encoder-free embedders")
+        if not config.get("vision_config"):
+            raise MLXExportError("mlx-vlm's Gemma 4 model needs a vision tower, and this checkpoint has none")
+
+    def tower_runner(self, artifact: Path, towers: Path | None, device: str, src):
+        from .registry import TowersNotChecked
+
+        cfg = json.loads((artifact / "config.json").read_text(encoding="utf-8"))
+        if not (cfg.get("gemma4_export") or {}).get("towers"):
+            return None
+        try:
+            import mlx_vlm  # noqa: F401
+        except ImportError:
+            raise TowersNotChecked("mlx-vlm is not installed (see the README's set-up)") from None
+        from .mlx_towers import VLMTowerRunner
+
+        return VLMTowerRunner(artifact, src.checkpoint.dir, device)
 
     def recognises(self, path: Path) -> bool:
         return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))

@@ -203,7 +203,9 @@ def link_other_presets(directory: Path | str, staging: Path, preset: str) -> Non
     import shutil
 
     d = Path(directory)
-    mine = set(graph_files(preset).values())
+    from .onnx_towers import encoder_files
+
+    mine = set(graph_files(preset).values()) | {f"{ONNX_DIR}/{f}" for f in encoder_files(preset).values()}
     (staging / ONNX_DIR).mkdir(exist_ok=True)
     for f in sorted((d / ONNX_DIR).iterdir()):
         rel = f"{ONNX_DIR}/{f.name}"
@@ -215,13 +217,13 @@ def link_other_presets(directory: Path | str, staging: Path, preset: str) -> Non
             shutil.copy2(f, staging / rel)
 
 
-def hf_config(checkpoint_dir: Path, data_files: dict[str, int]) -> dict:
+def hf_config(checkpoint_dir: Path, data_files: dict[str, int], towers: bool = False) -> dict:
     """config.json as transformers.js reads a Gemma 4 ONNX repository: model_type gemma4 with the text model's
     config nested as text_config (model_type gemma4_text), architectures Gemma4ForConditionalGeneration (the class
     whose text sessions are embed_tokens + decoder_model_merged), and which graphs have external data in how many
     files. A text-only checkpoint (Gemma4ForCausalLM, a flat gemma4_text config) is nested; the unified model's
     config (gemma4_unified, which transformers.js does not map) is given the gemma4 type its text model runs as.
-    The graphs are the text model only, so the towers' configs are left out of a rewritten config."""
+    The towers' configs stay only where their encoders were written (`towers`)."""
     cfg = json.loads((checkpoint_dir / "config.json").read_text())
     if cfg.get("model_type") == "gemma4_text":
         text = {k: v for k, v in cfg.items() if k not in ("architectures", "transformers.js_config")}
@@ -231,6 +233,8 @@ def hf_config(checkpoint_dir: Path, data_files: dict[str, int]) -> dict:
         cfg = {k: v for k, v in cfg.items() if k not in ("vision_config", "audio_config")}
         cfg.update(architectures=["Gemma4ForConditionalGeneration"], model_type="gemma4")
         cfg["text_config"] = dict(cfg.get("text_config") or {}, model_type="gemma4_text")
+    if not towers:
+        cfg = {k: v for k, v in cfg.items() if k not in ("vision_config", "audio_config")}
     tjs = dict(cfg.get("transformers.js_config") or {})
     ext = tjs.get("use_external_data_format")
     ext = dict(ext) if isinstance(ext, dict) else {}
@@ -366,7 +370,10 @@ class ONNXTarget(Target):
                                     if src.arch.tie_word_embeddings else 0)
         quantized, data_files, models = [], {}, {}
         with job.reporter.task(f"export {plan.preset} (onnx)", total) as task:
-            for part, build in ((EMBED, build_embed), (DECODER, functools.partial(build_decoder, split=True))):
+            media = tuple(src.config[k] for k in ("image_token_id", "audio_token_id", "video_token_id")
+                          if isinstance(src.config.get(k), int))
+            embed = functools.partial(build_embed, media_ids=media)
+            for part, build in ((EMBED, embed), (DECODER, functools.partial(build_decoder, split=True))):
                 path = tmp / files[part]
                 wf = WeightFile(str(path.parent), path.name + "_data", DATA_LIMIT)
                 try:
@@ -392,6 +399,18 @@ class ONNXTarget(Target):
         job.seconds["weights"] = time.perf_counter() - t0
         check_quantized(quantized, plan)
         cfg = inference_config(src, plan)
+        towers = False
+        if job.tower_plan is not None:
+            from .onnx_towers import ENCODER_PRESET, export_encoders_timed
+
+            t1 = time.perf_counter()
+            enc = export_encoders_timed(job.checkpoint.dir, tmp / ONNX_DIR, ENCODER_PRESET[plan.preset],
+                                        file_preset=plan.preset)
+            job.seconds["encoders"] = time.perf_counter() - t1
+            cfg["encoders"] = {part: {"file": f"{ONNX_DIR}/{p.name}", "preset": ENCODER_PRESET[plan.preset]}
+                               for part, p in enc.paths.items()}
+            data_files.update({p.name: 1 for p in enc.paths.values() if Path(f"{p}_data").is_file()})
+            towers = True
         into = job.options.get("into")  # an existing directory this preset's graphs join (the others are kept)
         presets = dict(_existing_presets(into) if into else {})
         presets[plan.preset] = cfg
@@ -403,7 +422,43 @@ class ONNXTarget(Target):
         if into:  # the other presets' data files stay declared
             old = json.loads((Path(into) / "config.json").read_text()).get("transformers.js_config", {})
             data_files = {**old.get("use_external_data_format", {}), **data_files}
-        (tmp / "config.json").write_text(json.dumps(hf_config(job.checkpoint.dir, data_files), indent=2) + "\n")
+        if into:
+            towers = towers or any("encoders" in c for c in presets.values())
+        (tmp / "config.json").write_text(json.dumps(hf_config(job.checkpoint.dir, data_files, towers), indent=2)
+                                         + "\n")
+
+    towers_kind = "inside"
+
+    def tower_policy(self, choice: str | None, preset: Preset):
+        from ..quant.rules import TowerPolicy
+        from .onnx_towers import ENCODER_PRESET
+
+        if choice is not None:
+            raise ONNXExportError("the ONNX encoders' type follows the preset (fp32, fp16, or 8-bit beside 4- and "
+                                  "8-bit text): there is no tower type to choose")
+        enc = ENCODER_PRESET[preset.name]
+        # int8: onnxruntime's dynamic quantization of every MatMul with a 2-D weight (the patch embedding is one)
+        matrix = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8"}[enc]
+        return TowerPolicy(f"encoders-{enc}", matrix, "FP16" if enc == "fp16" else "FP32", matrix)
+
+    def check_towers(self, config: dict) -> None:
+        from .onnx_towers import towers_of
+
+        if not (config.get("vision_config") or config.get("audio_config")):
+            raise ONNXExportError("this checkpoint has no vision or audio tower")
+        if (config.get("architectures") or [""])[0] != "Gemma4ForConditionalGeneration":
+            raise ONNXExportError(f"{(config.get('architectures') or ['?'])[0]}'s embedders have no ONNX encoder "
+                                  "form yet (transformers.js has no model for them)")
+        del towers_of
+
+    def tower_runner(self, artifact: Path, towers: Path | None, device: str, src):
+        from ..validate.onnxrt import _directory, read_config
+        from .onnx_towers import EncoderTowerRunner
+
+        preset = read_config(artifact)["gemma4_export"]["preset"]
+        if "encoders" not in read_config(artifact):
+            return None
+        return EncoderTowerRunner(artifact, src.checkpoint.dir, preset, device)
 
     def recognises(self, path: Path) -> bool:
         return (path.is_file() and path.suffix == ".onnx") or \

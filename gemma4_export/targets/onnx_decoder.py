@@ -60,11 +60,14 @@ def cache_names(layer: int) -> tuple[str, str, str, str]:
             f"present.{layer}.value")
 
 
-def build_embed(g: Graph, a: Gemma4Arch, w: Weights) -> None:
+def build_embed(g: Graph, a: Gemma4Arch, w: Weights, media_ids: tuple[int, ...] = ()) -> None:
     """The embedding graph of the split layout: input_ids [B, S] -> inputs_embeds [B, S, H] (the lookup scaled by
     sqrt(H), as transformers' scaled word embedding returns it) and, with PLE, per_layer_inputs [B, S, L, P] (the
     per-layer table's lookup scaled by sqrt(P), before the projection of the embeddings is added: the decoder does
-    that, as transformers' get_per_layer_inputs / project_per_layer_inputs split it)."""
+    that, as transformers' get_per_layer_inputs / project_per_layer_inputs split it). The per-layer lookup reads
+    the pad token's row (a.pad_token_id) where the ids are image, audio or video placeholders (`media_ids`), as transformers'
+    Gemma4Model does: an app (transformers.js) feeds the placeholder ids and writes the encoder's features over their
+    inputs_embeds rows."""
     from onnx import TensorProto, helper
 
     h = a.hidden_size
@@ -77,8 +80,14 @@ def build_embed(g: Graph, a: Gemma4Arch, w: Weights) -> None:
     if a.has_ple:
         L, P = a.num_layers, a.ple_dim
         tname = w.name(T.PLE_TABLE)
-        tok = g.embedding("input_ids", tname, a.vocab_size_per_layer_input, L * P, w.blocks(tname),
-                          w.type_of(tname))
+        ids = "input_ids"
+        if media_ids:
+            media = None
+            for k, m in enumerate(media_ids):
+                eq = g.op("Equal", ["input_ids", g.const(m, np.int64)], f"ple.media{k}")
+                media = eq if media is None else g.op("Or", [media, eq], f"ple.media.or{k}")
+            ids = g.op("Where", [media, g.const(a.pad_token_id, np.int64), "input_ids"], "ple.ids")
+        tok = g.embedding(ids, tname, a.vocab_size_per_layer_input, L * P, w.blocks(tname), w.type_of(tname))
         tok = g.op("Mul", [tok, g.const(math.sqrt(P))], "ple.tok.scaled")
         shape = g.op("Concat", [g.op("Shape", ["input_ids"], "shape.ids"), g.ints(L, P)], "shape.ple", axis=0)
         g.nodes.append(helper.make_node("Reshape", [tok, shape], ["per_layer_inputs"], name="per_layer_inputs"))

@@ -118,14 +118,14 @@ class Target:
     towers_kind: ClassVar[str] = ""
     tower_choices: ClassVar[tuple[str, ...]] = ()  # what the user may choose for the towers' type
 
-    def tower_policy(self, choice: str | None):
-        """The quant.rules.TowerPolicy for the user's choice (None: the target's default)."""
+    def tower_policy(self, choice: str | None, preset: Preset):
+        """The quant.rules.TowerPolicy for the user's choice (None: the target's default), beside `preset`."""
         raise NotImplementedError
 
     def check_towers(self, config: dict) -> None:
         """Raise a clear error when this checkpoint's towers cannot be written by this target."""
 
-    def tower_artifact_name(self, source: str, policy) -> str:
+    def tower_artifact_name(self, source: str, tower_plan) -> str:
         raise NotImplementedError
 
     def write_towers(self, job, path: Path) -> None:

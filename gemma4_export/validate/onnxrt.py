@@ -139,9 +139,16 @@ class ONNXRunner:
         return feeds
 
     def run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: dict[str, np.ndarray],
-            keep: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One step: logits [B, S, V] (the last `keep` positions only, when keep > 0) and the cache to feed next."""
+            keep: int = 0, media: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One step: logits [B, S, V] (the last `keep` positions only, when keep > 0) and the cache to feed next.
+        `media`: (mask [B, S] of the image / audio placeholder positions, their features [n, hidden]) written over
+        those rows of the embeddings, as transformers.js merges an encoder's output (the per-layer inputs stay
+        those of the placeholder ids)."""
         embedded = self.embed.run(self._embed_outputs, {"input_ids": ids.astype(np.int64)})
+        if media is not None:
+            at, feats = media
+            embedded[0] = embedded[0].copy()
+            embedded[0][at] = feats.astype(embedded[0].dtype)
         feeds = {**dict(zip(self._embed_outputs, embedded)), "attention_mask": mask.astype(np.int64),
                  "position_ids": positions.astype(np.int64), "num_logits_to_keep": np.array(keep, np.int64),
                  **cache}
