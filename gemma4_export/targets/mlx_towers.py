@@ -400,6 +400,9 @@ class VLMTowerRunner:
         self.mx = mx
         self.dir, self.src_dir = Path(mlx_dir), Path(src_dir)
         self.model = load_vlm(self.dir)
+        from ..validate.mlxrt import widen_experts_for_cpu
+
+        widen_experts_for_cpu(self.model)
         self.cfg = json.loads((self.dir / "config.json").read_text(encoding="utf-8"))
         self.vision = self.model.vision_tower is not None
         self.audio = getattr(self.model, "audio_tower", None) is not None

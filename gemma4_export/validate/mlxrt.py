@@ -48,6 +48,21 @@ def artifact_info(path: Path):
     return ArtifactInfo(meta["preset"], {"general.name": meta.get("source"), **meta})
 
 
+def widen_experts_for_cpu(model) -> int:
+    """MLX's CPU GatherMM (unquantized MoE experts) only takes float32: on the CPU, widen those weights (exact,
+    bf16 -> f32; quantized experts, gather_qmm, run as stored). Returns how many were widened."""
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        return 0
+    n = 0
+    for _, m in model.named_modules():
+        if type(m).__name__ == "SwitchLinear" and m.weight.dtype != mx.float32:
+            m.weight = m.weight.astype(mx.float32)
+            n += 1
+    return n
+
+
 class MLXRunner:
     name = "mlx-lm"
 
@@ -68,17 +83,8 @@ class MLXRunner:
         self.mx, self.device = mx, str(mx.default_device())
         self.model, self.tokenizer = mlx_lm.load(str(path))
         self._version = mlx_lm.__version__
-        self.note = None
-        if mx.default_device() == mx.cpu:
-            # MLX's CPU GatherMM (unquantized MoE experts) only takes float32: widen those weights on the CPU.
-            # Exact (bf16 -> f32), and quantized experts (gather_qmm) run as stored.
-            n = 0
-            for _, m in self.model.named_modules():
-                if type(m).__name__ == "SwitchLinear" and m.weight.dtype != mx.float32:
-                    m.weight = m.weight.astype(mx.float32)
-                    n += 1
-            if n:
-                self.note = f"{n} unquantized expert weights widened to float32 (MLX CPU GatherMM)"
+        n = widen_experts_for_cpu(self.model)
+        self.note = f"{n} unquantized expert weights widened to float32 (MLX CPU GatherMM)" if n else None
 
     def describe(self) -> dict:
         d = {"runtime": f"mlx-lm {self._version} (mlx {self.mx.__version__})", "device": self.device}

@@ -348,7 +348,7 @@ def tower_checks(runner, src_dir: str | Path, limits: tuple[float, float], whole
             g["summary"] = (f"{new_tokens} greedy tokens after a prompt with the {kind}: "
                             + ("identical" if g["exact"] else f"first divergence at {g['first_divergence']}"
                                + (" (a near-tie)" if g["near_tie"] else ""))
-                            + ("" if g["gated"] else " (not gated: one prompt through a quantized text model; its "
+                            + ("" if g["gated"] else " (reported, not gated: below float32 the text model's "
                                "generations are gated on the text prompts)"))
             g["prompt_tokens"] = len(ids)
             checks[f"{kind}_generation"] = g
