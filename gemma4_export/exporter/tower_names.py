@@ -24,8 +24,8 @@ def tower_kind(name: str, shape: tuple[int, ...]) -> str:
         return "norm"
     if "conv" in name and "audio" in name and len(shape) > 2:
         return "conv"
-    if ("patch_embedder" in name or "patch_dense" in name) and len(shape) >= 2:
-        return "patch"
+    if "patch_embedder" in name and len(shape) >= 2:  # a convolution kernel in llama.cpp (the unified model's
+        return "patch"                                   # patch_dense is a dense layer there: a matrix)
     return "matrix"
 
 
