@@ -48,7 +48,8 @@ def test_export_loads_and_validates(variant, preset, out_dir):
     tc = cfg["text_config"]
     assert "per_layer_config" not in tc and tc["global_head_dim"] == 128
     assert tc["num_kv_shared_layers"] == (5 if variant == "tiny-e2b" else 0)
-    assert "vision_config" not in cfg and (r.path / "tokenizer.json").is_file()
+    towers = variant != "tiny-12b"  # mlx-vlm has no model for the unified 12B's embedders: text only there
+    assert ("vision_config" in cfg) == towers and (r.path / "tokenizer.json").is_file()
 
     # every quantizable module is built with exactly the plan's type
     model, _ = load(str(r.path))
@@ -71,6 +72,8 @@ def test_export_loads_and_validates(variant, preset, out_dir):
     report = json.loads((out_dir / f"{r.path.name}.validation.json").read_text())
     assert v.returncode == 0, (report["failures"], v.stderr[-2000:])
     assert report["passed"] and report["tokenizer"]["mismatches"] == []
+    # and mlx-vlm ran the towers against transformers' (validate/towers.py)
+    assert ("image_embeddings" in report["checks"]) == towers
 
 
 def test_group_size_and_bad_choices(out_dir):

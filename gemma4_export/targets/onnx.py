@@ -442,23 +442,20 @@ class ONNXTarget(Target):
         return TowerPolicy(f"encoders-{enc}", matrix, "FP16" if enc == "fp16" else "FP32", matrix)
 
     def check_towers(self, config: dict) -> None:
-        from .onnx_towers import towers_of
-
         if not (config.get("vision_config") or config.get("audio_config")):
             raise ONNXExportError("this checkpoint has no vision or audio tower")
         if (config.get("architectures") or [""])[0] != "Gemma4ForConditionalGeneration":
             raise ONNXExportError(f"{(config.get('architectures') or ['?'])[0]}'s embedders have no ONNX encoder "
                                   "form yet (transformers.js has no model for them)")
-        del towers_of
 
     def tower_runner(self, artifact: Path, towers: Path | None, device: str, src):
-        from ..validate.onnxrt import _directory, read_config
+        from ..validate.onnxrt import read_config
         from .onnx_towers import EncoderTowerRunner
 
-        preset = read_config(artifact)["gemma4_export"]["preset"]
-        if "encoders" not in read_config(artifact):
+        cfg = read_config(artifact)
+        if "encoders" not in cfg:
             return None
-        return EncoderTowerRunner(artifact, src.checkpoint.dir, preset, device)
+        return EncoderTowerRunner(artifact, src.checkpoint.dir, cfg["gemma4_export"]["preset"], device)
 
     def recognises(self, path: Path) -> bool:
         return (path.is_file() and path.suffix == ".onnx") or \
