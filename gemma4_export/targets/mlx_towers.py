@@ -417,14 +417,11 @@ class VLMTowerRunner:
             return mlx_vlm_features(self.model, *image_patches(media, self.patch), dtype="native")
         return mlx_vlm_audio_features(self.model, *audio_features(media, self.src_dir), dtype="native")
 
-    def _count(self, kind: str, media: np.ndarray) -> int:
-        return int(self.embeddings(media).shape[0])
-
     def media_prompt(self, kind: str, media: np.ndarray) -> list[int]:
         from ..validate.towers import media_prompt_ids
 
         return media_prompt_ids(lambda t: self.tok.encode(t, add_special_tokens=False), self.cfg, kind,
-                                self._count(kind, media))
+                                self.embeddings(media).shape[0])
 
     def media_greedy(self, kind: str, media: np.ndarray, n: int) -> list[int]:
         from mlx_vlm.generate.ar import generate_step

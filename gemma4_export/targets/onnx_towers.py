@@ -522,11 +522,14 @@ class EncoderTowerRunner:
         return media_prompt_ids(self.text.tokenize, self.cfg, kind, self.embeddings(media).shape[0])
 
     def media_greedy(self, kind: str, media: np.ndarray, n: int) -> list[int]:
-        ids = self.media_prompt(kind, media)
+        from ..validate.towers import media_prompt_ids
+
+        feats = self.embeddings(media)  # the encoder runs once; the prompt's placeholders are its rows
+        ids = media_prompt_ids(self.text.tokenize, self.cfg, kind, feats.shape[0])
         token = self.cfg["image_token_id" if kind == "image" else "audio_token_id"]
         at = np.array([ids]) == token
         logits, cache = self.text.run(np.array([ids]), np.ones((1, len(ids))), np.arange(len(ids))[None],
-                                      self.text.empty_cache(), keep=1, media=(at, self.embeddings(media)))
+                                      self.text.empty_cache(), keep=1, media=(at, feats))
         out, total = [], len(ids)
         while True:
             out.append(int(np.argmax(logits[0, -1])))

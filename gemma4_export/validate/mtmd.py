@@ -107,7 +107,8 @@ class MtmdRunner:
         """[tokens, text width] float32: what the projector gives the text model for one image or clip."""
         m = self._m
         chunks = self._tokenize(self.marker, [media])
-        try:
+        parts = []
+        try:  # every media chunk, in order (mtmd may cut a long clip into several)
             for kind, _, c in self._chunks(chunks):
                 if kind == "text":
                     continue
@@ -115,10 +116,12 @@ class MtmdRunner:
                 if m.mtmd_encode_chunk(self.ctx, c) != 0:
                     raise Gemma4ExportError(f"mtmd could not encode the {kind}: {llama_log.recent()}")
                 out = m.mtmd_get_output_embd(self.ctx)
-                return np.ctypeslib.as_array(out, shape=(n * self.n_embd,)).reshape(n, self.n_embd).copy()
+                parts.append(np.ctypeslib.as_array(out, shape=(n * self.n_embd,)).reshape(n, self.n_embd).copy())
         finally:
             m.mtmd_input_chunks_free(chunks)
-        raise Gemma4ExportError("mtmd made no media chunk of this input")
+        if not parts:
+            raise Gemma4ExportError("mtmd made no media chunk of this input")
+        return np.concatenate(parts)
 
     def placeholder_ids(self, text: str, media: list[np.ndarray], image_id: int, audio_id: int) -> list[int]:
         """The prompt as mtmd tokenizes it, each media position holding the model's image or audio token id."""
@@ -165,8 +168,7 @@ class MtmdRunner:
     def media_prompt(self, kind: str, media: np.ndarray) -> list[int]:
         from .towers import MEDIA_PROMPT
 
-        ids = self.placeholder_ids(MEDIA_PROMPT.format(media=self.marker), [media], self._image_id, self._audio_id)
-        return ids
+        return self.placeholder_ids(MEDIA_PROMPT.format(media=self.marker), [media], self._image_id, self._audio_id)
 
     def media_greedy(self, kind: str, media: np.ndarray, n: int) -> list[int]:
         from .towers import MEDIA_PROMPT
