@@ -346,6 +346,8 @@ def tower_plan(src: ModelSource, t: Target, p: Preset, towers: bool, choice: str
             raise
         reporter.note(f"towers not exported: {e}")
         return None
+    if note := t.tower_note(src.config):
+        reporter.note(note)
     return build_tower_plan(specs, policy, t.name, src.name)
 
 

@@ -448,6 +448,14 @@ class ONNXTarget(Target):
             raise ONNXExportError(f"{(config.get('architectures') or ['?'])[0]}'s embedders have no ONNX encoder "
                                   "form yet (transformers.js has no model for them)")
 
+    def tower_note(self, config: dict) -> str | None:
+        if config.get("vision_config") and not config.get("audio_config"):
+            # transformers.js 4.3's session list for Gemma4ForConditionalGeneration always names audio_encoder
+            return ("transformers.js (4.3) loads Gemma4ForConditionalGeneration only with an onnx/audio_encoder, "
+                    "which a model without an audio tower has not: there it runs the text (Gemma4ForCausalLM); "
+                    "the vision encoder runs in onnxruntime, as validation does")
+        return None
+
     def tower_runner(self, artifact: Path, towers: Path | None, device: str, src):
         from ..validate.onnxrt import read_config
         from .onnx_towers import EncoderTowerRunner

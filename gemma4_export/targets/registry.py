@@ -125,6 +125,10 @@ class Target:
     def check_towers(self, config: dict) -> None:
         """Raise a clear error when this checkpoint's towers cannot be written by this target."""
 
+    def tower_note(self, config: dict) -> str | None:
+        """What a user should know about where the written towers run (a consumer's limit), or None."""
+        return None
+
     def tower_artifact_name(self, source: str, tower_plan) -> str:
         raise NotImplementedError
 
