@@ -203,9 +203,11 @@ def link_other_presets(directory: Path | str, staging: Path, preset: str) -> Non
     import shutil
 
     d = Path(directory)
+    from .onnx_genai import genai_files
     from .onnx_towers import encoder_files
 
-    mine = set(graph_files(preset).values()) | {f"{ONNX_DIR}/{f}" for f in encoder_files(preset).values()}
+    mine = set(graph_files(preset).values()) | {f"{ONNX_DIR}/{f}" for f in encoder_files(preset).values()} | \
+        set(genai_files(preset).values())
     (staging / ONNX_DIR).mkdir(exist_ok=True)
     for f in sorted((d / ONNX_DIR).iterdir()):
         rel = f"{ONNX_DIR}/{f.name}"
@@ -426,6 +428,10 @@ class ONNXTarget(Target):
             towers = towers or any("encoders" in c for c in presets.values())
         (tmp / "config.json").write_text(json.dumps(hf_config(job.checkpoint.dir, data_files, towers), indent=2)
                                          + "\n")
+        if towers:  # onnxruntime-genai's multimodal gemma4 pipeline over the encoders (else gemma4_text stays)
+            from .onnx_genai import write_genai_config
+
+            write_genai_config(tmp, plan.preset, job.checkpoint.dir)
 
     towers_kind = "inside"
 
