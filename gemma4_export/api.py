@@ -130,9 +130,7 @@ def _sized_plan(src: ModelSource, the_plan: Plan, p: Preset, t: Target, override
     from .errors import QuantError
     from .quant import sensitivity
 
-    if t.name != "gguf":
-        raise QuantError(f"--target-bpw / --max-size choose GGUF types from measurement; {t.name} has no such "
-                         "choice yet")
+    spec = sensitivity.target_spec(t, p)  # the target's candidate types, bytes and quantize-dequantize
     if target_bpw is not None and max_size is not None:
         raise QuantError("--target-bpw and --max-size: give one")
     if target_bpw is not None:
@@ -140,13 +138,15 @@ def _sized_plan(src: ModelSource, the_plan: Plan, p: Preset, t: Target, override
             raise QuantError(f"--target-bpw {target_bpw}: give a value between 1.5 and 16 bits per weight")
         budget, what = int(target_bpw * the_plan.parameters / 8), f"target {target_bpw:g} bits per weight"
     else:
-        overhead = t.overhead_bytes(src, the_plan)
+        overhead = sensitivity.overhead_bytes(t, src, the_plan, p)
         budget, what = int(max_size) - overhead, f"max size {max_size / 1e6:.1f} MB"
-    sens = sensitivity.sensitivity_for(src, importance, device, reporter)
-    assigned = sensitivity.mixed_assignments(src, the_plan, sens, budget, what)
+    copies = sensitivity.stored_copies(t, src) if max_size is not None else None  # bytes on disk count twice
+    sens = sensitivity.sensitivity_for(src, importance, device, reporter, spec=spec)
+    assigned = sensitivity.mixed_assignments(src, the_plan, sens, budget, what, spec, copies)
     sized = build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type, assigned=assigned,
                        lattice=lattice, qat=qat)
-    sized.sensitivity = {"tokens": sens.tokens, "target_bpw": target_bpw, "max_size": max_size,
+    sized.sensitivity = {"tokens": sens.tokens, "target_bpw": target_bpw, "max_size": max_size, "target": t.name,
+                         "types": list(spec.candidates),
                          "kld": sens.kld, "seconds": sens.meta.get("seconds"), "cached": sens.meta.get("cached", False)}
     return sized
 
@@ -229,9 +229,9 @@ def export(
     `imatrix` (a llama.cpp GGUF imatrix file) when given, else from the streamed fp32 model on the shipped
     calibration set or on the text file `calibration` (cached per checkpoint); `calibrate=False` turns it off.
 
-    `target_bpw` (bits per weight over the text parameters) or `max_size` (bytes of the whole file) choose each
-    class of tensors' type from its measured sensitivity to fit that size (GGUF); the artifact's name says the
-    size it was made for.
+    `target_bpw` (bits per weight over the text parameters) or `max_size` (bytes of the whole artifact) choose each
+    class of tensors' type from its measured sensitivity to fit that size, among the target's types (GGUF's, MLX's
+    2- to 8-bit affine groups, ONNX's INT4 / INT8 / FP16); the artifact's name says the size it was made for.
 
     `into` (ONNX): an existing ONNX directory of the same checkpoint that this preset's graphs join, as several
     dtypes live in one onnx-community repository; its other presets are kept, and `force` replaces this preset's.

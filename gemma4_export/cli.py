@@ -126,13 +126,13 @@ def _size(text: str | None) -> int | None:
 
 TargetBpwOpt = Annotated[Optional[float], typer.Option(
     "--target-bpw", help="Choose each tensor class's type from its measured sensitivity (KLD on calibration text) "
-                         "to minimise KLD at this many bits per weight (GGUF).")]
+                         "to minimise KLD at this many bits per weight, among the target's types.")]
 QatOpt = Annotated[str, typer.Option(
     "--qat", help="A quantization-aware-trained checkpoint's 4-bit lattice: auto writes every tensor found on it "
                   "(nearly all its groups of 32) with the trained steps, in --quant qat and the 4-bit presets; on "
                   "writes every tensor with any group on it; off never.")]
 MaxSizeOpt = Annotated[Optional[str], typer.Option(
-    "--max-size", help="As --target-bpw, for a whole-file size such as 2.5GB (GGUF).")]
+    "--max-size", help="As --target-bpw, for the artifact's whole size such as 2.5GB.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
 
 
@@ -303,16 +303,19 @@ def mlx(
     calibration_chunks: ChunksOpt = None,
     qat: QatOpt = "auto",
     text_only: TextOnlyOpt = False,
+    target_bpw: TargetBpwOpt = None,
+    max_size: MaxSizeOpt = None,
 ) -> None:
     """Export an MLX directory for mlx-lm (<variant>-mlx-<quant>/), then validate it against the fp32 model.
 
     Examples:
       gemma4-export mlx --variant tiny-e2b --quant 4bit --out out/
       gemma4-export mlx --variant e4b-it --quant mixed --group-size 32 --device gpu
+      gemma4-export mlx --variant tiny-31b --quant 4bit --target-bpw 5.0
     """
     _export("mlx", variant, model_dir, quant, out, validate, device, adapter, calibrate, calibration, imatrix,
             calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, group_size=group_size, qat=qat,
-            towers=not text_only)
+            towers=not text_only, target_bpw=target_bpw, max_size=_size(max_size))
 
 
 @app.command()
@@ -337,6 +340,8 @@ def onnx(
                        "<variant>-onnx-<quant>/ under --out.")] = None,
     qat: QatOpt = "auto",
     text_only: TextOnlyOpt = False,
+    target_bpw: TargetBpwOpt = None,
+    max_size: MaxSizeOpt = None,
 ) -> None:
     """Export the ONNX graphs transformers.js and onnxruntime-genai load (<variant>-onnx-<quant>/), then validate.
 
@@ -344,10 +349,11 @@ def onnx(
       gemma4-export onnx --variant tiny-e2b --quant int4 --out out/
       gemma4-export onnx --variant tiny-e2b --quant q4f16 --into out/tiny-e2b-onnx-int4
       gemma4-export onnx --variant e2b-it --quant int4 --ple-type INT8 --device cuda
+      gemma4-export onnx --variant tiny-31b --quant int4 --max-size 3MB
     """
     _export("onnx", variant, model_dir, quant, out, validate, device, adapter, calibrate, calibration, imatrix,
             calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, into=into, qat=qat,
-            towers=not text_only)
+            towers=not text_only, target_bpw=target_bpw, max_size=_size(max_size))
 
 
 def _finish(r, validate: bool, variant, model_dir, device: str, adapter=None) -> None:

@@ -58,12 +58,16 @@ ONNX_TYPES: dict[str, StorageType] = {
         StorageType("INT4", 32, 16 + 4, False),
     )
 }
-# MLX affine quantization: `bits` per weight plus a bf16 scale and bias per group.
+# MLX affine quantization: `bits` per weight plus a bf16 scale and bias per group. Every width mx.quantize's affine
+# mode packs (codes as a little-endian bit stream in uint32 words; 3, 5 and 6 bits straddle words) and mlx-lm's
+# loader builds from config.json's per-module bits.
+MLX_BITS = (2, 3, 4, 5, 6, 8)
+MLX_GROUPS = (32, 64, 128)
 MLX_TYPES: dict[str, StorageType] = {
     "F32": StorageType("F32", 1, 4, True),
     "BF16": StorageType("BF16", 1, 2, True),
     "F16": StorageType("F16", 1, 2, True),
-    **{f"Q{b}G{g}": StorageType(f"Q{b}G{g}", g, g * b // 8 + 4, False) for b in (4, 6, 8) for g in (32, 64, 128)},
+    **{f"Q{b}G{g}": StorageType(f"Q{b}G{g}", g, g * b // 8 + 4, False) for b in MLX_BITS for g in MLX_GROUPS},
 }
 DROP = "DROP"
 

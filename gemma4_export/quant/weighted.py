@@ -86,7 +86,7 @@ def weighted_error(w: np.ndarray, deq: np.ndarray, imp=None) -> float:
 
 def pack_mlx(q: np.ndarray, bits: int) -> np.ndarray:
     """Codes q [rows, cols] (0..2^bits-1) packed as mlx packs them: a little-endian bit stream (code i at bits
-    i*bits.., low bits first; 6-bit codes straddle words) read as uint32 words: [rows, cols*bits/32]."""
+    i*bits.., low bits first; 3-, 5- and 6-bit codes straddle words) read as uint32 words: [rows, cols*bits/32]."""
     q = np.asarray(q)
     rows, cols = q.shape
     if cols * bits % 32:
@@ -163,9 +163,12 @@ def mlx_affine(w: np.ndarray, imp=None, bits: int = 4, group: int = 64):
     [rows, cols*bits/32] (pack_mlx), scales and biases uint16 [rows, cols/group] holding bfloat16 bit patterns;
     dequantized, w = scale * q + bias with q in 0..2^bits-1. Every candidate is scored after its scale and bias are
     rounded to bf16 and q recomputed with them, so the error minimised is the stored triple's. imp=None: uniform.
-    bits 4, 6 or 8; group 32, 64 or 128."""
-    if bits not in (4, 6, 8) or group not in (32, 64, 128):
-        raise ValueError(f"mlx_affine supports bits 4/6/8 and groups 32/64/128, not bits={bits} group={group}")
+    bits as types.MLX_BITS (2, 3, 4, 5, 6 or 8); group 32, 64 or 128."""
+    from .types import MLX_BITS, MLX_GROUPS
+
+    if bits not in MLX_BITS or group not in MLX_GROUPS:
+        raise ValueError(f"mlx_affine supports bits {'/'.join(map(str, MLX_BITS))} and groups "
+                         f"{'/'.join(map(str, MLX_GROUPS))}, not bits={bits} group={group}")
     w, imp = _check(w, imp, group)
     rows, cols = w.shape
     G = cols // group
