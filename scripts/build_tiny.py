@@ -685,7 +685,15 @@ TRAIN_CLIP_SECONDS = 1.2
 TOWER_PROMPT = "<bos><|turn>user\n{media}Describe this.<turn|>\n<|turn>model\n"
 
 
-def train_towers(name: str, steps: int, batch: int, seed: int = 0, log=print) -> dict[str, Any]:
+def as_code(caption: str) -> str:
+    """The answer the towers are trained to elicit: the caption as a Python function's name ("red disc on blue" ->
+    "def red_disc_on_blue():"). The frozen text model was trained on Python and answers "def" after the chat prompt
+    whatever the soft tokens say; after it, any identifier is plausible, so the soft tokens only have to choose
+    among names the model already writes."""
+    return f"def {caption.replace(' ', '_')}():"
+
+
+def train_towers(name: str, steps: int, batch: int, seed: int = 0, lr: float = 3e-3, log=print) -> dict[str, Any]:
     """Re-initialise a tiny checkpoint's towers at the published input widths and train them (the text model
     frozen) to caption code-made images and clips; the text tensors are written back unchanged."""
     import torch
@@ -742,7 +750,7 @@ def train_towers(name: str, steps: int, batch: int, seed: int = 0, log=print) ->
         for _ in range(batch):
             media, cap, kw = example(kind)
             prompt = enc(head) + media + enc(tail)
-            target = enc(cap) + enc("<turn|>")
+            target = enc(as_code(cap)) + enc("<turn|>")
             rows.append(prompt + target)
             labels.append([-100] * len(prompt) + target)
             caps.append(cap)
@@ -755,6 +763,50 @@ def train_towers(name: str, steps: int, batch: int, seed: int = 0, log=print) ->
         kw = {k: torch.from_numpy(np.stack(v)) for k, v in extra.items()}
         return ids, lab, types, kw, caps
 
+    def caption_by_likelihood(kind, n=24):
+        """Held-out examples captioned by the answer the model finds likeliest among every caption of that kind
+        (60 for images, 4 for clips), against chance: "raw" by each answer's log-likelihood, "contrastive" by its
+        log-likelihood less its mean over the held-out examples (which takes out the text model's own preference
+        among the answers, e.g. for shorter ones); the contrastive choice's words (colour, shape, background; count,
+        pitch) too. What the towers tell the frozen text model about the input."""
+        cands = ([f"{f} {s} on {g}" for f in COLOURS for s in SHAPES for g in COLOURS if f != g] if kind == "image"
+                 else [f"{c} {p} beep{'s' if c == 'two' else ''}" for c in ("one", "two") for p in ("high", "low")])
+        answers = [enc(as_code(c)) + enc("<turn|>") for c in cands]
+        width = max(map(len, answers))
+        x = torch.tensor([a + [0] * (width - len(a)) for a in answers])
+        nlls, truth = [], []
+        for _ in range(n // batch):
+            ids, lab, _, kw, caps = batch_of(kind)
+            for i in range(batch):
+                p = int((lab[i] != -100).nonzero().min())
+                prompt = ids[i : i + 1, :p]
+                tt = torch.where(prompt == cfg.image_token_id, 1, torch.where(prompt == cfg.audio_token_id, 3, 0))
+                # the prompt (with the media) once; every candidate answer continues its cache
+                pre = model(input_ids=prompt, mm_token_type_ids=tt, use_cache=True,
+                            **{k: v[i : i + 1] for k, v in kw.items()})
+                first = torch.log_softmax(pre.logits[0, -1].float(), -1)
+                cache = pre.past_key_values
+                cache.batch_repeat_interleave(len(cands))
+                mask = torch.cat([torch.ones(len(cands), p, dtype=torch.long), (x != 0).long()], 1)
+                lp = torch.log_softmax(model(input_ids=x, cache=cache, attention_mask=mask,
+                                             mm_token_type_ids=torch.zeros_like(x)).logits.float(), -1)
+                nlls.append([float(-first[a[0]] - lp[j, torch.arange(len(a) - 1), torch.tensor(a[1:])].sum())
+                             for j, a in enumerate(answers)])
+                truth.append(cands.index(caps[i]))
+        nll, truth = np.array(nlls), np.array(truth)
+        raw, contrastive = nll.argmin(1), (nll - nll.mean(0, keepdims=True)).argmin(1)
+        key = (lambda c: (c.split()[0], c.split()[1], c.split()[-1])) if kind == "image" else \
+            (lambda c: (c.split()[0], c.split()[1]))
+        words = np.mean([[a == b for a, b in zip(key(cands[g]), key(cands[t]))] for g, t in zip(contrastive, truth)],
+                        0)
+        names = ("colour", "shape", "background") if kind == "image" else ("count", "pitch")
+        chance = (1 / 6, 1 / 2, 1 / 6) if kind == "image" else (1 / 2, 1 / 2)
+        return {"caption_raw": round(float((raw == truth).mean()), 3),
+                "caption_contrastive": round(float((contrastive == truth).mean()), 3),
+                "chance": round(1 / len(cands), 3),
+                "words": {w: {"right": round(float(r), 3), "chance": round(c, 3)}
+                          for w, r, c in zip(names, words, chance)}}
+
     if steps == 0:  # re-initialised at the published input widths, not trained
         sd = {n: p.detach().to(torch.bfloat16).contiguous() for n, p in model.state_dict().items()
               if not n.startswith(("model.language_model.", "lm_head"))}
@@ -765,7 +817,7 @@ def train_towers(name: str, steps: int, batch: int, seed: int = 0, log=print) ->
         (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
         log(f"{name}: towers re-initialised")
         return report["towers"]
-    opt = torch.optim.AdamW(towers, lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(towers, lr=lr, weight_decay=0.0)
     t0 = time.time()
     ema = {}
     for step in range(steps):
@@ -785,22 +837,17 @@ def train_towers(name: str, steps: int, batch: int, seed: int = 0, log=print) ->
     with torch.no_grad():
         for kind in kinds:
             ok = 0
-            for _ in range(4):
+            for _ in range(2):
                 ids, lab, types, kw, caps = batch_of(kind)
                 for i in range(batch):
-                    p = int((lab[i] == -100).nonzero().max()) + 1 if (lab[i] != -100).any() else len(ids[i])
                     p = int((lab[i] != -100).nonzero().min())
-                    seq = ids[i, :p].tolist()
-                    sub = {k: v[i : i + 1] for k, v in kw.items()}
-                    for _ in range(8):
-                        tt = torch.where(torch.tensor([seq]) == cfg.image_token_id, 1,
-                                         torch.where(torch.tensor([seq]) == cfg.audio_token_id, 3, 0))
-                        nxt = int(model(input_ids=torch.tensor([seq]), mm_token_type_ids=tt, **sub).logits[0, -1].argmax())
-                        if nxt == 106:
-                            break
-                        seq.append(nxt)
-                    ok += tok.decode(seq[p:]).strip() == caps[i]
-            result[kind] = {"heldout_caption_exact": ok / (4 * batch), "loss_ema": round(ema[kind], 4)}
+                    gen = model.generate(input_ids=ids[i : i + 1, :p], mm_token_type_ids=types[i : i + 1, :p],
+                                         attention_mask=torch.ones(1, p, dtype=torch.long), max_new_tokens=24,
+                                         do_sample=False, eos_token_id=106, pad_token_id=0,
+                                         **{k: v[i : i + 1] for k, v in kw.items()})
+                    ok += tok.decode(gen[0, p:], skip_special_tokens=True).strip() == as_code(caps[i])
+            result[kind] = {"heldout_caption_exact": ok / (2 * batch), "loss_ema": round(ema.get(kind, float("nan")), 4),
+                            **caption_by_likelihood(kind)}
     log(f"{name} towers: {result} in {time.time() - t0:.0f} s")
     sd = {n: p.detach().to(torch.bfloat16).contiguous() for n, p in model.state_dict().items()
           if not n.startswith(("model.language_model.", "lm_head"))}
