@@ -693,7 +693,7 @@ def as_code(caption: str) -> str:
     return f"def {caption.replace(' ', '_')}():"
 
 
-def train_towers(name: str, steps: int, batch: int, seed: int = 0, lr: float = 3e-3, log=print) -> dict[str, Any]:
+def train_towers(name: str, steps: int, batch: int, seed: int = 0, lr: float = 1e-2, log=print) -> dict[str, Any]:
     """Re-initialise a tiny checkpoint's towers at the published input widths and train them (the text model
     frozen) to caption code-made images and clips; the text tensors are written back unchanged."""
     import torch
