@@ -236,3 +236,22 @@ def test_vision_only_model(tmp_path):
         input_ids=np.array([ids], np.int32), pixel_values=pv, pixel_position_ids=pos,
         num_image_tokens=np.array([n], np.int64)))
     assert got == want
+
+
+def test_float16_directory(tmp_path):
+    """q4f16 (float16 graphs; the encoders write float32 features in every preset, which the embedding wrapper
+    takes as they come): genai's gemma4 pipeline generates our runners' tokens from a text and an image prompt."""
+    path = api.export("onnx", "tiny-e2b", "q4f16", out=tmp_path, force=True).path
+    model = og.Model(str(path))
+    runner = ONNXRunner(path)
+    ids = list(range(300, 340))
+    assert _generate(model, 16, ids=ids) == runner.greedy(ids, 16)
+    cfg = json.loads((path / "config.json").read_text())
+    towers = EncoderTowerRunner(path, _checkpoint("tiny-e2b"), "q4f16")
+    img = vt.test_image(*image_size_for(cfg["vision_config"]))
+    pv, pos = image_patches(img, towers.patch)
+    n = towers.embeddings(img).shape[0]
+    prompt = media_prompt_ids(towers.text.tokenize, cfg, "image", n)
+    got = _generate(model, N, inputs=_tensors(input_ids=np.array([prompt], np.int32), pixel_values=pv,
+                                              pixel_position_ids=pos, num_image_tokens=np.array([n], np.int64)))
+    assert got == towers.media_greedy("image", img, N)

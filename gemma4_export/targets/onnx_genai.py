@@ -103,7 +103,10 @@ def embedding_graph(embed, image_token_id: int | None, audio_token_id: int | Non
         if token is None:
             continue
         feats = f"{kind}_features"
-        inputs.append(helper.make_tensor_value_info(feats, ft, [f"num_{kind}_tokens", hidden]))
+        # float32, as our encoders write their features in every preset (and genai hands them on as they are)
+        inputs.append(helper.make_tensor_value_info(feats, TensorProto.FLOAT, [f"num_{kind}_tokens", hidden]))
+        if ft != TensorProto.FLOAT:
+            feats = op("Cast", [feats], f"genai/{kind}_features_cast", to=ft)
         # row k of the features goes to the k-th placeholder (1-based through a leading zero row, so that no
         # index is out of range when there are no features, as in every step after the prompt)
         at = op("Equal", [flat_ids, const(f"genai/{kind}_token", [token])], f"genai/{kind}_at")
