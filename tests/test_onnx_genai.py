@@ -129,15 +129,19 @@ def towers(art):
     return EncoderTowerRunner(art["path"], _checkpoint("tiny-e2b"), "fp32")
 
 
-def test_image_tensors_same_tokens(art, towers):
-    img = vt.test_image(*image_size_for(art["cfg"]["vision_config"]))
+def _image_prompt(model, towers, cfg) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, genai's tokens, our tower runner's tokens) for the code-made image fed to genai as tensors."""
+    img = vt.test_image(*image_size_for(cfg["vision_config"]))
     pv, pos = image_patches(img, towers.patch)
-    feats = towers.embeddings(img)
-    ids = media_prompt_ids(towers.text.tokenize, art["cfg"], "image", feats.shape[0])
-    want = towers.media_greedy("image", img, N)
-    got = _generate(art["model"], N, inputs=_tensors(
-        input_ids=np.array([ids], np.int32), pixel_values=pv, pixel_position_ids=pos,
-        num_image_tokens=np.array([feats.shape[0]], np.int64)))
+    n = towers.embeddings(img).shape[0]
+    ids = media_prompt_ids(towers.text.tokenize, cfg, "image", n)
+    got = _generate(model, N, inputs=_tensors(input_ids=np.array([ids], np.int32), pixel_values=pv,
+                                              pixel_position_ids=pos, num_image_tokens=np.array([n], np.int64)))
+    return ids, got, towers.media_greedy("image", img, N)
+
+
+def test_image_tensors_same_tokens(art, towers):
+    ids, got, want = _image_prompt(art["model"], towers, art["cfg"])
     assert got == want
     assert _generate(art["model"], N, ids=ids) != want  # the features reach the decoder
 
@@ -226,15 +230,7 @@ def test_vision_only_model(tmp_path):
     assert "audio_features" not in m["embedding"]["inputs"]
     assert (path / IMAGE_PROCESSOR).is_file() and not (path / AUDIO_PROCESSOR).exists()
     cfg = json.loads((path / "config.json").read_text())
-    towers = EncoderTowerRunner(path, _checkpoint("tiny-31b"), "fp32")
-    img = vt.test_image(*image_size_for(cfg["vision_config"]))
-    pv, pos = image_patches(img, towers.patch)
-    n = towers.embeddings(img).shape[0]
-    ids = media_prompt_ids(towers.text.tokenize, cfg, "image", n)
-    want = towers.media_greedy("image", img, N)
-    got = _generate(og.Model(str(path)), N, inputs=_tensors(
-        input_ids=np.array([ids], np.int32), pixel_values=pv, pixel_position_ids=pos,
-        num_image_tokens=np.array([n], np.int64)))
+    _, got, want = _image_prompt(og.Model(str(path)), EncoderTowerRunner(path, _checkpoint("tiny-31b"), "fp32"), cfg)
     assert got == want
 
 
@@ -247,11 +243,5 @@ def test_float16_directory(tmp_path):
     ids = list(range(300, 340))
     assert _generate(model, 16, ids=ids) == runner.greedy(ids, 16)
     cfg = json.loads((path / "config.json").read_text())
-    towers = EncoderTowerRunner(path, _checkpoint("tiny-e2b"), "q4f16")
-    img = vt.test_image(*image_size_for(cfg["vision_config"]))
-    pv, pos = image_patches(img, towers.patch)
-    n = towers.embeddings(img).shape[0]
-    prompt = media_prompt_ids(towers.text.tokenize, cfg, "image", n)
-    got = _generate(model, N, inputs=_tensors(input_ids=np.array([prompt], np.int32), pixel_values=pv,
-                                              pixel_position_ids=pos, num_image_tokens=np.array([n], np.int64)))
-    assert got == towers.media_greedy("image", img, N)
+    _, got, want = _image_prompt(model, EncoderTowerRunner(path, _checkpoint("tiny-e2b"), "q4f16"), cfg)
+    assert got == want
