@@ -33,3 +33,23 @@ def update_golden(request):
 @pytest.fixture(params=TINY)
 def tiny(request):
     return request.param
+
+
+def genai_greedy(model, n: int, ids=None, inputs=None) -> list[int]:
+    """onnxruntime-genai's greedy tokens from an og.Model: after token `ids`, or after `inputs` (its processor's
+    NamedTensors, or tensors set by hand), `n` new tokens (fewer at an end-of-sequence token)."""
+    import onnxruntime_genai as og
+
+    length = len(ids) if ids is not None else inputs["input_ids"].as_numpy().shape[1]
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=length + n, do_sample=False)
+    gen = og.Generator(model, params)
+    if inputs is not None:
+        gen.set_inputs(inputs)
+    else:
+        gen.append_tokens(ids)
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out

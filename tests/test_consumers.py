@@ -23,6 +23,7 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
+from conftest import genai_greedy  # noqa: E402
 from gemma4_export import api  # noqa: E402
 from gemma4_export.exporter.variants import TINY  # noqa: E402
 from gemma4_export.validate.onnxrt import ONNXRunner  # noqa: E402
@@ -55,16 +56,7 @@ def transformers_js(path: Path, dtype: str, ids: list[int], n: int) -> list[int]
 def genai(path: Path, ids: list[int], n: int) -> list[int]:
     import onnxruntime_genai as og
 
-    model = og.Model(str(path))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + n, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(ids)
-    out = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-    return out
+    return genai_greedy(og.Model(str(path)), n, ids=ids)
 
 
 def _until_eos(tokens: list[int], eos) -> list[int]:
@@ -205,18 +197,12 @@ def test_transformers_js_with_a_vision_only_model(workdir):
     (Gemma4ForCausalLM) from the directory with the vision encoder in it and generates our onnxruntime runner's
     tokens, but its Gemma4ForConditionalGeneration asks for an onnx/audio_encoder the model cannot have. The export
     says so in a note. (When transformers.js stops asking, this test fails: then run the image prompt through it.)"""
-    from contextlib import contextmanager
-
-    from gemma4_export.progress import _NullTask
+    from gemma4_export.progress import Silent
     from gemma4_export.validate.towers import image_patches, image_size_for, test_image
 
-    class Notes:
+    class Notes(Silent):
         def __init__(self):
             self.notes = []
-
-        @contextmanager
-        def task(self, *a, **k):
-            yield _NullTask()
 
         def note(self, text):
             self.notes.append(text)

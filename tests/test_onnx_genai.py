@@ -20,6 +20,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 og = pytest.importorskip("onnxruntime_genai")
 
+from conftest import genai_greedy  # noqa: E402
 from gemma4_export import api  # noqa: E402
 from gemma4_export.targets.onnx_genai import (  # noqa: E402
     AUDIO_PROCESSOR,
@@ -46,22 +47,6 @@ def _checkpoint(variant: str):
     return Path(gemma4_export.__file__).parent / "tiny" / "checkpoints" / variant
 
 
-def _generate(model, n: int, ids=None, inputs=None) -> list[int]:
-    length = len(ids) if ids is not None else inputs["input_ids"].as_numpy().shape[1]
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=length + n, do_sample=False)
-    gen = og.Generator(model, params)
-    if inputs is not None:
-        gen.set_inputs(inputs)
-    else:
-        gen.append_tokens(ids)
-    out = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-    return out
-
-
 def _tensors(**arrays):
     t = og.NamedTensors()
     for k, v in arrays.items():
@@ -84,7 +69,7 @@ def art(tmp_path_factory):
     ids = runner.tokenize("<bos>The quick brown fox jumps over the lazy dog. " * 8)[:90]
     inference = json.loads((path / CONFIG_FILE).read_text())["presets"]["fp32"]
     (path / "genai_config.json").write_text(json.dumps(genai_config(inference, "fp32")))
-    text_tokens = _generate(og.Model(str(path)), 40, ids=ids)
+    text_tokens = genai_greedy(og.Model(str(path)), 40, ids=ids)
     (path / "genai_config.json").write_text(exported)
     return {"path": path, "ids": ids, "text_tokens": text_tokens, "runner": runner,
             "model": og.Model(str(path)), "cfg": json.loads((path / "config.json").read_text())}
@@ -119,7 +104,7 @@ def test_config_and_wrapper_graphs(art):
 
 def test_text_prompt_same_tokens(art):
     """gemma4 (embedding -> decoder sessions) = gemma4_text (the single graph) = our runner, past the sliding window."""
-    got = _generate(art["model"], 40, ids=art["ids"])
+    got = genai_greedy(art["model"], 40, ids=art["ids"])
     assert got == art["text_tokens"]
     assert got == art["runner"].greedy(art["ids"], 40)
 
@@ -135,7 +120,7 @@ def _image_prompt(model, towers, cfg) -> tuple[list[int], list[int], list[int]]:
     pv, pos = image_patches(img, towers.patch)
     n = towers.embeddings(img).shape[0]
     ids = media_prompt_ids(towers.text.tokenize, cfg, "image", n)
-    got = _generate(model, N, inputs=_tensors(input_ids=np.array([ids], np.int32), pixel_values=pv,
+    got = genai_greedy(model, N, inputs=_tensors(input_ids=np.array([ids], np.int32), pixel_values=pv,
                                               pixel_position_ids=pos, num_image_tokens=np.array([n], np.int64)))
     return ids, got, towers.media_greedy("image", img, N)
 
@@ -143,7 +128,7 @@ def _image_prompt(model, towers, cfg) -> tuple[list[int], list[int], list[int]]:
 def test_image_tensors_same_tokens(art, towers):
     ids, got, want = _image_prompt(art["model"], towers, art["cfg"])
     assert got == want
-    assert _generate(art["model"], N, ids=ids) != want  # the features reach the decoder
+    assert genai_greedy(art["model"], N, ids=ids) != want  # the features reach the decoder
 
 
 def test_audio_tensors_same_tokens(art, towers):
@@ -152,11 +137,11 @@ def test_audio_tensors_same_tokens(art, towers):
     feats = towers.embeddings(wav)
     ids = media_prompt_ids(towers.text.tokenize, art["cfg"], "audio", feats.shape[0])
     want = towers.media_greedy("audio", wav, N)
-    got = _generate(art["model"], N, inputs=_tensors(
+    got = genai_greedy(art["model"], N, inputs=_tensors(
         input_ids=np.array([ids], np.int32), input_features=f, input_features_mask=mask,
         audio_sizes=np.array([feats.shape[0]], np.int64)))
     assert got == want
-    assert _generate(art["model"], N, ids=ids) != want
+    assert genai_greedy(art["model"], N, ids=ids) != want
 
 
 def _ours(towers, ids, feats, token: int, n: int) -> list[int]:
@@ -189,7 +174,7 @@ def test_processor_image(art, towers, processor, tmp_path):
     ids = t["input_ids"].as_numpy()[0].tolist()
     feats = towers.enc.image_features(t["pixel_values"].as_numpy(), t["pixel_position_ids"].as_numpy())
     assert ids.count(art["cfg"]["image_token_id"]) == feats.shape[0] == int(t["num_image_tokens"].as_numpy().sum())
-    assert _generate(art["model"], N, inputs=t) == _ours(towers, ids, feats, art["cfg"]["image_token_id"], N)
+    assert genai_greedy(art["model"], N, inputs=t) == _ours(towers, ids, feats, art["cfg"]["image_token_id"], N)
 
 
 def test_processor_audio(art, towers, processor, tmp_path):
@@ -208,7 +193,7 @@ def test_processor_audio(art, towers, processor, tmp_path):
     ids = t["input_ids"].as_numpy()[0].tolist()
     feats = towers.enc.audio_features(mel, t["audio_attention_mask"].as_numpy())
     assert ids.count(art["cfg"]["audio_token_id"]) == feats.shape[0] == int(t["audio_sizes"].as_numpy().sum())
-    assert _generate(art["model"], N, inputs=t) == _ours(towers, ids, feats, art["cfg"]["audio_token_id"], N)
+    assert genai_greedy(art["model"], N, inputs=t) == _ours(towers, ids, feats, art["cfg"]["audio_token_id"], N)
 
 
 def test_text_only_directory_keeps_gemma4_text(tmp_path):
@@ -241,7 +226,7 @@ def test_float16_directory(tmp_path):
     model = og.Model(str(path))
     runner = ONNXRunner(path)
     ids = list(range(300, 340))
-    assert _generate(model, 16, ids=ids) == runner.greedy(ids, 16)
+    assert genai_greedy(model, 16, ids=ids) == runner.greedy(ids, 16)
     cfg = json.loads((path / "config.json").read_text())
     _, got, want = _image_prompt(model, EncoderTowerRunner(path, _checkpoint("tiny-e2b"), "q4f16"), cfg)
     assert got == want

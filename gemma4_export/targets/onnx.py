@@ -322,10 +322,17 @@ def single_graph(embed, decoder, name: str):
     inputs = list(embed.graph.input) + [i for i in decoder.graph.input if i.name not in links]
     graph = helper.make_graph(nodes + list(decoder.graph.node), name, inputs, list(decoder.graph.output),
                               initializer=inits + list(decoder.graph.initializer))
-    model = helper.make_model(graph, opset_imports=list(decoder.opset_import), producer_name=decoder.producer_name,
-                              producer_version=decoder.producer_version)
-    model.ir_version = decoder.ir_version
-    model.metadata_props.extend(decoder.metadata_props)
+    return model_like(graph, decoder)
+
+
+def model_like(graph, like):
+    """A model of `graph` with `like`'s opsets, producer, IR version and metadata (a graph made over another's)."""
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=list(like.opset_import), producer_name=like.producer_name,
+                              producer_version=like.producer_version)
+    model.ir_version = like.ir_version
+    model.metadata_props.extend(like.metadata_props)
     return model
 
 

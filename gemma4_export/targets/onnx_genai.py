@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .onnx import CONFIG_FILE, DECODER, EMBED, ONNX_DIR, genai_config, graph_files, suffix
+from .onnx import CONFIG_FILE, DECODER, EMBED, ONNX_DIR, genai_config, graph_files, model_like, suffix
 
 GENAI_EMBED, GENAI_DECODER = "genai_embedding", "genai_decoder"
 IMAGE_PROCESSOR, AUDIO_PROCESSOR = "image_processor.json", "audio_feature_extraction.json"
@@ -58,16 +58,6 @@ def _rename_all(graph, rename) -> None:
 
 def _dims(value_info) -> list:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
-
-
-def _model(graph, like):
-    from onnx import helper
-
-    model = helper.make_model(graph, opset_imports=list(like.opset_import), producer_name=like.producer_name,
-                              producer_version=like.producer_version)
-    model.ir_version = like.ir_version
-    model.metadata_props.extend(like.metadata_props)
-    return model
 
 
 def embedding_graph(embed, image_token_id: int | None, audio_token_id: int | None, name: str):
@@ -128,7 +118,7 @@ def embedding_graph(embed, image_token_id: int | None, audio_token_id: int | Non
         op("Reshape", ["text/per_layer_inputs", const("genai/ple_flat", [0, 0, layers * p])], "per_layer_inputs")
         outputs.append(helper.make_tensor_value_info("per_layer_inputs", ft, [b, s, layers * p]))
     graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits)
-    return _model(graph, embed)
+    return model_like(graph, embed)
 
 
 def decoder_graph(decoder, name: str):
@@ -145,7 +135,7 @@ def decoder_graph(decoder, name: str):
         g.input.remove(ins.pop("num_logits_to_keep"))
         g.initializer.append(helper.make_tensor("num_logits_to_keep", 7, [], [0]))
     if "per_layer_inputs" not in ins:
-        return _model(g, decoder)
+        return model_like(g, decoder)
     b, s, layers, p = _dims(ins["per_layer_inputs"])
     inner = "genai/per_layer_inputs"
     _rename_all(g, lambda x: inner if x == "per_layer_inputs" else x)
@@ -155,7 +145,7 @@ def decoder_graph(decoder, name: str):
     flat = helper.make_tensor_value_info("per_layer_inputs", ins["per_layer_inputs"].type.tensor_type.elem_type,
                                          [b, s, layers * p])
     g.input[[i.name for i in g.input].index("per_layer_inputs")].CopyFrom(flat)
-    return _model(g, decoder)
+    return model_like(g, decoder)
 
 
 def processor_configs(hf_cfg: dict, processor: dict, vision: bool, audio: bool) -> dict[str, dict]:
