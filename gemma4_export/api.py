@@ -399,13 +399,14 @@ def _importance(src: ModelSource, the_plan: Plan, t: Target, calibrate: bool | N
         cal.check_matches(imp, src)
         return imp
     return cal.importance_for(src, calibration, chunks=chunks, device=device,
-                              reporter=reporter)
+                              reporter=reporter, hessians=t.uses_hessians)
 
 
 def describe_importance(imp) -> dict[str, Any]:
     """What the plan file records about the calibration."""
     return {"datasets": imp.datasets, "chunks": imp.chunk_count, "chunk_size": imp.chunk_size,
-            "entries": imp.entries, "imatrix": imp.path.name if imp.path else None, **imp.meta}
+            "entries": imp.entries, "imatrix": imp.path.name if imp.path else None,
+            **({"gptq": {"hessian_block": imp.hessian_block}} if imp.hessians else {}), **imp.meta}
 
 
 def artifact_bytes(artifact: Path) -> int:

@@ -200,7 +200,7 @@ def test_target_bpw_and_max_size_for_mlx(tmp_path):
     cfg = json.loads((r.path / "config.json").read_text())["quantization"]
     # every quantized tensor as written is what the measurement quantized: the calibrated search, dequantized
     src = api.open_source("tiny-31b", need_weights=True)
-    qd = S._MLXQD(cal.importance_for(src), src.checkpoint.text_prefix)
+    qd = S._MLXQD(cal.importance_for(src, hessians=True), src.checkpoint.text_prefix)
     tensors = mx.load(str(f))
     seen = set()
     for e in r.plan.kept:
@@ -243,7 +243,7 @@ def test_target_bpw_for_onnx(tmp_path):
     r = api.export("onnx", "tiny-31b", "int4", tmp_path, target_bpw=6.0)
     assert r.path.name == "tiny-31b-onnx-int4-6bpw" and r.plan.bits_per_weight <= 6.0
     src = api.open_source("tiny-31b", need_weights=True)
-    qd = S._ONNXQD(cal.importance_for(src), src.checkpoint.text_prefix)
+    qd = S._ONNXQD(cal.importance_for(src, hessians=True), src.checkpoint.text_prefix)
     model = onnx.load(str(r.path / graph_files("int4")[DECODER]))
     inits = {i.name: i for i in model.graph.initializer}
     seen = set()

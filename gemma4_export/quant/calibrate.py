@@ -51,6 +51,11 @@ DATASET_NAME = "gemma4-export calibration set (code, prose in 12 languages, chat
 # Types made only with calibration: at about 2.6 bits per weight plain rounding loses too much (llama.cpp warns the
 # same way for Q2_K without an imatrix, and refuses the IQ1/IQ2 types).
 NEEDS_CALIBRATION = frozenset({"Q2_K"})
+# The inputs' second moments (quant.weighted.Hessian, for GPTQ's error feedback) are kept block-diagonal, in blocks
+# as wide as fit this many bytes of float32 over all matrices (the whole width on the tiny models and where it fits):
+# they are held in memory while calibrating and cached on disk beside the imatrix.
+HESSIAN_BUDGET = 1 << 30
+HESSIAN_BLOCKS = (8192, 4096, 2048, 1024, 512, 256, 128)
 
 
 class CalibrationError(Gemma4ExportError):
@@ -158,6 +163,34 @@ class Importance:
     token_counts: np.ndarray | None = None  # int64 [vocab]: how often each token occurs in the calibration set
     meta: dict = field(default_factory=dict)
     path: Path | None = None  # the imatrix file it was read from or written to
+    # per matrix float32 [n_mat, nb, B, B] and its input width: the block-diagonal second moments (collect with
+    # hessians=True; an imatrix file has none)
+    hessians: dict[str, tuple[np.ndarray, int]] | None = None
+
+    def hessian(self, name: str):
+        """quant.weighted.Hessian of a matrix (by llama.cpp name), or None."""
+        from .weighted import Hessian
+
+        if not self.hessians or name not in self.hessians:
+            return None
+        cache = self.__dict__.setdefault("_hess", {})
+        if name not in cache:
+            cache[name] = Hessian(*self.hessians[name])
+        return cache[name]
+
+    def hessian_for(self, hf_name: str, prefix: str):
+        """`hessian` for a checkpoint tensor name."""
+        from ..targets.gguf import gguf_name
+
+        try:
+            return self.hessian(gguf_name(hf_name, prefix))
+        except Gemma4ExportError:
+            return None
+
+    @property
+    def hessian_block(self) -> int | None:
+        """The Hessians' block width (the widest matrix input where it is whole), or None without them."""
+        return max(h.shape[2] for h, _ in self.hessians.values()) if self.hessians else None
 
     def __contains__(self, name: str) -> bool:
         return name in self.sums
@@ -189,10 +222,24 @@ class Importance:
         return len(self.sums)
 
 
+def hessian_block(widths: dict[str, tuple[int, int]], budget: int = HESSIAN_BUDGET) -> int:
+    """The block width of the Hessians of matrices with these (n_mat, input width): the widest in HESSIAN_BLOCKS
+    (or every matrix whole) whose float32 blocks fit `budget` bytes together."""
+    def size(b):
+        return sum(n * -(-w // b) * b * b * 4 for n, w in widths.values())
+
+    widest = max((w for _, w in widths.values()), default=128)
+    for b in (-(-widest // 128) * 128,) + HESSIAN_BLOCKS:
+        if b <= widest and size(b) <= budget or b == HESSIAN_BLOCKS[-1]:
+            return b
+    return HESSIAN_BLOCKS[-1]
+
+
 def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter | None = None,
-            keep_bytes: int | None = None) -> Importance:
+            keep_bytes: int | None = None, hessians: bool = False, budget: int = HESSIAN_BUDGET) -> Importance:
     """Run the calibration chunks through the streamed fp32 model of `src` (a ModelSource with weights) and
-    record every matrix's input statistics."""
+    record every matrix's input statistics; with `hessians`, also their block-diagonal second moments (the sum of
+    x x^T within blocks of channels, whose diagonal is the imatrix's sums), in blocks sized by `budget`."""
     import torch
 
     from ..exporter.tensors import Tensor, hf_name
@@ -206,14 +253,40 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
     acc_dtype = torch.float32 if model.device == "mps" else torch.float64
     sums: dict[str, object] = {}
     counts: dict[str, object] = {}
+    hess: dict[str, object] = {}
+    block = None
+    if hessians:
+        widths = {}
+        for spec in src.checkpoint.expected:
+            if len(spec.shape) >= 2:
+                try:
+                    widths[gguf_name(spec.name, prefix)] = (spec.shape[0] if len(spec.shape) == 3 else 1,
+                                                            spec.shape[-1])
+                except Gemma4ExportError:
+                    pass
+        block = hessian_block(widths, budget)
 
-    def add(name: str, x, mat: int = 0, n_mat: int = 1) -> None:
-        x = x.reshape(-1, x.shape[-1])
+    memo: dict = {}
+
+    def add(name: str, given, mat: int = 0, n_mat: int = 1) -> None:
+        x = given.reshape(-1, given.shape[-1])
         if name not in sums:
             sums[name] = torch.zeros(n_mat, x.shape[1], dtype=acc_dtype, device=x.device)
             counts[name] = torch.zeros(n_mat, dtype=acc_dtype, device=x.device)
+            if block is not None:
+                b = min(block, -(-x.shape[1] // 32) * 32)
+                hess[name] = torch.zeros(n_mat, -(-x.shape[1] // b), b, b, dtype=torch.float32, device=x.device)
         sums[name][mat] += x.to(acc_dtype).square().sum(0)
         counts[name][mat] += x.shape[0]
+        if block is not None:
+            h = hess[name]
+            b = h.shape[2]
+            if memo.get("x") is not given:  # q, k and v (gate and up) see the same input: one product for all
+                xf = x.to(torch.float32)
+                memo.update(x=given, h=[xf[:, k * b:(k + 1) * b].T @ xf[:, k * b:(k + 1) * b]
+                                        for k in range(h.shape[1])])
+            for k, p in enumerate(memo["h"]):
+                h[mat, k, :p.shape[0], :p.shape[0]] += p
 
     def linear_hook(name: str):
         return lambda mod, args: add(name, args[0])
@@ -263,6 +336,11 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
         for h in handles:
             h.remove()
         model.close()
+    if hess:
+        widths_of = {k: v.shape[1] for k, v in sums.items()}
+        hess_out = {k: (v.cpu().numpy(), widths_of[k]) for k, v in hess.items()}
+    else:
+        hess_out = None
     vocab = src.arch.vocab_size
     tokens = np.bincount(np.concatenate([np.asarray(c) for c in calib.chunks]), minlength=vocab).astype(np.int64)
     return Importance(
@@ -270,6 +348,7 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
         {k: v.to(torch.float32).cpu().numpy() for k, v in counts.items()},
         [calib.dataset], len(calib.chunks), calib.chunk_size, tokens[:vocab],
         {"device": device_used, "seconds": round(time.perf_counter() - t0, 2), "text_sha256": calib.text_sha256},
+        hessians=hess_out,
     )
 
 
@@ -372,26 +451,54 @@ def cache_dir() -> Path:
     return Path(base) / "imatrix"
 
 
+def write_hessians(imp: Importance, path: str | Path) -> Path:
+    """The Hessians as safetensors (float32 [n_mat, nb, B, B] per matrix, the input widths in the metadata). Atomic."""
+    from safetensors.numpy import save_file
+
+    from ..atomic import atomic_file
+
+    path = Path(path)
+    with atomic_file(path, True, 0) as st:
+        save_file({k: np.ascontiguousarray(h) for k, (h, _) in imp.hessians.items()}, str(st.path),
+                  metadata={k: str(w) for k, (_, w) in imp.hessians.items()})
+    return path
+
+
+def read_hessians(path: str | Path) -> dict[str, tuple[np.ndarray, int]]:
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata() or {}
+        for k in f.keys():
+            out[k] = (f.get_tensor(k), int(meta[k]))
+    return out
+
+
 def importance_for(src, text_file: str | Path | None = None, chunk: int = DEFAULT_CHUNK,
                    chunks: int | None = None, device: str = "cpu", reporter: Reporter | None = None,
-                   use_cache: bool = True) -> Importance:
+                   use_cache: bool = True, hessians: bool = False) -> Importance:
     """The importance statistics of `src` (a ModelSource with weights) on the calibration text: read from the cache
     when this checkpoint (by digest, adapter included) was calibrated on the same tokens before, else measured and
-    cached (the imatrix file, and the token frequencies beside it)."""
+    cached (the imatrix file, and the token frequencies beside it). `hessians`: with the inputs' second moments
+    too (cached beside them; a cache entry without them is measured again)."""
     reporter = reporter or Silent()
     calib = calibration_set(src.checkpoint.dir, src.arch.bos_token_id, text_file, chunk, chunks)
     path = cache_dir() / f"{src.digest.removeprefix('sha256:')[:16]}-{calib.key}.imatrix.gguf"
     tokens_path = path.with_suffix(".tokens.npy")
-    if use_cache and path.is_file() and tokens_path.is_file():
+    hess_path = path.with_name(path.name.removesuffix(".imatrix.gguf") + f"-{HESSIAN_BUDGET >> 20}M.hessian.safetensors")
+    if use_cache and path.is_file() and tokens_path.is_file() and (not hessians or hess_path.is_file()):
         try:
             imp = read_imatrix(path)
             imp.token_counts = np.load(tokens_path)
+            if hessians:
+                imp.hessians = read_hessians(hess_path)
             imp.meta = {"cached": True}
             reporter.note(f"calibration: cached imatrix {path}")
             return imp
-        except (CalibrationError, OSError, ValueError):
+        except (CalibrationError, OSError, ValueError, KeyError):
             pass  # a damaged cache entry is recomputed
-    imp = collect(src, calib, device, reporter)
+    imp = collect(src, calib, device, reporter, hessians=hessians)
     if use_cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -399,6 +506,8 @@ def importance_for(src, text_file: str | Path | None = None, chunk: int = DEFAUL
             tmp = tokens_path.with_name(tokens_path.name + ".tmp.npy")
             np.save(tmp, imp.token_counts)
             os.replace(tmp, tokens_path)
+            if hessians:
+                write_hessians(imp, hess_path)
         except OSError as e:  # a read-only or full cache does not stop the export
             reporter.note(f"calibration: not cached ({e})")
     return imp

@@ -129,6 +129,18 @@ def _matrices(importance, prefix: str, name: str, cols: int, n_mat: int, uniform
     return imat
 
 
+def _hessian(importance, prefix: str, name: str, m: int):
+    """The Hessian of a tensor's matrix m (an expert's, for an expert tensor) as the writers use it, or None."""
+    from .weighted import Hessian
+
+    h = importance.hessian_for(name, prefix) if importance is not None else None
+    if h is None or h.n_mat == 1:
+        return h
+    one = Hessian(h.blocks[m:m + 1], h.width)
+    one._factors[0] = h.factors(m)
+    return one
+
+
 def _rows_of(w) -> np.ndarray:
     import torch
 
@@ -178,8 +190,8 @@ class _MLXQD:
         per = rows // n_mat
         for m in range(n_mat):
             sl = slice(m * per, (m + 1) * per)
-            out[sl] = mlx_dequant(*mlx_affine(arr[sl], imat[m] if imat is not None else None, bits, group),
-                                  bits, group)
+            out[sl] = mlx_dequant(*mlx_affine(arr[sl], imat[m] if imat is not None else None, bits, group,
+                                              _hessian(self.importance, self.prefix, name, m)), bits, group)
         return _back(out, w)
 
     def close(self):
@@ -211,7 +223,8 @@ class _ONNXQD:
         per = rows // n_mat
         for m in range(n_mat):
             sl = slice(m * per, (m + 1) * per)
-            packed, scales = int_blocks(arr[sl], imat[m] if imat is not None else None, bits, BLOCK)
+            packed, scales = int_blocks(arr[sl], imat[m] if imat is not None else None, bits, BLOCK,
+                                        _hessian(self.importance, self.prefix, name, m))
             if self.half:
                 scales = scales.astype(np.float16).astype(np.float32)
             out[sl] = int_dequant(packed, scales, bits)
@@ -459,6 +472,8 @@ def sensitivity_for(src, importance, device: str = "cpu", reporter: Reporter | N
     calib = calibration_set(src.checkpoint.dir, src.arch.bos_token_id, chunk=SENS_CHUNK, chunks=SENS_CHUNKS)
     imat_key = "none" if importance is None else hashlib.sha256(
         b"".join(importance.weights(k).tobytes() for k in sorted(importance.sums))).hexdigest()[:12]
+    if spec.key and importance is not None and importance.hessians:  # GPTQ's feedback changes what is measured
+        imat_key += f"-gptq{importance.hessian_block}"
     target_key = f"{spec.key}-" if spec.key else ""  # GGUF's keys predate the other targets: unchanged
     key = f"{src.digest.removeprefix('sha256:')[:16]}-{calib.key}-{imat_key}-{target_key}{'-'.join(types)}"
     path = cache_dir().parent / "sensitivity" / f"{key}.json"

@@ -155,7 +155,8 @@ def _affine_block(w, iw, bits):
     return best[0][..., 0], best[1][..., 0], best[2]
 
 
-def mlx_affine(w: np.ndarray, imp=None, bits: int = 4, group: int = 64):
+def mlx_affine(w: np.ndarray, imp=None, bits: int = 4, group: int = 64, hess: "Hessian | None" = None,
+               mats=None):
     """Quantize w [rows, cols] to mlx's affine layout minimising sum_i imp_i * (w_i - deq_i)^2 per group (imp
     [cols], or [rows, cols] for one vector per row).
 
@@ -163,13 +164,22 @@ def mlx_affine(w: np.ndarray, imp=None, bits: int = 4, group: int = 64):
     [rows, cols*bits/32] (pack_mlx), scales and biases uint16 [rows, cols/group] holding bfloat16 bit patterns;
     dequantized, w = scale * q + bias with q in 0..2^bits-1. Every candidate is scored after its scale and bias are
     rounded to bf16 and q recomputed with them, so the error minimised is the stored triple's. imp=None: uniform.
-    bits as types.MLX_BITS (2, 3, 4, 5, 6 or 8); group 32, 64 or 128."""
+    bits as types.MLX_BITS (2, 3, 4, 5, 6 or 8); group 32, 64 or 128.
+
+    With `hess` (the inputs' second moments, calibrate.Importance.hessian_for) the groups are quantized in order with
+    GPTQ's error feedback (`gptq`): each group by the same search, on weights that carry the earlier groups'
+    rounding error; `mats` [rows] gives each row's matrix in `hess` (an expert tensor's row block)."""
     from .types import MLX_BITS, MLX_GROUPS
 
     if bits not in MLX_BITS or group not in MLX_GROUPS:
         raise ValueError(f"mlx_affine supports bits {'/'.join(map(str, MLX_BITS))} and groups "
                          f"{'/'.join(map(str, MLX_GROUPS))}, not bits={bits} group={group}")
     w, imp = _check(w, imp, group)
+    if hess is not None:
+        def one(wg, iv):
+            got = mlx_affine(wg, iv, bits, group)
+            return got, mlx_dequant(*got, bits, group)
+        return _by_matrix(w, imp, hess, mats, group, one)
     rows, cols = w.shape
     G = cols // group
     wq = np.empty((rows, cols * bits // 32), np.uint32)
@@ -228,7 +238,7 @@ def _sym_block(w, iw, bits):
     return best[0][..., 0], best[1]
 
 
-def int_blocks(w: np.ndarray, imp=None, bits: int = 4, block: int = 32):
+def int_blocks(w: np.ndarray, imp=None, bits: int = 4, block: int = 32, hess: "Hessian | None" = None, mats=None):
     """Quantize w [rows, cols] ([out, in]) for onnxruntime's MatMulNBits (K=cols, N=rows, symmetric: no
     zero_points input, implied zero point 2^(bits-1)), minimising sum_i imp_i * (w_i - scale * q_i)^2 per block
     (imp [cols], or [rows, cols] for one vector per row).
@@ -236,10 +246,15 @@ def int_blocks(w: np.ndarray, imp=None, bits: int = 4, block: int = 32):
     Returns (packed uint8 [rows, cols/block, block*bits/8], scales float32 [rows, cols/block]); codes are q + zp
     with q in -2^(bits-1)..2^(bits-1)-1, for 4 bits two per byte, the even element in the low nibble. With
     imp=None the result is exactly onnxruntime's qbits_block_quant output (round to nearest, no search). bits 4 or
-    8."""
+    8. With `hess` (and `mats`), GPTQ's error feedback as in mlx_affine."""
     if bits not in (4, 8):
         raise ValueError(f"int_blocks supports 4 and 8 bits, not {bits}")
     w, imp = _check(w, imp, block)
+    if hess is not None:
+        def one(wg, iv):
+            got = int_blocks(wg, iv if iv is not None else np.ones(wg.shape[1], np.float32), bits, block)
+            return got, int_dequant(*got, bits)
+        return _by_matrix(w, imp, hess, mats, block, one)
     rows, cols = w.shape
     B = cols // block
     packed = np.empty((rows, B, block * bits // 8), np.uint8)
@@ -265,3 +280,103 @@ def int_dequant(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray
         code = packed
     q = code.astype(np.float32) - 2 ** (bits - 1)
     return (q * scales[..., None]).reshape(packed.shape[0], -1)
+
+
+# -- error feedback from the inputs' second moments (GPTQ) ---------------------------------------------------------
+
+GPTQ_DAMP = 0.01  # added to the Hessian's diagonal, times its mean (GPTQ's dampening)
+
+
+class Hessian:
+    """Second moments of one tensor's matrix inputs, sum over calibration tokens of x x^T, block-diagonal: `blocks`
+    float32 [n_mat, nb, B, B] (one set per expert for an expert tensor), block k covering input channels k*B ..
+    min((k+1)*B, width); a last partial block is zero-padded. B is the whole width where the calibration budget
+    allows it (always on the tiny models); on a large model the correlations between channels of different blocks
+    are not kept, and the error feedback runs within each block.
+
+    `factors(m)` gives, per block, (first channel, U): U the upper Cholesky factor of the damped block's inverse,
+    what the feedback needs (computed once per matrix, kept for the next row block)."""
+
+    def __init__(self, blocks: np.ndarray, width: int):
+        self.blocks, self.width = blocks, width
+        self._factors: dict[int, list] = {}
+
+    @property
+    def n_mat(self) -> int:
+        return self.blocks.shape[0]
+
+    @property
+    def block(self) -> int:
+        return self.blocks.shape[2]
+
+    def factors(self, m: int = 0) -> list[tuple[int, np.ndarray]]:
+        if m not in self._factors:
+            out = []
+            B = self.block
+            for k in range(self.blocks.shape[1]):
+                n = min(B, self.width - k * B)
+                h = self.blocks[m, k, :n, :n].astype(np.float64)
+                d = np.diag(h).copy()
+                d[d <= 0] = 1.0  # a channel no token reached: its error costs nothing, it feeds nothing back
+                h = h.copy()
+                np.fill_diagonal(h, d + GPTQ_DAMP * d.mean())
+                inv = np.linalg.inv(np.linalg.cholesky(h))  # h = L L^T, so h^-1 = L^-T L^-1 = U^T U, U = L^-1
+                u = np.linalg.cholesky(inv.T @ inv).T  # upper U with h^-1 = U^T U
+                out.append((k * B, u))
+            self._factors[m] = out
+        return self._factors[m]
+
+    def side_by_side(self) -> "Hessian":
+        """The experts' matrices side by side as one [rows, n_mat*width] matrix (ONNX's expert down projection):
+        each expert's blocks cover its own columns."""
+        whole = Hessian(self.blocks[:1], self.n_mat * self.width)
+        whole._factors[0] = [(m * self.width + start, u) for m in range(self.n_mat) for start, u in self.factors(m)]
+        return whole
+
+
+def gptq(w: np.ndarray, factors: list[tuple[int, np.ndarray]], group: int, quantize):
+    """Quantize w [rows, cols] group by group (groups of `group` input channels, in order), feeding each group's
+    rounding error forward onto the channels not yet quantized, as GPTQ does with its lazy blocks: with U the upper
+    Cholesky factor of the inverse Hessian of a block's channels, fixing channels a..a+g with error D moves the
+    later ones by -D U[a:a+g, a:a+g]^-1 U[a:a+g, a+g:], which minimises the added output error
+    sum_tokens |(W - W_q) x|^2 given the fixed ones. Each group is quantized whole by `quantize(w_group [rows, g],
+    first channel) -> (parts, dequantized [rows, g])` (the target's own block search on the updated weights), so
+    the result is exactly the target's format; parts (arrays [rows, ...]) of all groups are joined along axis 1.
+    Rows are independent: any split into row blocks gives the same result."""
+    rows, cols = w.shape
+    work = np.array(w, dtype=np.float64)
+    parts: list = [None] * (cols // group)
+    for start, u in factors:
+        n = u.shape[0]
+        if start % group or n % group:
+            raise ValueError(f"Hessian block at {start} of {n} channels does not hold whole groups of {group}")
+        for a in range(0, n, group):
+            c = start + a
+            got, deq = quantize(np.ascontiguousarray(work[:, c:c + group], dtype=np.float32), c)
+            parts[c // group] = got
+            if a + group < n:
+                d = work[:, c:c + group] - deq
+                ugg = u[a:a + group, a:a + group]
+                step = np.linalg.solve(ugg.T, d.T).T  # D U_gg^-1
+                work[:, c + group:start + n] -= step @ u[a:a + group, a + group:]
+    if any(p is None for p in parts):
+        raise ValueError(f"the Hessian's blocks do not cover the {cols} input channels")
+    return tuple(np.concatenate([p[k] for p in parts], axis=1) for k in range(len(parts[0])))
+
+
+def _by_matrix(w, imp, hess: Hessian, mats, group: int, run):
+    """GPTQ over rows that may belong to different matrices (an expert tensor's row block): each matrix's rows with
+    its own factors and importance. run(rows, imp_vector, first) -> (parts, deq) quantizes one group."""
+    rows = w.shape[0]
+    mats = np.zeros(rows, np.int64) if mats is None else np.asarray(mats)
+    out = None
+    for m in np.unique(mats):
+        sel = np.nonzero(mats == m)[0]
+        iv = None if imp is None else (imp[sel[0]] if imp.ndim == 2 else imp)
+        got = gptq(w[sel], hess.factors(int(m) if hess.n_mat > 1 else 0), group,
+                   lambda wg, first, iv=iv: run(wg, None if iv is None else iv[first:first + wg.shape[1]]))
+        if out is None:
+            out = tuple(np.empty((rows,) + p.shape[1:], p.dtype) for p in got)
+        for o, p in zip(out, got):
+            o[sel] = p
+    return out

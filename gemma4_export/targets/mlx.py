@@ -195,11 +195,19 @@ def _row_importance(imat: np.ndarray | None, entry: PlanEntry, first: int, n: in
     return imat[np.arange(first, first + n) // entry.shape[-2]]
 
 
+def _row_matrices(hess, entry: PlanEntry, first: int, n: int) -> np.ndarray | None:
+    """Each source row's matrix (its expert) in an expert tensor's Hessian, for rows first..first+n."""
+    if hess is None or hess.n_mat == 1:
+        return None
+    return np.arange(first, first + n) // entry.shape[-2]
+
+
 def _write(tmp: Path, ck: Checkpoint, jobs: list[_Job], outs: list[_Out], names: list[str], total: int,
            reporter: Reporter, plan: Plan, mx, importance=None) -> None:
     """Quantized modules go through `mx.quantize` (min/max affine groups), or, when calibrating, through
     quant.weighted.mlx_affine: the same affine layout, with each group's scale and bias chosen to minimise the
-    importance-weighted error (evenly weighted for a lookup table, which no imatrix covers)."""
+    importance-weighted error (evenly weighted for a lookup table, which no imatrix covers), group after group with
+    GPTQ's error feedback where the calibration has the inputs' second moments."""
     from ..quant.lattice import mlx_lattice
     from ..quant.weighted import mlx_affine
 
@@ -216,6 +224,7 @@ def _write(tmp: Path, ck: Checkpoint, jobs: list[_Job], outs: list[_Out], names:
                 bg = _bits_group(job.entry.type)
                 written = [0] * len(job.outs)
                 imat = importance.for_tensor(job.entry.name, ck.text_prefix) if importance and bg else None
+                hess = importance.hessian_for(job.entry.name, ck.text_prefix) if importance and bg else None
                 for r0, block in _blocks(ck, job, 32 << 20):
                     if bg is None:
                         parts = [encode_float(block, job.entry.type).tobytes()]
@@ -227,7 +236,8 @@ def _write(tmp: Path, ck: Checkpoint, jobs: list[_Job], outs: list[_Out], names:
                         parts = [wq.tobytes(), scales.tobytes(), biases.tobytes()]
                     elif importance is not None:  # a lookup table has no statistics: the search, evenly weighted
                         wq, scales, biases = mlx_affine(block, _row_importance(imat, job.entry, r0, len(block)),
-                                                        bg[0], bg[1])
+                                                        bg[0], bg[1], hess, _row_matrices(hess, job.entry, r0,
+                                                                                          len(block)))
                         parts = [wq.tobytes(), scales.tobytes(), biases.tobytes()]
                     else:
                         w = mx.array(block).astype(mx.bfloat16)
@@ -256,6 +266,7 @@ class MLXTarget(Target):
     default_preset = "4bit"
     artifact_kind = "directory"
     color = "#d62728"
+    uses_hessians = True
     # Metal allocates each tensor as one buffer, and a buffer cannot exceed 4 GB: E2B/E4B's PLE table in bf16
     # (4.7 / 5.6 GB) must be quantized to load on Apple GPUs.
     max_tensor_bytes = 4 * 2**30

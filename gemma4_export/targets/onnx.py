@@ -358,6 +358,7 @@ class ONNXTarget(Target):
     default_preset = "int4"
     artifact_kind = "directory"
     color = "#2ca02c"
+    uses_hessians = True
     devices_help = "cpu, cuda (CUDA provider) or mps (CoreML)"
     lattice_type = "INT4"
     lattice_form = "4-bit blocks of 32: scale = step, zero point 8"
@@ -394,6 +395,7 @@ class ONNXTarget(Target):
                               lattice=frozenset(e.name for e in plan.kept if e.method == "lattice"))
                     if job.importance is not None:
                         g.importance = lambda name: job.importance.for_tensor(name, job.checkpoint.text_prefix)
+                        g.hessian = lambda name: job.importance.hessian_for(name, job.checkpoint.text_prefix)
                     build(g, src.arch, weights)
                 finally:
                     wf.close()

@@ -109,6 +109,8 @@ class Graph:
     float_types: dict = field(default_factory=dict)  # float weights written: name -> FP32 / FP16
     # checkpoint name -> importance [n_mat, in] from the calibration (None: no statistics); see quant_weight
     importance: Callable[[str], np.ndarray | None] | None = None
+    # checkpoint name -> quant.weighted.Hessian (the inputs' second moments, for GPTQ's error feedback), or None
+    hessian: Callable[[str], object] | None = None
     int8_activations: bool = False  # 8-bit MatMulNBits at accuracy_level 4 (see matmul_nbits)
     # compute in float16 (activations, KV cache, float weights, block scales), for providers that compute in fp16;
     # RMSNorm statistics, RoPE angles and weights the plan keeps at FP32 (the router) stay in float32
@@ -207,12 +209,12 @@ class Graph:
         qoff = self.external(qname, TensorProto.UINT8, shape, rows * kb * blob)
         soff = self.external(sname, self.ft, (rows, kb), rows * kb * self._scale_size)
         self.tables[name] = (qname, sname, qoff, bits)
-        self._write_quant(name, rows, cols, blocks, bits, qoff, soff)
+        self._write_quant(name, rows, cols, blocks, bits, qoff, soff, table)
         return qname, sname
 
-    def _write_quant(self, name: str, rows: int, cols: int, blocks: RowBlocks, bits: int, qoff: int, soff: int
-                     ) -> None:
-        quant = self._quantizer(name, rows, cols, bits)
+    def _write_quant(self, name: str, rows: int, cols: int, blocks: RowBlocks, bits: int, qoff: int, soff: int,
+                     table: bool = False) -> None:
+        quant = self._quantizer(name, rows, cols, bits, table)
         first = 0
         for b in blocks():
             packed, scales = quant(first, b)
@@ -299,8 +301,9 @@ class Graph:
         finally:
             self.nodes = outer
 
-    def _quantizer(self, name: str, rows: int, cols: int, bits: int):
-        """(first row, float32 row block) -> (packed, scales) for one weight."""
+    def _quantizer(self, name: str, rows: int, cols: int, bits: int, table: bool = False):
+        """(first row, float32 row block) -> (packed, scales) for one weight. A lookup table (the embedding graph's
+        copy of a tied head) gets no error feedback: its rows are read alone, not multiplied by the head's inputs."""
         if name in self.lattice:  # a QAT tensor: its trained steps and integers (quant/lattice.py)
             from ..quant.lattice import f16_round, int4_lattice
 
@@ -331,10 +334,17 @@ class Graph:
         if imat.shape[1] != cols or rows % imat.shape[0]:
             raise ValueError(f"{name}: importance {list(imat.shape)} does not fit [{rows}, {cols}]")
         per = rows // imat.shape[0]  # rows of one matrix (an expert's, for expert tensors)
+        hess = self.hessian(name) if self.hessian is not None and not table else None
+        if hess is not None and hess.width != cols:
+            hess = hess.side_by_side()
+        if hess is not None and (hess.width != cols or rows % hess.n_mat):
+            raise ValueError(f"{name}: Hessian of {hess.n_mat} x {hess.width} does not fit [{rows}, {cols}]")
 
         def weighted(first, b):
-            imp = imat[0] if imat.shape[0] == 1 else imat[np.arange(first, first + len(b)) // per]
-            return int_blocks(b, imp, bits, BLOCK)
+            sel = np.arange(first, first + len(b))
+            imp = imat[0] if imat.shape[0] == 1 else imat[sel // per]
+            mats = None if hess is None or hess.n_mat == 1 else sel // (rows // hess.n_mat)
+            return int_blocks(b, imp, bits, BLOCK, hess, mats)
         return weighted
 
     # -- layers ------------------------------------------------------------------------------------------------
