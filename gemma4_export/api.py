@@ -64,7 +64,7 @@ def plan(source: Source | None = None, target: str = "gguf", preset: str | None 
          ple_type: str | None = None, group_size: int | None = None, adapter: str | Path | None = None,
          target_bpw: float | None = None, max_size: int | None = None, calibrate: bool | None = None,
          imatrix: str | Path | None = None, device: str = "cpu", reporter: Reporter | None = None,
-         qat: str = "auto") -> Plan:
+         qat: str = "auto", gptq: bool = True) -> Plan:
     """The per-tensor plan: from the shipped config for a published variant (no weights needed), from the weights
     for a tiny variant or a checkpoint directory (so the plan lists the file's own tensors). With an adapter, the
     tensors it merges into say so. With `target_bpw` or `max_size`, the types are chosen from the checkpoint's
@@ -79,7 +79,7 @@ def plan(source: Source | None = None, target: str = "gguf", preset: str | None 
         lat = _lattice(src, p, qat, reporter)
         the_plan = build_plan(src.arch, src.tensor_specs(), p, src.name, overrides, ple_type, lattice=lat, qat=qat)
         if sized:
-            imp = _importance(src, the_plan, t, calibrate, None, imatrix, None, device, reporter or Silent())
+            imp = _importance(src, the_plan, t, calibrate, None, imatrix, None, device, reporter or Silent(), gptq)
             the_plan = _sized_plan(src, the_plan, p, t, overrides, ple_type, imp, target_bpw, max_size, device,
                                    reporter or Silent(), lat, qat)
         return _with_adapter(the_plan, src)
@@ -220,6 +220,7 @@ def export(
     qat: str = "auto",
     towers: bool = True,
     tower_type: str | None = None,
+    gptq: bool = True,
     **options: Any,
 ) -> ExportResult:
     """Export `source` as `target`'s artifact with `preset` (the target's default when None) into directory `out`;
@@ -228,6 +229,9 @@ def export(
     Calibration (quant/calibrate.py): by default on when the plan quantizes below 8 bits. The statistics come from
     `imatrix` (a llama.cpp GGUF imatrix file) when given, else from the streamed fp32 model on the shipped
     calibration set or on the text file `calibration` (cached per checkpoint); `calibrate=False` turns it off.
+    With our own calibration the quantizers also take GPTQ's error feedback from the inputs' second moments
+    (quant.weighted.gptq); `gptq=False` leaves only the importance-weighted rounding, which is exactly what
+    llama.cpp's `llama-quantize --imatrix` writes for GGUF.
 
     `target_bpw` (bits per weight over the text parameters) or `max_size` (bytes of the whole artifact) choose each
     class of tensors' type from its measured sensitivity to fit that size, among the target's types (GGUF's, MLX's
@@ -276,7 +280,7 @@ def export(
         tower_final = _tower_final(t, src, tplan, Path(out), force, reporter)
         t1 = time.perf_counter()
         importance = _importance(src, the_plan, t, calibrate, calibration, imatrix, calibration_chunks,
-                                 calibration_device, reporter)
+                                 calibration_device, reporter, gptq)
         seconds: dict[str, float] = {}
         if importance is not None:
             seconds["calibrate"] = time.perf_counter() - t1
@@ -380,7 +384,7 @@ def needs_calibration(plan: Plan, target: Target) -> bool:
 
 
 def _importance(src: ModelSource, the_plan: Plan, t: Target, calibrate: bool | None, calibration, imatrix,
-                chunks: int | None, device: str, reporter: Reporter):
+                chunks: int | None, device: str, reporter: Reporter, gptq: bool = True):
     from .errors import QuantError
     from .quant import calibrate as cal
 
@@ -397,9 +401,12 @@ def _importance(src: ModelSource, the_plan: Plan, t: Target, calibrate: bool | N
     if imatrix is not None:
         imp = cal.read_imatrix(imatrix)
         cal.check_matches(imp, src)
+        if gptq and t.uses_hessians:
+            reporter.note("--imatrix: an imatrix file holds each input channel's mean square only, not the second "
+                          "moments GPTQ's error feedback needs: importance-weighted rounding alone")
         return imp
     return cal.importance_for(src, calibration, chunks=chunks, device=device,
-                              reporter=reporter, hessians=t.uses_hessians)
+                              reporter=reporter, hessians=gptq and t.uses_hessians)
 
 
 def describe_importance(imp) -> dict[str, Any]:

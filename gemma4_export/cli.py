@@ -265,6 +265,7 @@ def gguf(
     calibration: CalibrationOpt = None,
     imatrix: ImatrixOpt = None,
     calibration_chunks: ChunksOpt = None,
+    gptq: GptqOpt = True,
     qat: QatOpt = "auto",
     mmproj: MmprojOpt = None,
     text_only: TextOnlyOpt = False,
@@ -281,7 +282,8 @@ def gguf(
     """
     _export("gguf", variant, model_dir, quant, out, validate, device, adapter, calibrate, calibration, imatrix,
             calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, threads=threads,
-            target_bpw=target_bpw, max_size=_size(max_size), qat=qat, towers=not text_only, tower_type=mmproj)
+            target_bpw=target_bpw, max_size=_size(max_size), qat=qat, towers=not text_only, tower_type=mmproj,
+            gptq=gptq)
 
 
 @app.command()
@@ -301,6 +303,7 @@ def mlx(
     calibration: CalibrationOpt = None,
     imatrix: ImatrixOpt = None,
     calibration_chunks: ChunksOpt = None,
+    gptq: GptqOpt = True,
     qat: QatOpt = "auto",
     text_only: TextOnlyOpt = False,
     target_bpw: TargetBpwOpt = None,
@@ -315,7 +318,7 @@ def mlx(
     """
     _export("mlx", variant, model_dir, quant, out, validate, device, adapter, calibrate, calibration, imatrix,
             calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, group_size=group_size, qat=qat,
-            towers=not text_only, target_bpw=target_bpw, max_size=_size(max_size))
+            towers=not text_only, target_bpw=target_bpw, max_size=_size(max_size), gptq=gptq)
 
 
 @app.command()
@@ -334,6 +337,7 @@ def onnx(
     calibration: CalibrationOpt = None,
     imatrix: ImatrixOpt = None,
     calibration_chunks: ChunksOpt = None,
+    gptq: GptqOpt = True,
     into: Annotated[Optional[Path], typer.Option(
         "--into", help="Add this preset's graphs to an existing ONNX directory of the same checkpoint (several "
                        "dtypes in one directory, as onnx-community repositories hold them) instead of writing "
@@ -353,7 +357,7 @@ def onnx(
     """
     _export("onnx", variant, model_dir, quant, out, validate, device, adapter, calibrate, calibration, imatrix,
             calibration_chunks, overrides=tensor_type, ple_type=ple_type, force=force, into=into, qat=qat,
-            towers=not text_only, target_bpw=target_bpw, max_size=_size(max_size))
+            towers=not text_only, target_bpw=target_bpw, max_size=_size(max_size), gptq=gptq)
 
 
 def _finish(r, validate: bool, variant, model_dir, device: str, adapter=None) -> None:

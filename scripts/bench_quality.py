@@ -3,7 +3,9 @@
     python scripts/bench_quality.py [--variants tiny-e2b ...] [--only gguf,mlx,onnx] [--gguf-presets q4_k_m ...]
         [--llama-cpp LLAMA_CPP_TREE --llama-bin LLAMA_CPP_BINARIES] [--out DIR] [--work DIR] [--merge JSON ...]
 
-`--merge` reports earlier runs' rows with this run's (`--variants` with no names runs nothing: the table and the
+`--reuse` takes from an earlier run the rows a change to the calibrated quantizers cannot move (the reference tools',
+ours --no-calibrate); every calibrated row of ours is made and measured again. `--merge` reports earlier runs' rows
+with this run's (`--variants` with no names runs nothing: the table and the
 plot of what was measured, for instance one target measured again after a change).
 
 For every variant (default: every tiny one) it makes, side by side:
@@ -202,6 +204,7 @@ def measure(row: Row, path: Path, variant: str, ref, params: int, ours: bool) ->
 class Bench:
     def __init__(self, a: argparse.Namespace):
         self.a, self.rows, self.skipped = a, [], {}
+        self.reuse = {(r.variant, r.group, r.label): r for r in _rows_of(a.reuse)}
         self.work = Path(a.work or Path(a.out) / "work")
         self.llama = self._llama_tools()
         self.target_bpw = "max_size" in inspect.signature(api.export).parameters
@@ -223,7 +226,14 @@ class Bench:
         return {"tree": tree, "bin": bins}
 
     def add(self, variant, group, label, tool, make, ref, params, ours, baseline=False, tag=None) -> Row:
-        """Make an artifact (make() -> path, or an ExportResult) and measure it; a failure is a row with its error."""
+        """Make an artifact (make() -> path, or an ExportResult) and measure it; a failure is a row with its error.
+        A row `--reuse` holds that gemma4-export's calibrated quantizers do not make is taken from there."""
+        old = self.reuse.get((variant, group, label))
+        if old is not None and tool != "gemma4-export":
+            old.seconds = {**old.seconds, "reused": 1.0}
+            self.rows.append(old)
+            log(f"[{variant}]   {label}: reused, mean KLD {old.kld:.3g}")
+            return old
         row = Row(variant, group, label, tool, tag or group.split()[-1], baseline)
         self.rows.append(row)
         try:
@@ -444,6 +454,11 @@ def versions() -> dict:
     return out
 
 
+def _rows_of(files) -> list[Row]:
+    return [Row(**{k: v for k, v in r.items() if k in Row.__dataclass_fields__})
+            for f in files for r in json.loads(Path(f).read_text())["rows"] if not r.get("error")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="*", default=list(TINY), help="(none: only --merge)")
@@ -457,6 +472,10 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+", type=Path, default=[], metavar="JSON",
                     help="rows of earlier runs' bench_quality.json to report with this run's (a row measured again "
                          "here, or failed there, is left out)")
+    ap.add_argument("--reuse", nargs="+", type=Path, default=[], metavar="JSON",
+                    help="take the rows that do not depend on gemma4-export's calibrated quantizers (the reference "
+                         "tools' artifacts, ours --no-calibrate) from earlier runs' bench_quality.json instead of "
+                         "making them again (after a change to calibration alone)")
     a = ap.parse_args()
     a.only = {t.strip() for t in a.only.split(",") if t.strip()}
     if a.only - {"gguf", "mlx", "onnx"}:
@@ -468,8 +487,7 @@ def main() -> None:
         log(f"skipping {k}: {why}")
     t0 = time.perf_counter()
 
-    merged = [Row(**{k: v for k, v in r.items() if k in Row.__dataclass_fields__})
-              for f in a.merge for r in json.loads(f.read_text())["rows"] if not r.get("error")]
+    merged = _rows_of(a.merge)
 
     run_rows = b.rows  # what this run measures (Bench.add appends here)
 

@@ -193,7 +193,7 @@ def _tensor_bytes(path: Path) -> dict[str, tuple[str, bytes]]:
 def test_one_pass_bytes_equal_llama_model_quantize(tmp_path, variant, preset, calibrated):
     """The one-pass export, and llama.cpp's own quantizer run over a float GGUF of the same checkpoint with the
     same per-tensor types and the same imatrix vectors, write the same bytes for every tensor."""
-    kw = {"calibration_chunks": 2} if calibrated else {"calibrate": False}
+    kw = {"calibration_chunks": 2, "gptq": False} if calibrated else {"calibrate": False}
     r = api.export("gguf", variant, preset, tmp_path, **kw)
     imp = None
     if calibrated:
@@ -215,9 +215,9 @@ def test_one_pass_bytes_equal_llama_model_quantize(tmp_path, variant, preset, ca
 def test_row_blocks_and_their_pipeline_do_not_change_the_bytes(tmp_path):
     """Quantizing in small row blocks (so that every tensor takes many, pipelined reads and quantizations, and an
     expert's rows end inside a block) writes the same bytes as whole tensors at once: the blocks, the ring of reused
-    buffers and the per-expert imatrix vectors line up."""
+    buffers, the per-expert imatrix vectors and the per-expert Hessians line up."""
     src = _src("tiny-26b-a4b")
-    imp = cal.importance_for(src, chunks=2)
+    imp = cal.importance_for(src, chunks=2, hessians=True)  # GPTQ's feedback too: rows are independent in it
     r = api.export("gguf", "tiny-26b-a4b", "q4_k_m", tmp_path / "one", calibration_chunks=2, force=True)
     p = get_preset("q4_k_m", "gguf")
     out = {}
@@ -238,8 +238,9 @@ def _llama_tool(name: str) -> str | None:
                     reason="set GEMMA4_LLAMA_TOOLS to a directory with llama.cpp's llama-quantize (built from the "
                            "llama.cpp tree in llama-cpp-python's source distribution) to run this check")
 def test_llama_quantize_tool_reads_our_imatrix_file(tmp_path):
-    """llama.cpp's own `llama-quantize --imatrix` with our imatrix file quantizes exactly as our export does."""
-    r = api.export("gguf", "tiny-31b", "q4_k_m", tmp_path, calibration_chunks=2)
+    """llama.cpp's own `llama-quantize --imatrix` with our imatrix file quantizes exactly as our export does without
+    GPTQ's feedback (which the file cannot carry)."""
+    r = api.export("gguf", "tiny-31b", "q4_k_m", tmp_path, calibration_chunks=2, gptq=False)
     src = _src("tiny-31b")
     imp = cal.importance_for(src, chunks=2)
     imat = cal.write_imatrix(imp, tmp_path / "tiny-31b.imatrix.gguf")

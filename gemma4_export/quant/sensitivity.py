@@ -108,7 +108,9 @@ class _QD:
         for m in range(n_mat):
             sl = slice(m * per, (m + 1) * per)
             vec = imat[m] if imat is not None else None
-            b = self.q.quantize(t, arr[sl], vec)
+            hess = _hessian(self.importance, self.prefix, name, m)
+            rows = arr[sl] if hess is None else self.q.gptq(t, arr[sl], vec, hess.factors(0))
+            b = self.q.quantize(t, rows, vec)
             out[sl] = dequantize(b, GGMLQuantizationType[t]).reshape(-1, arr.shape[1])
         return torch.from_numpy(out).reshape(w.shape).to(w.device)
 
@@ -472,7 +474,7 @@ def sensitivity_for(src, importance, device: str = "cpu", reporter: Reporter | N
     calib = calibration_set(src.checkpoint.dir, src.arch.bos_token_id, chunk=SENS_CHUNK, chunks=SENS_CHUNKS)
     imat_key = "none" if importance is None else hashlib.sha256(
         b"".join(importance.weights(k).tobytes() for k in sorted(importance.sums))).hexdigest()[:12]
-    if spec.key and importance is not None and importance.hessians:  # GPTQ's feedback changes what is measured
+    if importance is not None and importance.hessians:  # GPTQ's feedback changes what is measured
         imat_key += f"-gptq{importance.hessian_block}"
     target_key = f"{spec.key}-" if spec.key else ""  # GGUF's keys predate the other targets: unchanged
     key = f"{src.digest.removeprefix('sha256:')[:16]}-{calib.key}-{imat_key}-{target_key}{'-'.join(types)}"

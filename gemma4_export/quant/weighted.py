@@ -380,3 +380,38 @@ def _by_matrix(w, imp, hess: Hessian, mats, group: int, run):
         for o, p in zip(out, got):
             o[sel] = p
     return out
+
+
+def gptq_values(w: np.ndarray, factors: list[tuple[int, np.ndarray]], superblock: int, quantize,
+                sub: int = 32) -> np.ndarray:
+    """GPTQ for a format whose quantizer works on whole super-blocks of `superblock` input channels (ggml's k-quants
+    and IQ4_XS: 256; its 32-wide types: 32), in sub-blocks of `sub` channels: at each sub-block its super-block is
+    quantized as it stands (the sub-blocks already fixed, and the later ones carrying the error fed forward) by
+    `quantize(w [rows, superblock], first channel) -> dequantized [rows, superblock]`, the sub-block's values are
+    kept, and its error is fed forward as in `gptq`. Returns the values (float32 [rows, cols]): near the format's
+    grid but, across a super-block, not exactly on one grid, so the caller quantizes them once more with the format's
+    own quantizer (that last rounding costs little: measured on tiny-31b Q4_K, KLD 0.00207 before it, 0.00216
+    after, against 0.00379 for the imatrix quantization alone)."""
+    rows, cols = w.shape
+    if cols % superblock or superblock % sub:
+        raise ValueError(f"{cols} channels in super-blocks of {superblock} and sub-blocks of {sub}")
+    work = np.array(w, dtype=np.float64)
+    out = np.empty_like(work)
+    done = np.zeros(cols, bool)
+    for start, u in factors:
+        n = u.shape[0]
+        if start % sub or n % sub:
+            raise ValueError(f"Hessian block at {start} of {n} channels does not hold whole sub-blocks of {sub}")
+        for a in range(0, n, sub):
+            c = start + a
+            s0 = c - c % superblock
+            cur = np.where(done[s0:s0 + superblock], out[:, s0:s0 + superblock], work[:, s0:s0 + superblock])
+            deq = quantize(np.ascontiguousarray(cur, dtype=np.float32), s0)
+            out[:, c:c + sub] = deq[:, c - s0:c - s0 + sub]
+            done[c:c + sub] = True
+            if a + sub < n:
+                d = work[:, c:c + sub] - out[:, c:c + sub]
+                work[:, c + sub:start + n] -= np.linalg.solve(u[a:a + sub, a:a + sub].T, d.T).T @ u[a:a + sub, a + sub:]
+    if not done.all():
+        raise ValueError(f"the Hessian's blocks do not cover the {cols} input channels")
+    return out.astype(np.float32)

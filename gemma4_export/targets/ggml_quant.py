@@ -82,6 +82,22 @@ class Quantizer:
         unchanged until the future is done."""
         return self._ahead.submit(self.quantize, type_name, rows, imatrix)
 
+    def gptq(self, type_name: str, rows: np.ndarray, imatrix: np.ndarray | None, factors) -> np.ndarray:
+        """Rows moved by GPTQ's error feedback (quant.weighted.gptq_values) with this type's own quantizer and
+        `imatrix` deciding each super-block; what `quantize` then writes. `factors`: a Hessian's (first channel, U)
+        blocks for these rows' matrix."""
+        from gguf.quants import dequantize
+
+        from ..quant.weighted import gptq_values
+
+        qt = GGMLQuantizationType[type_name]
+        block = GGML_QUANT_SIZES[qt][0]
+
+        def qd(w: np.ndarray, first: int) -> np.ndarray:
+            imat = None if imatrix is None else imatrix[first:first + w.shape[1]]
+            return dequantize(self.quantize(type_name, w, imat), qt).reshape(w.shape)
+        return gptq_values(rows, factors, block, qd, min(32, block))
+
     def __enter__(self) -> Quantizer:
         return self
 

@@ -328,7 +328,8 @@ def _lattice_blocks(ck: Checkpoint, e: PlanEntry, block_bytes: int, task) -> Ite
 def _quantized_blocks(ck: Checkpoint, e: PlanEntry, name: str, importance, quantizer, block_bytes: int, task
                       ) -> Iterator[np.ndarray]:
     """One tensor quantized in blocks of rows. An expert tensor [E, R, C] is E matrices of R rows, each with its own
-    importance vector (llama.cpp's imatrix holds one per expert); a block never spans two of them."""
+    importance vector (llama.cpp's imatrix holds one per expert); a block never spans two of them. Where the
+    calibration has the matrix's Hessian, GPTQ's error feedback runs first (Quantizer.gptq)."""
     from ..exporter.checkpoint import f32_row_blocks, prefetched
 
     info = ck.info(e.name)
@@ -338,6 +339,10 @@ def _quantized_blocks(ck: Checkpoint, e: PlanEntry, name: str, importance, quant
     if imat is not None and imat.shape != (n_mat, info.shape[-1]):
         raise ExportError(f"the imatrix entry for {name} is {list(imat.shape)}, the tensor needs "
                           f"[{n_mat}, {info.shape[-1]}]: it was computed for another model")
+    hess = importance.hessian(name) if importance is not None else None
+    if hess is not None and (hess.width != info.shape[-1] or hess.n_mat not in (1, n_mat)):
+        raise ExportError(f"the Hessian of {name} is {hess.n_mat} x {hess.width}, the tensor needs "
+                          f"{n_mat} x {info.shape[-1]}")
     # A pipeline that keeps every core on ggml's kernels: block k+2 is read and widened to float32 (about block_bytes)
     # while block k+1 is quantized and block k's bytes are written. Four ring buffers: k and k+1 held here, k+2
     # queued, k+3 being filled.
@@ -349,7 +354,10 @@ def _quantized_blocks(ck: Checkpoint, e: PlanEntry, name: str, importance, quant
             while i < len(rows):
                 m = (r0 + i) // per_matrix
                 j = min(len(rows), (m + 1) * per_matrix - r0)
-                pending.append(quantizer.submit(e.type, rows[i:j], imat[m] if imat is not None else None))
+                part, vec = rows[i:j], imat[m] if imat is not None else None
+                if hess is not None:  # GPTQ's error feedback moves the rows; ggml then quantizes them as usual
+                    part = quantizer.gptq(e.type, part, vec, hess.factors(m if hess.n_mat > 1 else 0))
+                pending.append(quantizer.submit(e.type, part, vec))
                 i = j
             while len(pending) > 1 or (pending and pending[0].done()):
                 q = pending.popleft().result()
@@ -455,6 +463,7 @@ class GGUFTarget(Target):
     default_preset = "q4_k_m"
     artifact_kind = "file"
     color = "#1f77b4"
+    uses_hessians = True
     devices_help = "cpu, cuda or mps (GPU offload)"
     lattice_type = "Q4_0"
     lattice_form = "Q4_0 blocks: fp16 step, nibbles k + 8"
