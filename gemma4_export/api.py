@@ -413,7 +413,7 @@ def describe_importance(imp) -> dict[str, Any]:
     """What the plan file records about the calibration."""
     return {"datasets": imp.datasets, "chunks": imp.chunk_count, "chunk_size": imp.chunk_size,
             "entries": imp.entries, "imatrix": imp.path.name if imp.path else None,
-            **({"gptq": {"hessian_block": imp.hessian_block}} if imp.hessians else {}), **imp.meta}
+            **({"gptq": imp.describe_hessians()} if imp.hessians else {}), **imp.meta}
 
 
 def artifact_bytes(artifact: Path) -> int:

@@ -252,7 +252,8 @@ class Bench:
 
     def ours(self, target, variant, preset, sub, calibrate=None, **kw):
         out = self.work / variant / "ours" / sub
-        return lambda: api.export(target, variant, preset, out, force=True, calibrate=calibrate, **kw)
+        # text only: the reference tools' artifacts have no towers, and equal size means equal text
+        return lambda: api.export(target, variant, preset, out, force=True, calibrate=calibrate, towers=False, **kw)
 
     # ---- per variant ---------------------------------------------------------------------------------------------
     def variant(self, v: str) -> None:

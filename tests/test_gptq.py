@@ -95,12 +95,19 @@ def test_gptq_refuses_blocks_that_split_a_group():
         gptq(w, _hessian(h, 64).factors(0), 256, lambda wg, first: ((wg,), wg))
 
 
-def test_hessian_block_follows_the_budget():
-    widths = {"a": (1, 1536), "b": (1, 12288), "c": (4, 704)}
-    assert cal.hessian_block(widths, 1 << 40) == 12288  # everything whole
-    b = cal.hessian_block(widths, 200 << 20)
-    assert b in cal.HESSIAN_BLOCKS and b < 12288
-    assert sum(n * -(-w // b) * b * b * 4 for n, w in widths.values()) <= 200 << 20
+def test_hessians_follow_the_budget():
+    """One Hessian per distinct input (q, k and v share theirs), blocks as wide as the budget allows, and expert
+    tensors only where theirs fit too."""
+    widths = {"blk.0.attn_q.weight": (1, 1536), "blk.0.attn_k.weight": (1, 1536), "blk.0.attn_v.weight": (1, 1536),
+              "blk.0.ffn_down.weight": (1, 12288), "blk.0.ffn_down_exps.weight": (8, 704)}
+    assert cal.hessian_plan(widths, 1 << 40) == (12288, set(widths))  # everything whole
+    whole = (1536 ** 2 + 12288 ** 2 + 8 * 704 ** 2) * 4
+    assert cal.hessian_plan(widths, whole) == (12288, set(widths))  # q, k and v counted once
+    b, names = cal.hessian_plan(widths, 200 << 20)
+    assert b in cal.HESSIAN_BLOCKS and b < 12288 and names == set(widths)
+    assert (1536 + 12288 + 8 * 704) * b * 4 <= 200 << 20
+    b, names = cal.hessian_plan({**widths, "blk.0.ffn_gate_up_exps.weight": (128, 2816)}, 200 << 20)
+    assert names == {n for n in widths if "exps" not in n}  # 128 experts' Hessians do not fit: diagonal only
 
 
 def test_second_moments_hold_the_imatrix_on_their_diagonal(tmp_path, monkeypatch):
@@ -109,10 +116,10 @@ def test_second_moments_hold_the_imatrix_on_their_diagonal(tmp_path, monkeypatch
     monkeypatch.setenv("GEMMA4_EXPORT_CACHE", str(tmp_path))
     src = api.open_source("tiny-26b-a4b", need_weights=True)
     calib = cal.calibration_set(src.checkpoint.dir, src.arch.bos_token_id, chunk=128, chunks=2)
-    for budget, blocked in ((cal.HESSIAN_BUDGET, False), (1 << 20, True)):
+    for budget, blocked in ((cal.HESSIAN_BUDGET, False), (1 << 19, True)):
         imp = cal.collect(src, calib, hessians=True, budget=budget)
-        assert set(imp.hessians) == set(imp.sums)
-        assert any("exps" in k for k in imp.hessians)
+        dense = {k for k in imp.sums if "exps" not in k}
+        assert set(imp.hessians) == (dense if blocked else set(imp.sums))  # a small budget leaves the experts out
         for name, (h, width) in imp.hessians.items():
             n_mat, nb, b, _ = h.shape
             assert n_mat == imp.sums[name].shape[0] and width == imp.sums[name].shape[1]
@@ -121,10 +128,13 @@ def test_second_moments_hold_the_imatrix_on_their_diagonal(tmp_path, monkeypatch
             np.testing.assert_allclose(diag[:, :width], imp.sums[name], rtol=1e-4, atol=1e-6)
             np.testing.assert_allclose(h, np.swapaxes(h, -1, -2), rtol=1e-5, atol=1e-5)
     imp = cal.importance_for(src, chunk=128, chunks=2, hessians=True)
+    q, k = (imp.hessians[f"blk.0.attn_{r}.weight"][0] for r in "qk")
+    assert q is k  # one array for a shared input
     again = cal.importance_for(src, chunk=128, chunks=2, hessians=True)
     assert again.meta.get("cached") and again.hessian_block == imp.hessian_block
-    for k, (h, w) in imp.hessians.items():
-        np.testing.assert_array_equal(again.hessians[k][0], h)
+    for name, (h, w) in imp.hessians.items():
+        np.testing.assert_array_equal(again.hessians[name][0], h)
+    assert again.hessians["blk.0.attn_v.weight"][0] is again.hessians["blk.0.attn_q.weight"][0]
     src.checkpoint.close()
 
 

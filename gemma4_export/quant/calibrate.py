@@ -11,6 +11,11 @@ layer in memory at a time), so calibrating a 31B checkpoint needs no more memory
 - Lookup tables (the token embedding as a lookup, the PLE table) take no matrix input; what they get instead is
   each token's frequency on the calibration set (`token_counts`).
 
+With `hessians=True` (the default for every target's own calibration) each matrix input's second moments are
+collected too, sum over tokens of x x^T, for GPTQ's error feedback (quant.weighted.gptq): one per distinct input
+(q, k and v share theirs), whole where HESSIAN_BUDGET allows (the tiny models; on the published sizes, blocks of
+128 to 1,024 channels) and per expert where the experts' fit too; cached beside the imatrix.
+
 The statistics are keyed by llama.cpp's tensor names and written as a llama.cpp GGUF imatrix file
 (`write_imatrix`), which `llama-quantize --imatrix` reads unchanged. `importance_for` caches that file per
 checkpoint digest and calibration text, so a second export of the same checkpoint reads it instead of recomputing.
@@ -23,6 +28,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +60,7 @@ NEEDS_CALIBRATION = frozenset({"Q2_K"})
 # The inputs' second moments (quant.weighted.Hessian, for GPTQ's error feedback) are kept block-diagonal, in blocks
 # as wide as fit this many bytes of float32 over all matrices (the whole width on the tiny models and where it fits):
 # they are held in memory while calibrating and cached on disk beside the imatrix.
-HESSIAN_BUDGET = 1 << 30
+HESSIAN_BUDGET = 2 << 30
 HESSIAN_BLOCKS = (8192, 4096, 2048, 1024, 512, 256, 128)
 
 
@@ -192,6 +198,16 @@ class Importance:
         """The Hessians' block width (the widest matrix input where it is whole), or None without them."""
         return max(h.shape[2] for h, _ in self.hessians.values()) if self.hessians else None
 
+    def describe_hessians(self) -> dict:
+        """What the plan records: the block width, how many matrices have a Hessian, how many do not (experts left
+        to the diagonal statistics where theirs do not fit the budget)."""
+        if not self.hessians:
+            return {}
+        return {"hessian_block": self.hessian_block, "matrices": len(self.hessians),
+                "diagonal_only": sorted(set(self.sums) - set(self.hessians))[:8],
+                "diagonal_only_count": len(set(self.sums) - set(self.hessians)),
+                "bytes": sum(h.nbytes for h in {id(h): h for h, _ in self.hessians.values()}.values())}
+
     def __contains__(self, name: str) -> bool:
         return name in self.sums
 
@@ -222,17 +238,38 @@ class Importance:
         return len(self.sums)
 
 
-def hessian_block(widths: dict[str, tuple[int, int]], budget: int = HESSIAN_BUDGET) -> int:
-    """The block width of the Hessians of matrices with these (n_mat, input width): the widest in HESSIAN_BLOCKS
-    (or every matrix whole) whose float32 blocks fit `budget` bytes together."""
-    def size(b):
-        return sum(n * -(-w // b) * b * b * 4 for n, w in widths.values())
+def _input_key(name: str) -> str:
+    """Matrices that read the same input share one Hessian: attention's q, k and v; the MLP's gate and up."""
+    return re.sub(r"\.(attn_k|attn_v)\.", ".attn_q.", name).replace(".ffn_up.", ".ffn_gate.")
 
-    widest = max((w for _, w in widths.values()), default=128)
+
+def hessian_plan(widths: dict[str, tuple[int, int]], budget: int = HESSIAN_BUDGET) -> tuple[int, set[str]]:
+    """Which matrices (llama.cpp names, with their (n_mat, input width)) get Hessians, in blocks of what width:
+    the widest block in HESSIAN_BLOCKS (or every matrix whole) whose float32 blocks, one set per distinct input,
+    fit `budget` bytes; expert tensors (one Hessian per expert) only where they fit too, else they keep the
+    diagonal statistics alone. Returns (block, names)."""
+    inputs: dict[str, tuple[int, int]] = {}
+    for name, nw in widths.items():
+        inputs[_input_key(name)] = nw
+
+    def size(b, keys):
+        total = 0
+        for k in keys:
+            n, w = inputs[k]
+            bb = min(b, -(-w // 32) * 32)  # a narrower input is one block of its own width, as collect makes it
+            total += n * -(-w // bb) * bb * bb * 4
+        return total
+
+    dense = [k for k, (n, _) in inputs.items() if n == 1]
+    widest = max((w for _, w in inputs.values()), default=128)
     for b in (-(-widest // 128) * 128,) + HESSIAN_BLOCKS:
-        if b <= widest and size(b) <= budget or b == HESSIAN_BLOCKS[-1]:
-            return b
-    return HESSIAN_BLOCKS[-1]
+        if b > widest:
+            continue
+        if size(b, inputs) <= budget:
+            return b, set(widths)
+        if size(b, dense) <= budget or b == HESSIAN_BLOCKS[-1]:
+            return b, {n for n, (m, _) in widths.items() if m == 1}
+    return HESSIAN_BLOCKS[-1], {n for n, (m, _) in widths.items() if m == 1}
 
 
 def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter | None = None,
@@ -254,44 +291,44 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
     sums: dict[str, object] = {}
     counts: dict[str, object] = {}
     hess: dict[str, object] = {}
-    block = None
-    if hessians:
-        widths = {}
-        for spec in src.checkpoint.expected:
-            if len(spec.shape) >= 2:
-                try:
-                    widths[gguf_name(spec.name, prefix)] = (spec.shape[0] if len(spec.shape) == 3 else 1,
-                                                            spec.shape[-1])
-                except Gemma4ExportError:
-                    pass
-        block = hessian_block(widths, budget)
+    block, with_hessian = None, set()
 
-    memo: dict = {}
+    hess_of_input: dict[str, object] = {}
+    aliases: dict[str, str] = {}
 
     def add(name: str, given, mat: int = 0, n_mat: int = 1) -> None:
         x = given.reshape(-1, given.shape[-1])
         if name not in sums:
             sums[name] = torch.zeros(n_mat, x.shape[1], dtype=acc_dtype, device=x.device)
             counts[name] = torch.zeros(n_mat, dtype=acc_dtype, device=x.device)
-            if block is not None:
-                b = min(block, -(-x.shape[1] // 32) * 32)
-                hess[name] = torch.zeros(n_mat, -(-x.shape[1] // b), b, b, dtype=torch.float32, device=x.device)
+            if block is not None and name in with_hessian:
+                key = _input_key(name)
+                if key in hess_of_input:  # q, k and v (gate and up) read the same input: one Hessian for all
+                    hess[name] = hess_of_input[key]
+                    aliases[name] = key
+                else:
+                    b = min(block, -(-x.shape[1] // 32) * 32)
+                    hess[name] = hess_of_input[key] = torch.zeros(n_mat, -(-x.shape[1] // b), b, b,
+                                                                  dtype=torch.float32, device=x.device)
         sums[name][mat] += x.to(acc_dtype).square().sum(0)
         counts[name][mat] += x.shape[0]
-        if block is not None:
+        if name in hess and name not in aliases:
             h = hess[name]
             b = h.shape[2]
-            if memo.get("x") is not given:  # q, k and v (gate and up) see the same input: one product for all
-                xf = x.to(torch.float32)
-                memo.update(x=given, h=[xf[:, k * b:(k + 1) * b].T @ xf[:, k * b:(k + 1) * b]
-                                        for k in range(h.shape[1])])
-            for k, p in enumerate(memo["h"]):
-                h[mat, k, :p.shape[0], :p.shape[0]] += p
+            xf = x.to(torch.float32)
+            for k in range(h.shape[1]):
+                xb = xf[:, k * b:(k + 1) * b]
+                h[mat, k, :xb.shape[1], :xb.shape[1]] += xb.T @ xb
+
+    hooked: set[str] = set()
 
     def linear_hook(name: str):
+        hooked.add(name)
         return lambda mod, args: add(name, args[0])
 
     def experts_hook(gate_up: str, down: str):
+        hooked.update((gate_up, down))
+
         def hook(mod, args):
             x, top_index = args[0], args[1]
             x = x.reshape(-1, x.shape[-1])
@@ -324,6 +361,18 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
             pname = gguf_name(hf_name(Tensor.PLE_MODEL_PROJ, prefix=prefix), prefix)
             handles.append(model.shell.per_layer_model_projection.register_forward_pre_hook(linear_hook(pname)))
         head = gguf_name(model.head_name, prefix)
+        if hessians:  # the matrices hooked above, and the head
+            hooked.add(head)
+            widths = {}
+            for spec in src.checkpoint.expected:
+                if len(spec.shape) >= 2:
+                    try:
+                        name = gguf_name(spec.name, prefix)
+                    except Gemma4ExportError:
+                        continue
+                    if name in hooked:
+                        widths[name] = (spec.shape[0] if len(spec.shape) == 3 else 1, spec.shape[-1])
+            block, with_hessian = hessian_plan(widths, budget)
         with torch.no_grad():
             with reporter.task(f"calibrate on {len(calib.chunks)} x {calib.chunk_size} tokens",
                                model.config.num_hidden_layers, unit="layers") as task:
@@ -337,8 +386,8 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
             h.remove()
         model.close()
     if hess:
-        widths_of = {k: v.shape[1] for k, v in sums.items()}
-        hess_out = {k: (v.cpu().numpy(), widths_of[k]) for k, v in hess.items()}
+        arrays: dict[int, np.ndarray] = {}  # a shared input's Hessian is one array under each of its names
+        hess_out = {k: (arrays.setdefault(id(v), v.cpu().numpy()), sums[k].shape[1]) for k, v in hess.items()}
     else:
         hess_out = None
     vocab = src.arch.vocab_size
@@ -452,26 +501,35 @@ def cache_dir() -> Path:
 
 
 def write_hessians(imp: Importance, path: str | Path) -> Path:
-    """The Hessians as safetensors (float32 [n_mat, nb, B, B] per matrix, the input widths in the metadata). Atomic."""
+    """The Hessians as safetensors: float32 [n_mat, nb, B, B] per distinct input, the metadata giving each matrix's
+    input width and, for one that shares its input, the name it is stored under. Atomic."""
     from safetensors.numpy import save_file
 
     from ..atomic import atomic_file
 
+    stored: dict[int, str] = {}
+    tensors, meta = {}, {}
+    for name, (h, width) in sorted(imp.hessians.items()):
+        first = stored.setdefault(id(h), name)
+        if first == name:
+            tensors[name] = np.ascontiguousarray(h)
+        meta[name] = json.dumps([width, first])
     path = Path(path)
     with atomic_file(path, True, 0) as st:
-        save_file({k: np.ascontiguousarray(h) for k, (h, _) in imp.hessians.items()}, str(st.path),
-                  metadata={k: str(w) for k, (_, w) in imp.hessians.items()})
+        save_file(tensors, str(st.path), metadata=meta)
     return path
 
 
 def read_hessians(path: str | Path) -> dict[str, tuple[np.ndarray, int]]:
     from safetensors import safe_open
 
-    out = {}
     with safe_open(str(path), "np") as f:
         meta = f.metadata() or {}
-        for k in f.keys():
-            out[k] = (f.get_tensor(k), int(meta[k]))
+        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    out = {}
+    for name, v in meta.items():
+        width, first = json.loads(v)
+        out[name] = (arrays[first], int(width))
     return out
 
 
