@@ -106,6 +106,11 @@ CalibrationOpt = Annotated[Optional[Path], typer.Option(
 ImatrixOpt = Annotated[Optional[Path], typer.Option(
     "--imatrix", help="Use this llama.cpp GGUF imatrix file (from `gemma4-export imatrix` or llama-imatrix) "
                       "instead of calibrating.")]
+GptqOpt = Annotated[bool, typer.Option(
+    "--gptq/--no-gptq",
+    help="With calibration, feed each block's rounding error forward onto the channels not yet quantized (GPTQ, "
+         "from the inputs' second moments). --no-gptq: importance-weighted rounding only (for GGUF, what "
+         "llama-quantize --imatrix writes).")]
 ChunksOpt = Annotated[Optional[int], typer.Option(
     "--calibration-chunks", help="Calibration chunks of 1024 tokens (default 16).")]
 

@@ -544,7 +544,8 @@ def importance_for(src, text_file: str | Path | None = None, chunk: int = DEFAUL
     calib = calibration_set(src.checkpoint.dir, src.arch.bos_token_id, text_file, chunk, chunks)
     path = cache_dir() / f"{src.digest.removeprefix('sha256:')[:16]}-{calib.key}.imatrix.gguf"
     tokens_path = path.with_suffix(".tokens.npy")
-    hess_path = path.with_name(path.name.removesuffix(".imatrix.gguf") + f"-{HESSIAN_BUDGET >> 20}M.hessian.safetensors")
+    stem = path.name.removesuffix(".imatrix.gguf")
+    hess_path = path.with_name(f"{stem}-{HESSIAN_BUDGET >> 20}M.hessian.safetensors")
     if use_cache and path.is_file() and tokens_path.is_file() and (not hessians or hess_path.is_file()):
         try:
             imp = read_imatrix(path)

@@ -411,7 +411,8 @@ def gptq_values(w: np.ndarray, factors: list[tuple[int, np.ndarray]], superblock
             done[c:c + sub] = True
             if a + sub < n:
                 d = work[:, c:c + sub] - out[:, c:c + sub]
-                work[:, c + sub:start + n] -= np.linalg.solve(u[a:a + sub, a:a + sub].T, d.T).T @ u[a:a + sub, a + sub:]
+                step = np.linalg.solve(u[a:a + sub, a:a + sub].T, d.T).T  # D U_ss^-1
+                work[:, c + sub:start + n] -= step @ u[a:a + sub, a + sub:]
     if not done.all():
         raise ValueError(f"the Hessian's blocks do not cover the {cols} input channels")
     return out.astype(np.float32)
