@@ -272,3 +272,20 @@ def test_imatrix_command_writes_a_file_the_export_reads(tmp_path):
     assert meta["quantize.imatrix.file"] == imat.name and meta["quantize.imatrix.chunks_count"] == 1
     r = run("imatrix", "--variant", "tiny-31b", "--out", str(imat))
     assert r.returncode != 0 and "exists" in r.stderr  # never overwritten without --force
+
+
+def test_gptq_is_on_by_default_and_no_gptq_turns_it_off(tmp_path):
+    """A calibrated export records GPTQ's second moments in its plan; --no-gptq writes the weighted rounding alone,
+    other bytes."""
+    def export(*extra):
+        out = tmp_path / "-".join(extra or ("default",))
+        r = run("gguf", "--variant", "tiny-31b", "--quant", "q4_k_m", "--calibration-chunks", "2", "--text-only",
+                "--no-validate", "--out", str(out), *extra)
+        assert r.returncode == 0, r.stderr
+        art = out / "tiny-31b-q4_k_m.gguf"
+        return art.read_bytes(), json.loads(Path(f"{art}.plan.json").read_text())["calibration"]
+
+    on, plan_on = export()
+    off, plan_off = export("--no-gptq")
+    assert plan_on["gptq"]["matrices"] > 0 and "gptq" not in plan_off
+    assert on != off
