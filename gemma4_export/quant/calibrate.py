@@ -174,15 +174,13 @@ class Importance:
     hessians: dict[str, tuple[np.ndarray, int]] | None = None
 
     def hessian(self, name: str):
-        """quant.weighted.Hessian of a matrix (by llama.cpp name), or None."""
+        """quant.weighted.Hessian of a matrix (by llama.cpp name), or None. A new one each call: its factors (float64,
+        twice the Hessian's bytes) live as long as the caller's tensor, not the whole export."""
         from .weighted import Hessian
 
         if not self.hessians or name not in self.hessians:
             return None
-        cache = self.__dict__.setdefault("_hess", {})
-        if name not in cache:
-            cache[name] = Hessian(*self.hessians[name])
-        return cache[name]
+        return Hessian(*self.hessians[name])
 
     def hessian_for(self, hf_name: str, prefix: str):
         """`hessian` for a checkpoint tensor name."""
