@@ -125,8 +125,9 @@ def _lattice(src: ModelSource, p: Preset, qat: str, reporter: Reporter | None):
 
 def _sized_plan(src: ModelSource, the_plan: Plan, p: Preset, t: Target, overrides, ple_type, importance,
                 target_bpw: float | None, max_size: int | None, device: str, reporter: Reporter, lattice=None,
-                qat: str = "auto") -> Plan:
-    """Rebuild the plan with each traded class's type chosen from the measured sensitivity to fit the size."""
+                qat: str = "auto", towers: bool = True) -> Plan:
+    """Rebuild the plan with each traded class's type chosen from the measured sensitivity to fit the size
+    (`towers`: whether the artifact holds the towers, whose bytes a --max-size then leaves to the text less)."""
     from .errors import QuantError
     from .quant import sensitivity
 
@@ -138,7 +139,7 @@ def _sized_plan(src: ModelSource, the_plan: Plan, p: Preset, t: Target, override
             raise QuantError(f"--target-bpw {target_bpw}: give a value between 1.5 and 16 bits per weight")
         budget, what = int(target_bpw * the_plan.parameters / 8), f"target {target_bpw:g} bits per weight"
     else:
-        overhead = sensitivity.overhead_bytes(t, src, the_plan, p)
+        overhead = sensitivity.overhead_bytes(t, src, the_plan, p, towers)
         budget, what = int(max_size) - overhead, f"max size {max_size / 1e6:.1f} MB"
     copies = sensitivity.stored_copies(t, src) if max_size is not None else None  # bytes on disk count twice
     sens = sensitivity.sensitivity_for(src, importance, device, reporter, spec=spec)
@@ -287,7 +288,7 @@ def export(
         if sized:
             t1 = time.perf_counter()
             the_plan = _sized_plan(src, the_plan, p, t, overrides, ple_type, importance, target_bpw, max_size,
-                                   calibration_device, reporter, lat, qat)
+                                   calibration_device, reporter, lat, qat, towers=tplan is not None)
             seconds["sensitivity"] = time.perf_counter() - t1
         the_plan = _with_adapter(the_plan, src)
         if importance is not None:

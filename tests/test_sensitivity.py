@@ -224,6 +224,10 @@ def test_target_bpw_and_max_size_for_mlx(tmp_path):
     assert size.path.name == "tiny-31b-mlx-4bit-2.3MB"
     assert api.artifact_bytes(size.path) <= 2_300_000
     assert any(e.rule == "target-size" for e in size.plan.kept)
+    # text only: the budget is the text's, not lessened by towers the directory does not hold
+    text = api.export("mlx", "tiny-31b", "4bit", tmp_path / "text", max_size=2_300_000, towers=False)
+    assert 0.95 * 2_300_000 <= api.artifact_bytes(text.path) <= 2_300_000
+    assert text.plan.total_bytes > size.plan.total_bytes
 
 
 @pytest.mark.slow

@@ -540,12 +540,12 @@ def stored_copies(t, src) -> dict[str, int]:
     return {}
 
 
-def overhead_bytes(t, src, plan, preset) -> int:
+def overhead_bytes(t, src, plan, preset, towers: bool = True) -> int:
     """Bytes of the artifact besides its text tensors' data, which a --max-size budget leaves out: for GGUF the
     target's own count (the header); for the MLX and ONNX directories an upper estimate, as those files are written
     after the plan: the tokenizer files (their sizes), the JSON files, the safetensors headers or the graphs (which
     grow with the layers, the experts' views and the tensors), and the towers a default export writes beside the
-    text model (their plan's bytes plus their headers or encoder graphs)."""
+    text model (their plan's bytes plus their headers or encoder graphs; none with `towers=False`)."""
     if t.name == "gguf" or t.name not in ("mlx", "onnx"):
         return t.overhead_bytes(src, plan)
     from ..targets import TOKENIZER_FILES
@@ -554,7 +554,7 @@ def overhead_bytes(t, src, plan, preset) -> int:
     tok = sum((d / f).stat().st_size for f in TOKENIZER_FILES if (d / f).is_file())
     cfg = len(json.dumps(src.config, indent=2)) + 4096
     n = len(plan.kept)
-    towers = _tower_bytes(t, src, preset)
+    towers = _tower_bytes(t, src, preset) if towers else 0  # --text-only: none
     if t.name == "mlx":
         # config.json names every module's quantization; the index and the header name every output tensor
         per_tensor = 3 * (128 + 128) + 128
