@@ -477,7 +477,7 @@ def main() -> None:
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
     ap.add_argument("--merge", nargs="+", type=Path, default=[], metavar="JSON",
                     help="rows of earlier runs' bench_quality.json to report with this run's (a row measured again "
-                         "here, or failed there, is left out)")
+                         "here or in a later file, or failed there, is left out)")
     ap.add_argument("--reuse", nargs="+", type=Path, default=[], metavar="JSON",
                     help="take the rows that do not depend on gemma4-export's calibrated quantizers (the reference "
                          "tools' artifacts, ours --no-calibrate) from earlier runs' bench_quality.json instead of "
@@ -493,7 +493,7 @@ def main() -> None:
         log(f"skipping {k}: {why}")
     t0 = time.perf_counter()
 
-    merged = _rows_of(a.merge)
+    merged = list({(r.variant, r.group, r.label): r for r in _rows_of(a.merge)}.values())  # a later file's row wins
 
     run_rows = b.rows  # what this run measures (Bench.add appends here)
 
