@@ -334,6 +334,25 @@ class Hessian:
         return whole
 
 
+def _steps(factors: list[tuple[int, np.ndarray]], step: int):
+    """(first channel of the block, its factor U, offset in the block) for each step of `step` channels."""
+    for start, u in factors:
+        n = u.shape[0]
+        if start % step or n % step:
+            raise ValueError(f"Hessian block at {start} of {n} channels does not hold whole steps of {step}")
+        for a in range(0, n, step):
+            yield start, u, a
+
+
+def _feed_forward(work: np.ndarray, u: np.ndarray, start: int, a: int, step: int, deq: np.ndarray) -> None:
+    """The step at channels start+a.. is fixed at `deq`: move the block's later channels by -D U_ss^-1 U_s,later."""
+    n = u.shape[0]
+    if a + step < n:
+        c = start + a
+        d = work[:, c:c + step] - deq
+        work[:, c + step:start + n] -= np.linalg.solve(u[a:a + step, a:a + step].T, d.T).T @ u[a:a + step, a + step:]
+
+
 def gptq(w: np.ndarray, factors: list[tuple[int, np.ndarray]], group: int, quantize):
     """Quantize w [rows, cols] group by group (groups of `group` input channels, in order), feeding each group's
     rounding error forward onto the channels not yet quantized, as GPTQ does with its lazy blocks: with U the upper
@@ -346,19 +365,11 @@ def gptq(w: np.ndarray, factors: list[tuple[int, np.ndarray]], group: int, quant
     rows, cols = w.shape
     work = np.array(w, dtype=np.float64)
     parts: list = [None] * (cols // group)
-    for start, u in factors:
-        n = u.shape[0]
-        if start % group or n % group:
-            raise ValueError(f"Hessian block at {start} of {n} channels does not hold whole groups of {group}")
-        for a in range(0, n, group):
-            c = start + a
-            got, deq = quantize(np.ascontiguousarray(work[:, c:c + group], dtype=np.float32), c)
-            parts[c // group] = got
-            if a + group < n:
-                d = work[:, c:c + group] - deq
-                ugg = u[a:a + group, a:a + group]
-                step = np.linalg.solve(ugg.T, d.T).T  # D U_gg^-1
-                work[:, c + group:start + n] -= step @ u[a:a + group, a + group:]
+    for start, u, a in _steps(factors, group):
+        c = start + a
+        got, deq = quantize(np.ascontiguousarray(work[:, c:c + group], dtype=np.float32), c)
+        parts[c // group] = got
+        _feed_forward(work, u, start, a, group, deq)
     if any(p is None for p in parts):
         raise ValueError(f"the Hessian's blocks do not cover the {cols} input channels")
     return tuple(np.concatenate([p[k] for p in parts], axis=1) for k in range(len(parts[0])))
@@ -398,21 +409,14 @@ def gptq_values(w: np.ndarray, factors: list[tuple[int, np.ndarray]], superblock
     work = np.array(w, dtype=np.float64)
     out = np.empty_like(work)
     done = np.zeros(cols, bool)
-    for start, u in factors:
-        n = u.shape[0]
-        if start % sub or n % sub:
-            raise ValueError(f"Hessian block at {start} of {n} channels does not hold whole sub-blocks of {sub}")
-        for a in range(0, n, sub):
-            c = start + a
-            s0 = c - c % superblock
-            cur = np.where(done[s0:s0 + superblock], out[:, s0:s0 + superblock], work[:, s0:s0 + superblock])
-            deq = quantize(np.ascontiguousarray(cur, dtype=np.float32), s0)
-            out[:, c:c + sub] = deq[:, c - s0:c - s0 + sub]
-            done[c:c + sub] = True
-            if a + sub < n:
-                d = work[:, c:c + sub] - out[:, c:c + sub]
-                step = np.linalg.solve(u[a:a + sub, a:a + sub].T, d.T).T  # D U_ss^-1
-                work[:, c + sub:start + n] -= step @ u[a:a + sub, a + sub:]
+    for start, u, a in _steps(factors, sub):
+        c = start + a
+        s0 = c - c % superblock
+        cur = np.where(done[s0:s0 + superblock], out[:, s0:s0 + superblock], work[:, s0:s0 + superblock])
+        deq = quantize(np.ascontiguousarray(cur, dtype=np.float32), s0)
+        out[:, c:c + sub] = deq[:, c - s0:c - s0 + sub]
+        done[c:c + sub] = True
+        _feed_forward(work, u, start, a, sub, out[:, c:c + sub])
     if not done.all():
         raise ValueError(f"the Hessian's blocks do not cover the {cols} input channels")
     return out.astype(np.float32)
