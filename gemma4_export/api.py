@@ -402,12 +402,12 @@ def _importance(src: ModelSource, the_plan: Plan, t: Target, calibrate: bool | N
     if imatrix is not None:
         imp = cal.read_imatrix(imatrix)
         cal.check_matches(imp, src)
-        if gptq and t.uses_hessians:
+        if gptq:
             reporter.note("--imatrix: an imatrix file holds each input channel's mean square only, not the second "
                           "moments GPTQ's error feedback needs: importance-weighted rounding alone")
         return imp
     return cal.importance_for(src, calibration, chunks=chunks, device=device,
-                              reporter=reporter, hessians=gptq and t.uses_hessians)
+                              reporter=reporter, hessians=gptq)
 
 
 def describe_importance(imp) -> dict[str, Any]:

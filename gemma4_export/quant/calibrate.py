@@ -259,15 +259,14 @@ def hessian_plan(widths: dict[str, tuple[int, int]], budget: int = HESSIAN_BUDGE
         return total
 
     dense = [k for k, (n, _) in inputs.items() if n == 1]
-    widest = max((w for _, w in inputs.values()), default=128)
-    for b in (-(-widest // 128) * 128,) + HESSIAN_BLOCKS:
-        if b > widest:
-            continue
+    widest = -(-max((w for _, w in inputs.values()), default=32) // 32) * 32
+    candidates = [widest] + [b for b in HESSIAN_BLOCKS if b < widest]  # every input whole first
+    for b in candidates:
         if size(b, inputs) <= budget:
             return b, set(widths)
-        if size(b, dense) <= budget or b == HESSIAN_BLOCKS[-1]:
-            return b, {n for n, (m, _) in widths.items() if m == 1}
-    return HESSIAN_BLOCKS[-1], {n for n, (m, _) in widths.items() if m == 1}
+        if size(b, dense) <= budget:
+            break
+    return b, {n for n, (m, _) in widths.items() if m == 1}
 
 
 def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter | None = None,
@@ -292,7 +291,7 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
     block, with_hessian = None, set()
 
     hess_of_input: dict[str, object] = {}
-    aliases: dict[str, str] = {}
+    aliases: set[str] = set()  # names whose input another name's Hessian already accumulates
 
     def add(name: str, given, mat: int = 0, n_mat: int = 1) -> None:
         x = given.reshape(-1, given.shape[-1])
@@ -303,7 +302,7 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
                 key = _input_key(name)
                 if key in hess_of_input:  # q, k and v (gate and up) read the same input: one Hessian for all
                     hess[name] = hess_of_input[key]
-                    aliases[name] = key
+                    aliases.add(name)
                 else:
                     b = min(block, -(-x.shape[1] // 32) * 32)
                     hess[name] = hess_of_input[key] = torch.zeros(n_mat, -(-x.shape[1] // b), b, b,

@@ -105,11 +105,11 @@ class _QD:
             raise QuantError(f"imatrix entry of {name} is {list(imat.shape)}, not [{n_mat}, {arr.shape[1]}]")
         out = np.empty_like(arr)
         per = arr.shape[0] // n_mat
+        hess = self.importance.hessian_for(name, self.prefix) if self.importance is not None else None
         for m in range(n_mat):
             sl = slice(m * per, (m + 1) * per)
             vec = imat[m] if imat is not None else None
-            hess = _hessian(self.importance, self.prefix, name, m)
-            rows = arr[sl] if hess is None else self.q.gptq(t, arr[sl], vec, hess.factors(0))
+            rows = arr[sl] if hess is None else self.q.gptq(t, arr[sl], vec, hess.factors(m))
             b = self.q.quantize(t, rows, vec)
             out[sl] = dequantize(b, GGMLQuantizationType[t]).reshape(-1, arr.shape[1])
         return torch.from_numpy(out).reshape(w.shape).to(w.device)
@@ -129,18 +129,6 @@ def _matrices(importance, prefix: str, name: str, cols: int, n_mat: int, uniform
     if imat.shape != (n_mat, cols):
         raise QuantError(f"imatrix entry of {name} is {list(imat.shape)}, not [{n_mat}, {cols}]")
     return imat
-
-
-def _hessian(importance, prefix: str, name: str, m: int):
-    """The Hessian of a tensor's matrix m (an expert's, for an expert tensor) as the writers use it, or None."""
-    from .weighted import Hessian
-
-    h = importance.hessian_for(name, prefix) if importance is not None else None
-    if h is None or h.n_mat == 1:
-        return h
-    one = Hessian(h.blocks[m:m + 1], h.width)
-    one._factors[0] = h.factors(m)
-    return one
 
 
 def _rows_of(w) -> np.ndarray:
@@ -189,11 +177,12 @@ class _MLXQD:
                                               np.array(bi.view(mx.uint16)), bits, group)
             return _back(out, w)
         imat = _matrices(self.importance, self.prefix, name, cols, n_mat, None)
+        hess = self.importance.hessian_for(name, self.prefix)
         per = rows // n_mat
         for m in range(n_mat):
             sl = slice(m * per, (m + 1) * per)
-            out[sl] = mlx_dequant(*mlx_affine(arr[sl], imat[m] if imat is not None else None, bits, group,
-                                              _hessian(self.importance, self.prefix, name, m)), bits, group)
+            out[sl] = mlx_dequant(*mlx_affine(arr[sl], imat[m] if imat is not None else None, bits, group, hess,
+                                              np.full(per, m)), bits, group)
         return _back(out, w)
 
     def close(self):
@@ -221,12 +210,13 @@ class _ONNXQD:
             return _back(arr.astype(np.float16).astype(np.float32) if t == "FP16" else arr, w)
         bits = QUANT_BITS[t]
         imat = _matrices(self.importance, self.prefix, name, cols, n_mat, np.ones(cols, np.float32))
+        hess = self.importance.hessian_for(name, self.prefix) if self.importance is not None else None
         out = np.empty_like(arr)
         per = rows // n_mat
         for m in range(n_mat):
             sl = slice(m * per, (m + 1) * per)
-            packed, scales = int_blocks(arr[sl], imat[m] if imat is not None else None, bits, BLOCK,
-                                        _hessian(self.importance, self.prefix, name, m))
+            packed, scales = int_blocks(arr[sl], imat[m] if imat is not None else None, bits, BLOCK, hess,
+                                        np.full(per, m))
             if self.half:
                 scales = scales.astype(np.float16).astype(np.float32)
             out[sl] = int_dequant(packed, scales, bits)

@@ -295,7 +295,8 @@ class Hessian:
     are not kept, and the error feedback runs within each block.
 
     `factors(m)` gives, per block, (first channel, U): U the upper Cholesky factor of the damped block's inverse,
-    what the feedback needs (computed once per matrix, kept for the next row block)."""
+    what the feedback needs (computed once per matrix, kept for the next row block; m is ignored where all the
+    tensor's matrices share one Hessian)."""
 
     def __init__(self, blocks: np.ndarray, width: int):
         self.blocks, self.width = blocks, width
@@ -310,6 +311,7 @@ class Hessian:
         return self.blocks.shape[2]
 
     def factors(self, m: int = 0) -> list[tuple[int, np.ndarray]]:
+        m = int(m) if self.n_mat > 1 else 0
         if m not in self._factors:
             out = []
             B = self.block
@@ -320,8 +322,8 @@ class Hessian:
                 d[d <= 0] = 1.0  # a channel no token reached: its error costs nothing, it feeds nothing back
                 h = h.copy()
                 np.fill_diagonal(h, d + GPTQ_DAMP * d.mean())
-                inv = np.linalg.inv(np.linalg.cholesky(h))  # h = L L^T, so h^-1 = L^-T L^-1 = U^T U, U = L^-1
-                u = np.linalg.cholesky(inv.T @ inv).T  # upper U with h^-1 = U^T U
+                inv = np.linalg.inv(np.linalg.cholesky(h))  # h = L L^T, so h^-1 = L^-T L^-1 = inv^T inv
+                u = np.linalg.cholesky(inv.T @ inv).T  # the upper U with h^-1 = U^T U (inv is lower, not U)
                 out.append((k * B, u))
             self._factors[m] = out
         return self._factors[m]
@@ -376,15 +378,16 @@ def gptq(w: np.ndarray, factors: list[tuple[int, np.ndarray]], group: int, quant
 
 
 def _by_matrix(w, imp, hess: Hessian, mats, group: int, run):
-    """GPTQ over rows that may belong to different matrices (an expert tensor's row block): each matrix's rows with
-    its own factors and importance. run(rows, imp_vector, first) -> (parts, deq) quantizes one group."""
+    """GPTQ over rows that may belong to different matrices (an expert tensor's row block; `mats` [rows], None for
+    one): each matrix's rows with its own factors and importance. run(w_group, importance of its channels or None)
+    -> (parts, deq) quantizes one group."""
     rows = w.shape[0]
     mats = np.zeros(rows, np.int64) if mats is None else np.asarray(mats)
     out = None
     for m in np.unique(mats):
         sel = np.nonzero(mats == m)[0]
         iv = None if imp is None else (imp[sel[0]] if imp.ndim == 2 else imp)
-        got = gptq(w[sel], hess.factors(int(m) if hess.n_mat > 1 else 0), group,
+        got = gptq(w[sel], hess.factors(m), group,
                    lambda wg, first, iv=iv: run(wg, None if iv is None else iv[first:first + wg.shape[1]]))
         if out is None:
             out = tuple(np.empty((rows,) + p.shape[1:], p.dtype) for p in got)

@@ -356,7 +356,7 @@ def _quantized_blocks(ck: Checkpoint, e: PlanEntry, name: str, importance, quant
                 j = min(len(rows), (m + 1) * per_matrix - r0)
                 part, vec = rows[i:j], imat[m] if imat is not None else None
                 if hess is not None:  # GPTQ's error feedback moves the rows; ggml then quantizes them as usual
-                    part = quantizer.gptq(e.type, part, vec, hess.factors(m if hess.n_mat > 1 else 0))
+                    part = quantizer.gptq(e.type, part, vec, hess.factors(m))
                 pending.append(quantizer.submit(e.type, part, vec))
                 i = j
             while len(pending) > 1 or (pending and pending[0].done()):
@@ -463,7 +463,6 @@ class GGUFTarget(Target):
     default_preset = "q4_k_m"
     artifact_kind = "file"
     color = "#1f77b4"
-    uses_hessians = True
     devices_help = "cpu, cuda or mps (GPU offload)"
     lattice_type = "Q4_0"
     lattice_form = "Q4_0 blocks: fp16 step, nibbles k + 8"

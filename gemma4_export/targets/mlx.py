@@ -192,13 +192,11 @@ def _row_importance(imat: np.ndarray | None, entry: PlanEntry, first: int, n: in
     row's own expert's vector."""
     if imat is None or imat.shape[0] == 1:
         return None if imat is None else imat[0]
-    return imat[np.arange(first, first + n) // entry.shape[-2]]
+    return imat[_row_matrices(entry, first, n)]
 
 
-def _row_matrices(hess, entry: PlanEntry, first: int, n: int) -> np.ndarray | None:
-    """Each source row's matrix (its expert) in an expert tensor's Hessian, for rows first..first+n."""
-    if hess is None or hess.n_mat == 1:
-        return None
+def _row_matrices(entry: PlanEntry, first: int, n: int) -> np.ndarray:
+    """Each source row's matrix (its expert; 0 for a 2-D tensor), for rows first..first+n."""
     return np.arange(first, first + n) // entry.shape[-2]
 
 
@@ -236,8 +234,7 @@ def _write(tmp: Path, ck: Checkpoint, jobs: list[_Job], outs: list[_Out], names:
                         parts = [wq.tobytes(), scales.tobytes(), biases.tobytes()]
                     elif importance is not None:  # a lookup table has no statistics: the search, evenly weighted
                         wq, scales, biases = mlx_affine(block, _row_importance(imat, job.entry, r0, len(block)),
-                                                        bg[0], bg[1], hess, _row_matrices(hess, job.entry, r0,
-                                                                                          len(block)))
+                                                        bg[0], bg[1], hess, _row_matrices(job.entry, r0, len(block)))
                         parts = [wq.tobytes(), scales.tobytes(), biases.tobytes()]
                     else:
                         w = mx.array(block).astype(mx.bfloat16)
@@ -266,7 +263,6 @@ class MLXTarget(Target):
     default_preset = "4bit"
     artifact_kind = "directory"
     color = "#d62728"
-    uses_hessians = True
     # Metal allocates each tensor as one buffer, and a buffer cannot exceed 4 GB: E2B/E4B's PLE table in bf16
     # (4.7 / 5.6 GB) must be quantized to load on Apple GPUs.
     max_tensor_bytes = 4 * 2**30

@@ -358,7 +358,6 @@ class ONNXTarget(Target):
     default_preset = "int4"
     artifact_kind = "directory"
     color = "#2ca02c"
-    uses_hessians = True
     devices_help = "cpu, cuda (CUDA provider) or mps (CoreML)"
     lattice_type = "INT4"
     lattice_form = "4-bit blocks of 32: scale = step, zero point 8"

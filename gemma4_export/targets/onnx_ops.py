@@ -337,14 +337,13 @@ class Graph:
         hess = self.hessian(name) if self.hessian is not None and not table else None
         if hess is not None and hess.width != cols:
             hess = hess.side_by_side()
-        if hess is not None and (hess.width != cols or rows % hess.n_mat):
+        if hess is not None and (hess.width != cols or hess.n_mat not in (1, imat.shape[0])):
             raise ValueError(f"{name}: Hessian of {hess.n_mat} x {hess.width} does not fit [{rows}, {cols}]")
 
         def weighted(first, b):
             sel = np.arange(first, first + len(b))
             imp = imat[0] if imat.shape[0] == 1 else imat[sel // per]
-            mats = None if hess is None or hess.n_mat == 1 else sel // (rows // hess.n_mat)
-            return int_blocks(b, imp, bits, BLOCK, hess, mats)
+            return int_blocks(b, imp, bits, BLOCK, hess, sel // per)
         return weighted
 
     # -- layers ------------------------------------------------------------------------------------------------

@@ -72,9 +72,6 @@ class Target:
     default_group_size: ClassVar[int | None] = None
     devices_help: ClassVar[str] = "cpu"
     # the type a QAT checkpoint's 4-bit lattice is written in (quant/lattice.py), and how, in words
-    # its quantizers take GPTQ's error feedback when calibrating (quant.weighted.gptq): calibration then measures the
-    # inputs' second moments too
-    uses_hessians: ClassVar[bool] = False
     lattice_type: ClassVar[str] = ""
     lattice_form: ClassVar[str] = ""
 
