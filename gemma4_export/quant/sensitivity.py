@@ -466,6 +466,8 @@ def sensitivity_for(src, importance, device: str = "cpu", reporter: Reporter | N
         b"".join(importance.weights(k).tobytes() for k in sorted(importance.sums))).hexdigest()[:12]
     if importance is not None and importance.hessians:  # GPTQ's feedback changes what is measured
         imat_key += f"-gptq{importance.hessian_block}"
+        if spec.key:  # and MLX's and ONNX's refit of the scales (refit_groups) too
+            imat_key += "r"
     target_key = f"{spec.key}-" if spec.key else ""  # GGUF's keys predate the other targets: unchanged
     key = f"{src.digest.removeprefix('sha256:')[:16]}-{calib.key}-{imat_key}-{target_key}{'-'.join(types)}"
     path = cache_dir().parent / "sensitivity" / f"{key}.json"

@@ -168,7 +168,8 @@ def mlx_affine(w: np.ndarray, imp=None, bits: int = 4, group: int = 64, hess: "H
 
     With `hess` (the inputs' second moments, calibrate.Importance.hessian_for) the groups are quantized in order with
     GPTQ's error feedback (`gptq`): each group by the same search, on weights that carry the earlier groups'
-    rounding error; `mats` [rows] gives each row's matrix in `hess` (an expert tensor's row block)."""
+    rounding error; `mats` [rows] gives each row's matrix in `hess` (an expert tensor's row block). Once every code
+    is fixed, the scales and biases are refitted to the layer's output (`refit_groups`)."""
     from .types import MLX_BITS, MLX_GROUPS
 
     if bits not in MLX_BITS or group not in MLX_GROUPS:
@@ -179,7 +180,12 @@ def mlx_affine(w: np.ndarray, imp=None, bits: int = 4, group: int = 64, hess: "H
         def one(wg, iv):
             got = mlx_affine(wg, iv, bits, group)
             return got, mlx_dequant(*got, bits, group)
-        return _by_matrix(w, imp, hess, mats, group, one)
+
+        def refit(wm, got, m):
+            s, b = (_from_bf16(x) for x in got[1:])
+            s, b = refit_groups(wm, unpack_mlx(got[0], bits), s, b, hess, m, group, _bf16_round)
+            return got[0], bf16_bits(s), bf16_bits(b)
+        return _by_matrix(w, imp, hess, mats, group, one, refit)
     rows, cols = w.shape
     G = cols // group
     wq = np.empty((rows, cols * bits // 32), np.uint32)
@@ -192,12 +198,15 @@ def mlx_affine(w: np.ndarray, imp=None, bits: int = 4, group: int = 64, hess: "H
     return wq, scales, biases
 
 
+def _from_bf16(bits16: np.ndarray) -> np.ndarray:
+    return (bits16.astype(np.uint32) << 16).view(np.float32)
+
+
 def mlx_dequant(wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group: int) -> np.ndarray:
     """numpy dequantization of an mlx_affine triple (bf16 bit-pattern scales/biases) to float32 [rows, cols]."""
     q = unpack_mlx(wq, bits).astype(np.float32)
     rows, cols = q.shape
-    s = (scales.astype(np.uint32) << 16).view(np.float32)[..., None]
-    b = (biases.astype(np.uint32) << 16).view(np.float32)[..., None]
+    s, b = _from_bf16(scales)[..., None], _from_bf16(biases)[..., None]
     return (s * q.reshape(rows, -1, group) + b).reshape(rows, cols)
 
 
@@ -246,7 +255,7 @@ def int_blocks(w: np.ndarray, imp=None, bits: int = 4, block: int = 32, hess: "H
     Returns (packed uint8 [rows, cols/block, block*bits/8], scales float32 [rows, cols/block]); codes are q + zp
     with q in -2^(bits-1)..2^(bits-1)-1, for 4 bits two per byte, the even element in the low nibble. With
     imp=None the result is exactly onnxruntime's qbits_block_quant output (round to nearest, no search). bits 4 or
-    8. With `hess` (and `mats`), GPTQ's error feedback as in mlx_affine."""
+    8. With `hess` (and `mats`), GPTQ's error feedback and the refit of the scales as in mlx_affine."""
     if bits not in (4, 8):
         raise ValueError(f"int_blocks supports 4 and 8 bits, not {bits}")
     w, imp = _check(w, imp, block)
@@ -254,7 +263,11 @@ def int_blocks(w: np.ndarray, imp=None, bits: int = 4, block: int = 32, hess: "H
         def one(wg, iv):
             got = int_blocks(wg, iv if iv is not None else np.ones(wg.shape[1], np.float32), bits, block)
             return got, int_dequant(*got, bits)
-        return _by_matrix(w, imp, hess, mats, block, one)
+
+        def refit(wm, got, m):
+            s, _ = refit_groups(wm, int_codes(got[0], bits), got[1], None, hess, m, block)
+            return got[0], s
+        return _by_matrix(w, imp, hess, mats, block, one, refit)
     rows, cols = w.shape
     B = cols // block
     packed = np.empty((rows, B, block * bits // 8), np.uint8)
@@ -272,13 +285,18 @@ def int_blocks(w: np.ndarray, imp=None, bits: int = 4, block: int = 32, hess: "H
     return packed, scales
 
 
-def int_dequant(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
-    """numpy dequantization of an int_blocks pair to float32 [rows, cols]: (code - 2^(bits-1)) * scale."""
+def int_codes(packed: np.ndarray, bits: int) -> np.ndarray:
+    """The signed codes (code - 2^(bits-1)) of an int_blocks tensor as float32 [rows, cols]."""
     if bits == 4:
         code = np.stack([packed & 0xF, packed >> 4], -1).reshape(*packed.shape[:2], -1)
     else:
         code = packed
-    q = code.astype(np.float32) - 2 ** (bits - 1)
+    return (code.astype(np.float32) - 2 ** (bits - 1)).reshape(packed.shape[0], -1)
+
+
+def int_dequant(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
+    """numpy dequantization of an int_blocks pair to float32 [rows, cols]: (code - 2^(bits-1)) * scale."""
+    q = int_codes(packed, bits).reshape(*packed.shape[:2], -1)
     return (q * scales[..., None]).reshape(packed.shape[0], -1)
 
 
@@ -301,6 +319,7 @@ class Hessian:
     def __init__(self, blocks: np.ndarray, width: int):
         self.blocks, self.width = blocks, width
         self._factors: dict[int, list] = {}
+        self._parts: list | None = None  # set for side_by_side: one list of blocks across the matrices
 
     @property
     def n_mat(self) -> int:
@@ -310,21 +329,27 @@ class Hessian:
     def block(self) -> int:
         return self.blocks.shape[2]
 
-    def factors(self, m: int = 0) -> list[tuple[int, np.ndarray]]:
+    def parts(self, m: int = 0) -> list[tuple[int, np.ndarray]]:
+        """Per block, (first channel, its second moments [n, n] as float32)."""
+        if self._parts is not None:
+            return self._parts
         m = int(m) if self.n_mat > 1 else 0
+        B = self.block
+        return [(k * B, self.blocks[m, k, :min(B, self.width - k * B), :min(B, self.width - k * B)])
+                for k in range(self.blocks.shape[1])]
+
+    def factors(self, m: int = 0) -> list[tuple[int, np.ndarray]]:
+        m = int(m) if self.n_mat > 1 and self._parts is None else 0
         if m not in self._factors:
             out = []
-            B = self.block
-            for k in range(self.blocks.shape[1]):
-                n = min(B, self.width - k * B)
-                h = self.blocks[m, k, :n, :n].astype(np.float64)
+            for start, h in self.parts(m):
+                h = h.astype(np.float64)
                 d = np.diag(h).copy()
                 d[d <= 0] = 1.0  # a channel no token reached: its error costs nothing, it feeds nothing back
-                h = h.copy()
                 np.fill_diagonal(h, d + GPTQ_DAMP * d.mean())
                 inv = np.linalg.inv(np.linalg.cholesky(h))  # h = L L^T, so h^-1 = L^-T L^-1 = inv^T inv
                 u = np.linalg.cholesky(inv.T @ inv).T  # the upper U with h^-1 = U^T U (inv is lower, not U)
-                out.append((k * B, u))
+                out.append((start, u))
             self._factors[m] = out
         return self._factors[m]
 
@@ -332,6 +357,7 @@ class Hessian:
         """The experts' matrices side by side as one [rows, n_mat*width] matrix (ONNX's expert down projection):
         each expert's blocks cover its own columns."""
         whole = Hessian(self.blocks[:1], self.n_mat * self.width)
+        whole._parts = [(m * self.width + start, h) for m in range(self.n_mat) for start, h in self.parts(m)]
         whole._factors[0] = [(m * self.width + start, u) for m in range(self.n_mat) for start, u in self.factors(m)]
         return whole
 
@@ -377,10 +403,78 @@ def gptq(w: np.ndarray, factors: list[tuple[int, np.ndarray]], group: int, quant
     return tuple(np.concatenate([p[k] for p in parts], axis=1) for k in range(len(parts[0])))
 
 
-def _by_matrix(w, imp, hess: Hessian, mats, group: int, run):
+REFIT_RIDGE = 1e-6  # added to the refit's normal equations' diagonal, times their mean (a group of one code)
+REFIT_ROWS_ELEMS = 1 << 21  # rows x channels of one Hessian block the refit holds at once (float64 temporaries)
+
+
+def refit_groups(w: np.ndarray, q: np.ndarray, s: np.ndarray, b: np.ndarray | None, hess: Hessian, m: int,
+                 group: int, rounding=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The scales (and, affine, the biases) of groups whose codes are fixed, refitted to the layer's output.
+
+    GPTQ chooses each group's scale when the group's turn comes, before the later groups' errors are known, and
+    scores it by the group's own weighted error. Given all the codes q [rows, cols] (float, signed for a symmetric
+    format), deq = s_g * q + b_g (b = None: symmetric, deq = s_g * q) is linear in the row's scales and biases, so
+    the ones minimising its output error on the calibration tokens, (w - deq) H (w - deq)^T with H the second
+    moments of matrix m (`hess.parts(m)`), solve a small least-squares system per row (2 unknowns per group; the blocks of a
+    block-diagonal H separately). Each candidate is rounded as stored (`rounding`, for instance bf16) and kept for a
+    row and Hessian block only where it lowers that error, so the result is never worse than (s, b)."""
+    rows, cols = w.shape
+    s, b = s.astype(np.float32).copy(), None if b is None else b.astype(np.float32).copy()
+    for c0, h in hess.parts(m):
+        n = h.shape[0]
+        if c0 % group or n % group:
+            raise ValueError(f"Hessian block at {c0} of {n} channels does not hold whole groups of {group}")
+        g0, G = c0 // group, n // group
+        h = h.astype(np.float64)
+        hsum = h.reshape(n, G, group).sum(-1)  # [n, G]: sum of H_ij over j in group h
+        abb = hsum.reshape(G, group, G).sum(1)
+        step = max(1, REFIT_ROWS_ELEMS // n)
+        for r in range(0, rows, step):
+            sl = slice(r, min(r + step, rows))
+            wk = w[sl, c0:c0 + n].astype(np.float64)
+            qk = q[sl, c0:c0 + n].astype(np.float64).reshape(-1, G, group)
+            R = qk.shape[0]
+            qf = qk.reshape(R, n)
+            ass = np.empty((R, G, G))
+            for g in range(G):  # ass[r, :, g] = sum over i in each group, j in group g, of q_i H_ij q_j
+                cols_g = slice(g * group, (g + 1) * group)
+                ass[:, :, g] = (qf * (qf[:, cols_g] @ h[cols_g])).reshape(R, G, group).sum(-1)
+            hw = wk @ h
+            rhs_s = np.einsum("rgi,rgi->rg", qk, hw.reshape(R, G, group))
+            if b is None:
+                a, rhs = ass, rhs_s
+            else:
+                asb = np.einsum("rgi,gih->rgh", qk, hsum.reshape(G, group, G))
+                a = np.empty((R, 2 * G, 2 * G))
+                a[:, :G, :G], a[:, :G, G:] = ass, asb
+                a[:, G:, :G], a[:, G:, G:] = asb.transpose(0, 2, 1), abb
+                rhs = np.concatenate([rhs_s, hw.reshape(R, G, group).sum(-1)], 1)
+            dim = a.shape[1]
+            a = a + np.eye(dim) * (REFIT_RIDGE * np.trace(a, axis1=1, axis2=2) / dim + 1e-30)[:, None, None]
+            th = np.linalg.solve(a, rhs[..., None])[..., 0].astype(np.float32)
+            if rounding is not None:
+                th = rounding(th)
+            cand_s, cand_b = th[:, :G], (th[:, G:] if b is not None else None)
+
+            def err(sc, bi):
+                d = sc[..., None].astype(np.float64) * qk
+                if bi is not None:
+                    d = d + bi[..., None]
+                e = wk - d.reshape(R, n)
+                return ((e @ h) * e).sum(1)
+            better = np.isfinite(th).all(1) & (err(cand_s, cand_b) < err(s[sl, g0:g0 + G],
+                                                                          None if b is None else b[sl, g0:g0 + G]))
+            s[sl, g0:g0 + G][better] = cand_s[better]
+            if b is not None:
+                b[sl, g0:g0 + G][better] = cand_b[better]
+    return s, b
+
+
+def _by_matrix(w, imp, hess: Hessian, mats, group: int, run, refit=None):
     """GPTQ over rows that may belong to different matrices (an expert tensor's row block; `mats` [rows], None for
     one): each matrix's rows with its own factors and importance. run(w_group, importance of its channels or None)
-    -> (parts, deq) quantizes one group."""
+    -> (parts, deq) quantizes one group; refit(w_rows, parts, m) -> parts, when given, then refits the matrix's
+    scales to its output (refit_groups)."""
     rows = w.shape[0]
     mats = np.zeros(rows, np.int64) if mats is None else np.asarray(mats)
     out = None
@@ -389,6 +483,8 @@ def _by_matrix(w, imp, hess: Hessian, mats, group: int, run):
         iv = None if imp is None else (imp[sel[0]] if imp.ndim == 2 else imp)
         got = gptq(w[sel], hess.factors(m), group,
                    lambda wg, first, iv=iv: run(wg, None if iv is None else iv[first:first + wg.shape[1]]))
+        if refit is not None:
+            got = refit(w[sel], got, m)
         if out is None:
             out = tuple(np.empty((rows,) + p.shape[1:], p.dtype) for p in got)
         for o, p in zip(out, got):
