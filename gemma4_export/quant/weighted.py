@@ -415,8 +415,8 @@ def refit_groups(w: np.ndarray, q: np.ndarray, s: np.ndarray, b: np.ndarray | No
     scores it by the group's own weighted error. Given all the codes q [rows, cols] (float, signed for a symmetric
     format), deq = s_g * q + b_g (b = None: symmetric, deq = s_g * q) is linear in the row's scales and biases, so
     the ones minimising its output error on the calibration tokens, (w - deq) H (w - deq)^T with H the second
-    moments of matrix m (`hess.parts(m)`), solve a small least-squares system per row (2 unknowns per group; the blocks of a
-    block-diagonal H separately). Each candidate is rounded as stored (`rounding`, for instance bf16) and kept for a
+    moments of matrix m (`hess.parts(m)`), solve a small least-squares system per row (2 unknowns per group; the
+    blocks of a block-diagonal H separately). Each candidate is rounded as stored (`rounding`, for instance bf16) and kept for a
     row and Hessian block only where it lowers that error, so the result is never worse than (s, b)."""
     rows, cols = w.shape
     s, b = s.astype(np.float32).copy(), None if b is None else b.astype(np.float32).copy()
