@@ -451,7 +451,7 @@ class ONNXTarget(Target):
             raise ONNXExportError("the ONNX encoders' type follows the preset (fp32, fp16, or 8-bit beside 4- and "
                                   "8-bit text): there is no tower type to choose")
         enc = ENCODER_PRESET[preset.name]
-        # int8: onnxruntime's dynamic quantization of every MatMul with a 2-D weight (the patch embedding is one)
+        # int8: 8-bit MatMulNBits blocks for every MatMul with a 2-D weight (the patch embedding is one)
         matrix = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8"}[enc]
         return TowerPolicy(f"encoders-{enc}", matrix, "FP16" if enc == "fp16" else "FP32", matrix)
 
