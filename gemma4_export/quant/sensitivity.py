@@ -418,20 +418,19 @@ def _fits(specs: list[TensorSpec], t: str, spec: TargetSpec) -> bool:
 
 
 def allocate(sens: Sensitivity, classes: dict[str, list[TensorSpec]], budget: int, resolution: int = 4000,
-             spec: TargetSpec = GGUF_SPEC, copies: dict[str, int] | None = None, arch=None
-             ) -> dict[str, Choice]:
+             spec: TargetSpec = GGUF_SPEC, copies: dict[str, int] | None = None,
+             pinned: dict[str, str] | None = None) -> dict[str, Choice]:
     """One type per class, minimising the summed measured KLD with the classes' bytes within `budget`: an exact
     knapsack over bytes in `resolution` steps (each class's bytes rounded up, so the result never exceeds the
     budget). Bytes as `spec`'s target stores them (GGUF by default), times `copies` for a class the artifact holds
     more than once; a type that would make one of the class's tensors larger than the target can hold is not
-    offered."""
+    offered; a class in `pinned` is offered only its type there."""
     names = sorted(classes)
-    pinned = spec.pinned(arch) if spec.pinned is not None and arch is not None else {}
     opts = {}
     for c in names:
         ts = [t for t in sens.kld[c] if _fits(classes[c], t, spec)] or list(sens.kld[c])
-        if c in pinned:
-            ts = [pinned[c][0]]
+        if pinned and c in pinned:
+            ts = [pinned[c]]
         k = (copies or {}).get(c, 1)
         opts[c] = [Choice(c, t, k * class_bytes(classes[c], t, spec.types), sens.kld[c][t]) for t in ts]
     least = sum(min(o.bytes for o in opts[c]) for c in names)
@@ -525,8 +524,9 @@ def mixed_assignments(src, plan, sens: Sensitivity, target_bytes: int, what: str
     classes = classes_of(src)
     traded = {s.name for ss in classes.values() for s in ss}
     fixed = sum(e.bytes for e in plan.kept if e.name not in traded)
-    choice = allocate(sens, classes, target_bytes - fixed, spec=spec, copies=copies, arch=src.arch)
     pinned = spec.pinned(src.arch) if spec.pinned is not None else {}
+    choice = allocate(sens, classes, target_bytes - fixed, spec=spec, copies=copies,
+                      pinned={c: t for c, (t, _) in pinned.items()})
     total_kld = sum(o.kld for o in choice.values())
     out = {}
     for c, o in choice.items():

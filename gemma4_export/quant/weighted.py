@@ -39,9 +39,14 @@ AFFINE_DELTA = 0.1
 SYM_STEPS = np.arange(-9, 10)  # iscale = -(nmax + 0.1 * k) / extreme
 
 
+def _from_bf16(bits16: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (any integer dtype) as float32 values."""
+    return (bits16.astype(np.uint32) << 16).view(np.float32)
+
+
 def _bf16_round(x: np.ndarray) -> np.ndarray:
     """float32 values rounded to the nearest bfloat16 (kept as float32)."""
-    return (bf16_bits(x).astype(np.uint32) << 16).view(np.float32)
+    return _from_bf16(bf16_bits(x))
 
 
 def _check(w: np.ndarray, imp, block: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -150,7 +155,7 @@ def _affine_block(w, iw, bits):
     for ds in (-1, 0, 1):
         for db in (-2, -1, 0, 1, 2):
             if ds or db:
-                s, b = (((x + d).astype(np.uint32) << 16).view(np.float32) for x, d in ((s0, ds), (b0, db)))
+                s, b = (_from_bf16(x + d) for x, d in ((s0, ds), (b0, db)))
                 best = _keep(best, _affine_eval(w, iw, s, b, nmax))
     return best[0][..., 0], best[1][..., 0], best[2]
 
@@ -196,10 +201,6 @@ def mlx_affine(w: np.ndarray, imp=None, bits: int = 4, group: int = 64, hess: "H
         wq[sl] = pack_mlx(q.reshape(blk.shape[0], cols).astype(np.uint8), bits)
         scales[sl], biases[sl] = bf16_bits(s), bf16_bits(b)
     return wq, scales, biases
-
-
-def _from_bf16(bits16: np.ndarray) -> np.ndarray:
-    return (bits16.astype(np.uint32) << 16).view(np.float32)
 
 
 def mlx_dequant(wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group: int) -> np.ndarray:

@@ -409,7 +409,6 @@ def _quantize_int8(src: Path, dst: Path) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    tmp = dst.with_name(f"quantized-{dst.name}")
     model = onnx.load(str(src))
     # only products with a weight matrix: a constant of another rank (the audio attention's relative position keys,
     # folded to [heads, head_dim, positions]) is not a [K, N] weight
@@ -421,13 +420,11 @@ def _quantize_int8(src: Path, dst: Path) -> None:
         q = MatMulNBitsQuantizer(model, bits=8, block_size=INT8_BLOCK, is_symmetric=True, accuracy_level=4,
                                  nodes_to_exclude=exclude, algo_config=cfg)
         q.process()
-        q.model.save_model_to_file(str(tmp), use_external_data_format=True)
     except Exception as e:
         raise ONNXExportError(f"onnxruntime could not quantize {src.name}: {type(e).__name__}: {e}") from e
     finally:
         logging.disable(logging.NOTSET)
-    model = onnx.load(str(tmp))  # with its external data, which the quantizer names after its output file
-    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+    onnx.save_model(q.model.model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=dst.name + "_data", size_threshold=1024)
     data = dst.with_name(dst.name + "_data")
     if data.is_file():
