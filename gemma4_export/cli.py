@@ -379,13 +379,14 @@ def _finish(r, validate: bool, variant, model_dir, device: str, adapter=None) ->
         _validate_and_exit(r.validate_as or r.path, variant, model_dir, device, adapter)
 
 
-def _validate_and_exit(artifact: Path, variant, model_dir, device: str, adapter=None, reference=None) -> None:
+def _validate_and_exit(artifact: Path, variant, model_dir, device: str, adapter=None, reference=None,
+                       accumulate: str = "native") -> None:
     from . import api
     from .progress import RichReporter
     from .validate.harness import ValidationFailed
 
     report = api.validate(artifact, variant=variant, model_dir=model_dir, device=device, adapter=adapter,
-                          reporter=RichReporter(err), reference=reference)
+                          reporter=RichReporter(err), reference=reference, accumulate=accumulate)
     from rich.markdown import Markdown
 
     out.print(Markdown(report.to_markdown()))
@@ -401,6 +402,9 @@ def validate(
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or mps (reference and runtime).")] = "cpu",
     adapter: AdapterOpt = None,
     reference: ReferenceOpt = None,
+    accumulate: Annotated[str, typer.Option(
+        "--accumulate", help="MLX on a CPU: native (mlx's CPU kernels, which sum quantized matmuls in bfloat16) or "
+                             "float32 (float32 sums, as mlx's Metal kernels do).")] = "native",
 ) -> None:
     """Run an artifact in its own runtime and compare it with transformers in fp32 on the same tokens.
 
@@ -411,11 +415,12 @@ def validate(
     Examples:
       gemma4-export validate out/tiny-e2b-q4_k_m.gguf
       gemma4-export validate out/e2b-it-q4_k_m.gguf --reference ref/e2b-it
+      gemma4-export validate out/tiny-31b-mlx-4bit --accumulate float32
     """
     if reference is not None and (variant or model_dir or adapter):
         raise typer.BadParameter("--reference replaces --variant, --model-dir and --adapter: the stored reference "
                                  "says which weights it is of", param_hint="--reference")
-    _validate_and_exit(artifact, variant, model_dir, device, adapter, reference)
+    _validate_and_exit(artifact, variant, model_dir, device, adapter, reference, accumulate)
 
 
 @app.command()

@@ -31,6 +31,12 @@ computed once): every artifact runs in its own runtime (llama.cpp, mlx-lm, onnxr
 artifacts carry no gemma4-export provenance, which `validate_artifact` refuses, so they run through the target's own
 runner directly (the same metrics, no thresholds).
 
+MLX rows run with float32 sums in mlx's quantized matmuls (`--mlx-accumulate float32`, the default): the arithmetic
+of mlx's Metal kernels, where MLX artifacts run. mlx's CPU kernels sum in the activations' dtype, so a bf16 artifact
+carries hundreds of bf16 roundings per output that a float32 one (mlx-lm keeps a float32 checkpoint's dtype) does
+not: that compares the kernels' arithmetic, not the quantization (validate/mlxrt.py). `--mlx-accumulate native`
+measures mlx's CPU as it is.
+
 Each row: size (MB, the artifact's bytes on disk), bits per weight (bytes x 8 over the text parameters the reports
 use), mean KLD, top-1 agreement, PPL ratio, greedy exact match, and mean KLD over the group's baseline's; the size
 column marks a pair more than 3% apart in size ("equal size" is within 3%). Prints a Markdown table, writes
@@ -174,8 +180,9 @@ def mlx_lm_config(c: dict) -> None:
 # ---- measuring ---------------------------------------------------------------------------------------------------
 
 
-def measure(row: Row, path: Path, variant: str, ref, params: int, ours: bool) -> Row:
-    """Run the artifact in its runtime against the reference; fills the row's metrics."""
+def measure(row: Row, path: Path, variant: str, ref, params: int, ours: bool, mlx_accumulate: str = "native") -> Row:
+    """Run the artifact in its runtime against the reference; fills the row's metrics. An MLX artifact runs with
+    `mlx_accumulate` (validate/mlxrt.py)."""
     from gemma4_export.progress import Silent
     from gemma4_export.quant.plan import bits_per_weight
     from gemma4_export.targets.registry import detect_target
@@ -184,12 +191,13 @@ def measure(row: Row, path: Path, variant: str, ref, params: int, ours: bool) ->
     row.path, row.bytes = str(path), api.artifact_bytes(path)
     row.bpw = bits_per_weight(row.bytes, params)
     t0 = time.perf_counter()
+    tgt = detect_target(path)
+    opts = {"accumulate": mlx_accumulate} if tgt.name == "mlx" and mlx_accumulate != "native" else {}
     if ours:
-        rep = validate_artifact(path, variant, reference=ref, write=False)
+        rep = validate_artifact(path, variant, reference=ref, write=False, **opts)
         lm, gm, tok, row.passed = rep.logits, rep.generation, rep.tokenizer, rep.passed
     else:  # no gemma4-export provenance: the target's runner, the same comparison
-        tgt = detect_target(path)
-        runner = tgt.make_runner(path, EvalSpec(**ref.spec), "cpu", tgt.default_preset)
+        runner = tgt.make_runner(path, EvalSpec(**ref.spec), "cpu", tgt.default_preset, **opts)
         try:
             lm, gm, tok, _ = run_validation(runner, ref, Silent())
         finally:
@@ -205,7 +213,7 @@ def measure(row: Row, path: Path, variant: str, ref, params: int, ours: bool) ->
 class Bench:
     def __init__(self, a: argparse.Namespace):
         self.a, self.rows, self.skipped = a, [], {}
-        self.reuse = {(r.variant, r.group, r.label): r for r in _rows_of(a.reuse)}
+        self.reuse = {(r.variant, r.group, r.label): r for r in _rows_of(a.reuse, a.mlx_accumulate)}
         self.work = Path(a.work or Path(a.out) / "work")
         self.llama = self._llama_tools()
         self.target_bpw = "max_size" in inspect.signature(api.export).parameters
@@ -242,7 +250,7 @@ class Bench:
                 made = make()
             row.seconds["make"] = s.seconds
             with Step(variant, f"{label}: validate") as s:
-                measure(row, Path(getattr(made, "path", made)), variant, ref, params, ours)
+                measure(row, Path(getattr(made, "path", made)), variant, ref, params, ours, self.a.mlx_accumulate)
             log(f"[{variant}]   {label}: {row.bytes / 1e6:.3f} MB, {row.bpw:.3f} bpw, mean KLD {row.kld:.3g}, "
                 f"top-1 {row.top1:.4f}, PPL ratio {row.ppl_ratio:.4f}")
         except Exception as e:  # one failed artifact does not stop the benchmark
@@ -460,9 +468,16 @@ def versions() -> dict:
     return out
 
 
-def _rows_of(files) -> list[Row]:
-    return [Row(**{k: v for k, v in r.items() if k in Row.__dataclass_fields__})
-            for f in files for r in json.loads(Path(f).read_text())["rows"] if not r.get("error")]
+def _rows_of(files, mlx_accumulate: str) -> list[Row]:
+    """The rows of earlier runs' JSON files, less the failed ones and the MLX rows measured with other sums (a file
+    that does not say measured them natively)."""
+    out = []
+    for f in files:
+        d = json.loads(Path(f).read_text())
+        same = d.get("mlx_accumulate", "native") == mlx_accumulate
+        out += [Row(**{k: v for k, v in r.items() if k in Row.__dataclass_fields__}) for r in d["rows"]
+                if not r.get("error") and (same or not r["group"].startswith("mlx"))]
+    return out
 
 
 def main() -> None:
@@ -474,6 +489,9 @@ def main() -> None:
     ap.add_argument("--work", help="where the artifacts go (default: OUT/work)")
     ap.add_argument("--llama-cpp", help="llama.cpp source tree (convert_hf_to_gguf.py, gguf-py)")
     ap.add_argument("--llama-bin", help="directory with llama-imatrix and llama-quantize")
+    ap.add_argument("--mlx-accumulate", choices=("float32", "native"), default="float32",
+                    help="how mlx sums the MLX rows' quantized matmuls on the CPU: float32, as its Metal kernels do "
+                         "(the default), or native, its CPU kernels' bfloat16 sums (validate/mlxrt.py)")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
     ap.add_argument("--merge", nargs="+", type=Path, default=[], metavar="JSON",
                     help="rows of earlier runs' bench_quality.json to report with this run's (a row measured again "
@@ -493,7 +511,8 @@ def main() -> None:
         log(f"skipping {k}: {why}")
     t0 = time.perf_counter()
 
-    merged = list({(r.variant, r.group, r.label): r for r in _rows_of(a.merge)}.values())  # a later file's row wins
+    # a later file's row wins
+    merged = list({(r.variant, r.group, r.label): r for r in _rows_of(a.merge, a.mlx_accumulate)}.values())
 
     run_rows = b.rows  # what this run measures (Bench.add appends here)
 
@@ -504,7 +523,8 @@ def main() -> None:
         (out / "bench_quality.json").write_text(json.dumps(
             {"rows": [asdict(r) for r in b.rows], "skipped": b.skipped, "seconds": time.perf_counter() - t0,
              "complete": final, "versions": versions(), "same_size_within": SAME_SIZE,
-             "calibration": {"chunk": CHUNK, "chunks": CHUNKS}, "target_bpw": b.target_bpw}, indent=2) + "\n")
+             "calibration": {"chunk": CHUNK, "chunks": CHUNKS}, "target_bpw": b.target_bpw,
+             "mlx_accumulate": a.mlx_accumulate}, indent=2) + "\n")
         (out / "bench_quality.svg").write_text(b.svg())
         if not final:
             b.rows = run_rows

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytest.importorskip("mlx.core")
@@ -105,3 +106,50 @@ def test_corrupt_mlx_weights_are_caught(out_dir):
     f.write_bytes(data[: len(data) // 2])
     with pytest.raises(Gemma4ExportError, match="not a valid safetensors file"):
         check_safetensors(r.path)
+
+
+def test_float32_sums_give_the_metal_arithmetic():
+    """`accumulate="float32"`: mlx's quantized kernels sum in float32 and return the activations' dtype, on the
+    stored weights unchanged; outside the context mlx's own functions are back."""
+    import mlx.core as mx
+
+    from gemma4_export.validate.mlxrt import float32_sums
+
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.standard_normal((8, 1536)).astype(np.float32)).astype(mx.bfloat16)
+    w = mx.array(rng.standard_normal((4, 256, 1536)).astype(np.float32) * 0.02).astype(mx.bfloat16)
+    q, s, b = mx.quantize(w, group_size=64, bits=8)
+    f32 = mx.float32  # the weights as the kernel forms them: scale * code + bias, in float32
+    deq = np.array(mx.dequantize(q, s.astype(f32), b.astype(f32), group_size=64, bits=8))
+    xf = np.array(x.astype(mx.float32))
+    exact = xf @ deq[0].T  # products and sums in float32 of the very operands mlx is given
+    idx = mx.array([[2], [0]])
+    exact_g = np.stack([xf[:1] @ deq[2].T, xf[:1] @ deq[0].T])
+
+    before = mx.quantized_matmul, mx.gather_qmm
+    with float32_sums(mx):
+        y = mx.quantized_matmul(x, q[0], s[0], b[0], transpose=True, group_size=64, bits=8)
+        g = mx.gather_qmm(x[:1], q, s, b, rhs_indices=idx, transpose=True, group_size=64, bits=8)
+        assert y.dtype == mx.bfloat16 and g.dtype == mx.bfloat16
+        y, g = np.array(y.astype(mx.float32)), np.array(g.astype(mx.float32))
+    assert (mx.quantized_matmul, mx.gather_qmm) == before
+    # only the result's rounding to bf16 is left: at most half a bf16 step (2^-8 relative) of each output
+    assert np.all(np.abs(y - exact) <= np.abs(exact) * 2 ** -8 + 1e-6)
+    assert np.all(np.abs(g.reshape(exact_g.shape) - exact_g) <= np.abs(exact_g) * 2 ** -8 + 1e-6)
+
+
+def test_accumulate_choices(out_dir):
+    from gemma4_export.validate.mlxrt import MLXRunner
+
+    r = api.export("mlx", "tiny-31b", "4bit", out=out_dir / "acc", force=True, towers=False, calibrate=False)
+    with pytest.raises(Gemma4ExportError, match="--accumulate float64: one of native, float32"):
+        MLXRunner(r.path, "cpu", "float64")
+    ids = list(range(2, 40))
+    native, wide = MLXRunner(r.path, "cpu"), MLXRunner(r.path, "cpu", "float32")
+    assert "accumulate" not in native.describe() and "Metal" in wide.describe()["accumulate"]
+    a, b = native.logits(ids), wide.logits(ids)
+    assert a.shape == b.shape and np.isfinite(b).all() and not np.array_equal(a, b)  # the sums differ, not the model
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
+    g = api.export("gguf", "tiny-31b", "q8_0", out=out_dir / "acc", force=True, towers=False)
+    with pytest.raises(Gemma4ExportError, match="for MLX artifacts"):
+        api.validate(g.path, variant="tiny-31b", accumulate="float32")

@@ -191,9 +191,9 @@ def test_target_bpw_and_max_size_for_mlx(tmp_path):
     p = api.plan("tiny-31b", "mlx", "4bit", target_bpw=5.0)
     _sized_checks(p, "mlx", 5.0, cands)
     assert {e.type for e in p.kept if e.role == Role.NORM.value} == {"BF16"}  # never traded
-    # the tied head stays bf16 whatever the budget: mlx's quantized matmul costs it more than the measurement sees
+    # the tied head is traded like any class (plans are made for mlx's Metal arithmetic, validate/mlxrt.py)
     head, = (e for e in p.kept if e.role == Role.TOKEN_EMBD.value)
-    assert head.type == "BF16" and "kept there whatever the budget" in head.reason, head
+    assert "minimise the summed KLD" in head.reason, head
     r = api.export("mlx", "tiny-31b", "4bit", tmp_path, target_bpw=5.0)
     assert r.path.name == "tiny-31b-mlx-4bit-5bpw" and r.plan.bits_per_weight <= 5.0
     assert [(e.name, e.type) for e in r.plan.kept] == [(e.name, e.type) for e in p.kept]

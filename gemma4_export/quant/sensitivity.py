@@ -18,11 +18,12 @@ bits) and bf16, quantized by `mx.quantize` on the bf16 weights, or with calibrat
 (targets/mlx.py::_write). ONNX: INT4 and INT8 blocks of 32 and FP16, quantized as onnxruntime's own quantizer does
 (quant.weighted.int_blocks without statistics), or with calibration by int_blocks' weighted search
 (targets/onnx_ops.py::Graph._quantizer), block scales rounded to float16 in the float16 graphs. The measurement
-computes in float32 either way: what it ranks is the stored weights, not the runtime's arithmetic (mlx-lm's bf16
-activations, onnxruntime's int8 activations for 8-bit weights in a 4-bit graph). That matters most for MLX's tied
-head: on tiny-31b a Q8G64 head measures KLD 2.7e-5 here, yet under mlx-lm it takes the 6bit preset from 0.0014 to
-0.0035, so near and above the 6bit preset's size a measured choice can do worse than the preset; below it, trading
-the head still wins (measured on tiny-31b at 5.0 bits per weight: 0.0067 with it traded, 0.015 with it kept bf16).
+computes in float32 either way: what it ranks is the stored weights, not a runtime's arithmetic. That is the
+arithmetic of mlx's Metal kernels, which sum each quantized matmul's products in float32; mlx's CPU kernels sum them
+in the activations' dtype (bfloat16), which costs a quantized head far more than its stored weights do (tiny-31b
+4bit with a Q8G64 head: KLD 0.00635 on mlx's CPU, 0.00359 with float32 sums, 0.00352 with the head in bf16). The
+plans are made for the Metal arithmetic, where MLX artifacts run; `gemma4-export validate --accumulate float32`
+measures them that way on a CPU (validate/mlxrt.py).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -237,9 +237,6 @@ class TargetSpec:
     make_qd: Callable  # (importance, prefix) -> callable(name, w, type, n_mat) with .close()
     key: str = ""  # what the cache key says about the target and its quantizer ("" for GGUF: its key is unchanged)
     max_tensor_bytes: int | None = None
-    # (arch) -> {class: (type, why)}: classes the target keeps at one type whatever the budget, for a cost the
-    # measurement cannot see
-    pinned: Callable | None = None
 
 
 GGUF_SPEC = TargetSpec("gguf", GGUF_TYPES, CANDIDATES, _QD)
@@ -253,16 +250,6 @@ def _mlx_group(preset) -> int:
     return 64
 
 
-def _mlx_pinned(arch) -> dict[str, tuple[str, str]]:
-    """MLX keeps the output head (the tied token embedding, or the untied head) in bf16, as its presets do: mlx runs
-    a quantized head through its quantized matmul, which costs the logits far more than the measurement (numpy, in
-    float32) sees: at 4bit with the head at Q8G64 instead, tiny-e2b-ft's mean KLD went from 0.00329 to 0.00602 and
-    tiny-31b's from 0.00423 to 0.00635, where the measurement gave that head 1.4e-05."""
-    head = Role.TOKEN_EMBD.value if arch.tie_word_embeddings else Role.OUTPUT.value
-    return {head: ("BF16", "mlx's quantized matmul on the output head costs the logits far more than the "
-                           "measurement sees (tiny-e2b-ft 4bit: KLD 0.00329 with it in bf16, 0.00602 at Q8G64)")}
-
-
 def target_spec(target, preset=None) -> TargetSpec:
     """The spec of a target (a Target or its name) for a preset: GGUF's K-quants and Q8_0; MLX's affine widths at the
     preset's group size and BF16; ONNX's INT4, INT8 and FP16 (block scales in float16 for its float16 graphs)."""
@@ -272,8 +259,7 @@ def target_spec(target, preset=None) -> TargetSpec:
         return GGUF_SPEC if limit is None else TargetSpec("gguf", GGUF_TYPES, CANDIDATES, _QD, "", limit)
     if name == "mlx":
         g = _mlx_group(preset) if preset is not None else 64
-        return TargetSpec("mlx", MLX_TYPES, (*(f"Q{b}G{g}" for b in MLX_BITS), "BF16"), _MLXQD, "mlx", limit,
-                          _mlx_pinned)
+        return TargetSpec("mlx", MLX_TYPES, (*(f"Q{b}G{g}" for b in MLX_BITS), "BF16"), _MLXQD, "mlx", limit)
     if name == "onnx":
         from ..targets.onnx import HALF
 
@@ -418,19 +404,16 @@ def _fits(specs: list[TensorSpec], t: str, spec: TargetSpec) -> bool:
 
 
 def allocate(sens: Sensitivity, classes: dict[str, list[TensorSpec]], budget: int, resolution: int = 4000,
-             spec: TargetSpec = GGUF_SPEC, copies: dict[str, int] | None = None,
-             pinned: dict[str, str] | None = None) -> dict[str, Choice]:
+             spec: TargetSpec = GGUF_SPEC, copies: dict[str, int] | None = None) -> dict[str, Choice]:
     """One type per class, minimising the summed measured KLD with the classes' bytes within `budget`: an exact
     knapsack over bytes in `resolution` steps (each class's bytes rounded up, so the result never exceeds the
     budget). Bytes as `spec`'s target stores them (GGUF by default), times `copies` for a class the artifact holds
     more than once; a type that would make one of the class's tensors larger than the target can hold is not
-    offered; a class in `pinned` is offered only its type there."""
+    offered."""
     names = sorted(classes)
     opts = {}
     for c in names:
         ts = [t for t in sens.kld[c] if _fits(classes[c], t, spec)] or list(sens.kld[c])
-        if pinned and c in pinned:
-            ts = [pinned[c]]
         k = (copies or {}).get(c, 1)
         opts[c] = [Choice(c, t, k * class_bytes(classes[c], t, spec.types), sens.kld[c][t]) for t in ts]
     least = sum(min(o.bytes for o in opts[c]) for c in names)
@@ -524,17 +507,14 @@ def mixed_assignments(src, plan, sens: Sensitivity, target_bytes: int, what: str
     classes = classes_of(src)
     traded = {s.name for ss in classes.values() for s in ss}
     fixed = sum(e.bytes for e in plan.kept if e.name not in traded)
-    pinned = spec.pinned(src.arch) if spec.pinned is not None else {}
-    choice = allocate(sens, classes, target_bytes - fixed, spec=spec, copies=copies,
-                      pinned={c: t for c, (t, _) in pinned.items()})
+    choice = allocate(sens, classes, target_bytes - fixed, spec=spec, copies=copies)
     total_kld = sum(o.kld for o in choice.values())
     out = {}
     for c, o in choice.items():
         alts = ", ".join(f"{t} {k:.2e}" for t, k in sorted(sens.kld[c].items(), key=lambda x: -x[1]))
         reason = (f"{what}: class {c} at {o.type} ({o.bytes / 1e6:.2f} MB) costs KLD {o.kld:.2e} on "
                   f"{sens.tokens} calibration tokens (measured: {alts}); "
-                  + (f"kept there whatever the budget: {pinned[c][1]}" if c in pinned else
-                     f"the types chosen for all classes minimise the summed KLD ({total_kld:.2e}) within the budget"))
+                  f"the types chosen for all classes minimise the summed KLD ({total_kld:.2e}) within the budget")
         for s in classes[c]:
             out[s.name] = (_type_for(o.type, s.row_length, spec.types), reason)
     return out

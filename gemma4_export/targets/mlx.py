@@ -364,10 +364,10 @@ class MLXTarget(Target):
 
         return artifact_info(path)
 
-    def make_runner(self, path: Path, spec, device: str, preset: str):
+    def make_runner(self, path: Path, spec, device: str, preset: str, accumulate: str = "native"):
         from ..validate.mlxrt import MLXRunner
 
-        return MLXRunner(path, device)
+        return MLXRunner(path, device, accumulate)
 
     def probe(self) -> dict | None:
         import mlx.core as mx

@@ -257,9 +257,13 @@ def validate_artifact(
     reference: ReferenceData | str | Path | None = None,
     adapter: str | Path | None = None,
     towers: bool | str | Path = True,
+    accumulate: str = "native",
 ) -> Report:
     """Validate one artifact against reference results: `reference` (ReferenceData, or a directory written by
     `gemma4-export reference`) of the artifact's weights, or else computed here by the streamed fp32 model.
+
+    `accumulate="float32"` (MLX on a CPU only) runs mlx's quantized matmuls with float32 sums, as its Metal kernels
+    do, where its CPU kernels sum in bfloat16 (validate/mlxrt.py); the report's runtime says so.
 
     The towers are checked too where the artifact has them (GGUF: the projector beside it, or the file `towers`
     names): their embeddings and media-prompted generations against transformers' (validate/towers.py). That needs
@@ -271,6 +275,9 @@ def validate_artifact(
     artifact = Path(artifact)
     tgt = detect_target(artifact)
     target = tgt.name
+    runner_options = {} if accumulate == "native" else {"accumulate": accumulate}
+    if runner_options and target != "mlx":
+        raise Gemma4ExportError(f"--accumulate {accumulate}: for MLX artifacts (mlx's CPU kernels), not {target}")
     t_all = time.perf_counter()
     info = tgt.artifact_info(artifact)
     preset = info.preset
@@ -313,7 +320,7 @@ def validate_artifact(
     t = thresholds_for(target, preset)
 
     t0 = time.perf_counter()
-    runner = tgt.make_runner(artifact, spec, device, preset)
+    runner = tgt.make_runner(artifact, spec, device, preset, **runner_options)
     load_s = time.perf_counter() - t0
     lm, gm, tok, secs = run_validation(runner, ref, reporter)
     from ..quant.plan import bits_per_weight
