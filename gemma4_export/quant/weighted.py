@@ -451,20 +451,17 @@ def refit_groups(w: np.ndarray, q: np.ndarray, s: np.ndarray, b: np.ndarray | No
                 a[:, G:, :G], a[:, G:, G:] = asb.transpose(0, 2, 1), abb
                 rhs = np.concatenate([rhs_s, hw.reshape(R, G, group).sum(-1)], 1)
             dim = a.shape[1]
-            a = a + np.eye(dim) * (REFIT_RIDGE * np.trace(a, axis1=1, axis2=2) / dim + 1e-30)[:, None, None]
-            th = np.linalg.solve(a, rhs[..., None])[..., 0].astype(np.float32)
+            ridged = a + np.eye(dim) * (REFIT_RIDGE * np.trace(a, axis1=1, axis2=2) / dim + 1e-30)[:, None, None]
+            th = np.linalg.solve(ridged, rhs[..., None])[..., 0].astype(np.float32)
             if rounding is not None:
                 th = rounding(th)
             cand_s, cand_b = th[:, :G], (th[:, G:] if b is not None else None)
 
-            def err(sc, bi):
-                d = sc[..., None].astype(np.float64) * qk
-                if bi is not None:
-                    d = d + bi[..., None]
-                e = wk - d.reshape(R, n)
-                return ((e @ h) * e).sum(1)
-            better = np.isfinite(th).all(1) & (err(cand_s, cand_b) < err(s[sl, g0:g0 + G],
-                                                                          None if b is None else b[sl, g0:g0 + G]))
+            def err(t):  # the output error of parameters t, less w H w (the same for every t): t A t - 2 t . rhs
+                t = t.astype(np.float64)
+                return (np.matmul(a, t[..., None])[..., 0] * t).sum(1) - 2 * (t * rhs).sum(1)
+            now = s[sl, g0:g0 + G] if b is None else np.concatenate([s[sl, g0:g0 + G], b[sl, g0:g0 + G]], 1)
+            better = np.isfinite(th).all(1) & (err(th) < err(now))
             s[sl, g0:g0 + G][better] = cand_s[better]
             if b is not None:
                 b[sl, g0:g0 + G][better] = cand_b[better]
