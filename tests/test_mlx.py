@@ -132,7 +132,12 @@ def test_float32_sums_give_the_metal_arithmetic():
         g = mx.gather_qmm(x[:1], q, s, b, rhs_indices=idx, transpose=True, group_size=64, bits=8)
         assert y.dtype == mx.bfloat16 and g.dtype == mx.bfloat16
         y, g = np.array(y.astype(mx.float32)), np.array(g.astype(mx.float32))
+        # a microscaled format (uint8 scales, no biases) runs as mlx runs it
+        q4, s4 = mx.quantize(w[0], mode="mxfp4")[:2]
+        m = mx.quantized_matmul(x, q4, s4, transpose=True, mode="mxfp4")
     assert (mx.quantized_matmul, mx.gather_qmm) == before
+    assert np.array_equal(np.array(m.astype(mx.float32)),
+                          np.array(mx.quantized_matmul(x, q4, s4, transpose=True, mode="mxfp4").astype(mx.float32)))
     # only the result's rounding to bf16 is left: at most half a bf16 step (2^-8 relative) of each output
     assert np.all(np.abs(y - exact) <= np.abs(exact) * 2 ** -8 + 1e-6)
     assert np.all(np.abs(g.reshape(exact_g.shape) - exact_g) <= np.abs(exact_g) * 2 ** -8 + 1e-6)
