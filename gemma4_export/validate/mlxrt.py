@@ -13,7 +13,7 @@ arithmetic, on the artifact's stored weights, unchanged. The default, "native", 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -136,13 +136,8 @@ class MLXRunner:
             d["note"] = self.note
         return d
 
-    @contextmanager
     def _sums(self):
-        if self.accumulate == "float32":
-            with float32_sums(self.mx):
-                yield
-        else:
-            yield
+        return float32_sums(self.mx) if self.accumulate == "float32" else nullcontext()
 
     def logits(self, ids: list[int]) -> np.ndarray:
         with self._sums():
