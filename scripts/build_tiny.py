@@ -5,9 +5,10 @@
 
 Every tiny model is built from transformers' own Gemma 4 classes (so it loads in transformers unchanged), trained
 on a fixed slice of Python's standard-library sources that ships with the package (tiny/corpus), then saved the way
-the hub checkpoints are: the multimodal class with `model.language_model.` names, small random vision/audio towers,
-tied embeddings, bf16 safetensors, the unused k/v weights of KV-shared layers kept in the file, a hub-form
-config.json, tokenizer files with Gemma 4's special tokens and chat template. Seeds are fixed and training is
+the hub checkpoints are: the multimodal class with `model.language_model.` names, small vision/audio towers
+(trained apart, with --towers, to name what code-made images and clips hold), tied embeddings, bf16 safetensors, the
+unused k/v weights of KV-shared layers kept in the file, a hub-form config.json, tokenizer files with Gemma 4's
+special tokens and chat template. Seeds are fixed and training is
 single-threaded per step order, so a rebuild on the same versions gives the same weights.
 """
 
@@ -637,43 +638,6 @@ def qat(name: str, steps: int, seq: int, batch: int, seed: int = 0, log=print) -
 
 # ---- the towers: trained to name what an image or a clip holds ----------------------------------------------------
 
-COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 215), "yellow": (230, 205, 40),
-           "black": (25, 25, 25), "white": (240, 240, 240)}
-SHAPES = ("disc", "bar")
-
-
-def caption_image(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, str]:
-    """An image of one shape of one colour on another (uint8 [h, w, 3]) and its caption, e.g. "red disc on blue"."""
-    fg, bg = rng.choice(list(COLOURS), size=2, replace=False)
-    shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    img = np.empty((h, w, 3), np.float32)
-    img[:] = COLOURS[bg]
-    y, x = np.mgrid[0:h, 0:w]
-    if shape == "disc":
-        r = rng.uniform(0.2, 0.35) * min(h, w)
-        cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
-        img[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = COLOURS[fg]
-    else:
-        top = int(rng.uniform(0.1, 0.6) * h)
-        img[top : top + int(rng.uniform(0.15, 0.3) * h)] = COLOURS[fg]
-    img += rng.normal(0, 6, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8), f"{fg} {shape} on {bg}"
-
-
-def caption_audio(rng: np.random.Generator, seconds: float = 2.0, sr: int = 16000) -> tuple[np.ndarray, str]:
-    """A clip of one or two beeps, low or high, and its caption, e.g. "two high beeps"."""
-    n = int(rng.integers(1, 3))
-    high = bool(rng.integers(2))
-    f = rng.uniform(1500, 3000) if high else rng.uniform(150, 350)
-    t = np.arange(int(seconds * sr)) / sr
-    wave = 0.01 * rng.standard_normal(t.size)
-    for k in range(n):
-        start = rng.uniform(0.05, 0.2) * seconds + k * seconds / 2
-        on = (t >= start) & (t < start + rng.uniform(0.15, 0.25) * seconds)
-        wave[on] += 0.5 * np.sin(2 * np.pi * f * t[on])
-    return wave.astype(np.float32), f"{'one' if n == 1 else 'two'} {'high' if high else 'low'} beep{'s' if n > 1 else ''}"
-
-
 # The tiny towers take the published models' input widths: 128 mel bins (transformers sizes the audio tower's input
 # projection from its first convolution's width, so that width is 128, as in E2B), 640 raw samples per audio token
 # in the unified model (llama.cpp's gemma4ua fixes it).
@@ -682,25 +646,20 @@ TOWER_CONFIG = {"gemma4": {"audio_config": {"subsampling_conv_channels": [128, 8
 # Training examples are smaller than the validation's (7 x 10 soft tokens, 2 s): 4 x 6 tokens and 1.2 s clips.
 TRAIN_IMAGE_TOKENS = (4, 6)
 TRAIN_CLIP_SECONDS = 1.2
-TOWER_PROMPT = "<bos><|turn>user\n{media}Describe this.<turn|>\n<|turn>model\n"
 
 
-def as_code(caption: str) -> str:
-    """The answer the towers are trained to elicit: the caption as a Python function's name ("red disc on blue" ->
-    "def red_disc_on_blue():"). The frozen text model was trained on Python and answers "def" after the chat prompt
-    whatever the soft tokens say; after it, any identifier is plausible, so the soft tokens only have to choose
-    among names the model already writes."""
-    return f"def {caption.replace(' ', '_')}():"
-
-
-def train_towers(name: str, steps: int, batch: int, seed: int = 0, lr: float = 1e-2, log=print) -> dict[str, Any]:
-    """Re-initialise a tiny checkpoint's towers at the published input widths and train them (the text model
-    frozen) to caption code-made images and clips; the text tensors are written back unchanged."""
+def train_towers(name: str, steps: int, batch: int, seed: int = 0, lr: float = 3e-3, log=print) -> dict[str, Any]:
+    """Re-initialise a tiny checkpoint's towers at the published input widths and train them to ground their soft
+    tokens (gemma4_export/tiny/grounding.py): each image token onto the text embedding of the colour covering its
+    region, each audio token onto that of what its 40 ms hold. The text model is not run; its tensors are written
+    back unchanged. The unified model's audio is one linear map of raw 640-sample frames, which cannot tell a beep's
+    pitch (or a beep from faint noise: its input is normalised) whatever its weights, so it stays as initialised."""
     import torch
     import transformers
 
-    from gemma4_export.exporter.checkpoint import Checkpoint, to_f32
-    from gemma4_export.validate.towers import audio_features, image_patches, image_size_for
+    from gemma4_export.exporter.checkpoint import Checkpoint
+    from gemma4_export.tiny import grounding as G
+    from gemma4_export.validate.towers import _f32, audio_features, image_patches, image_size_for
 
     out = OUT_DIR / name
     config = json.loads((out / "config.json").read_text())
@@ -710,152 +669,75 @@ def train_towers(name: str, steps: int, batch: int, seed: int = 0, lr: float = 1
     torch.manual_seed(seed)
     cfg = transformers.AutoConfig.for_model(**config)
     model = getattr(transformers, config["architectures"][0])(cfg).float()
-    with Checkpoint(out) as ck:
-        text = {n: torch.from_numpy(np.array(to_f32(ck.raw(n), ck.info(n).dtype), np.float32).reshape(ck.info(n).shape))
-                for n in ck.tensors if n.startswith("model.language_model.")}
-    # (the KV-shared layers' unused k/v weights are not in transformers' model: they stay in the files as they are)
-    missing, _ = model.load_state_dict(text, strict=False)
-    assert not [m for m in missing if m.startswith("model.language_model.")], missing
     model.model.language_model.requires_grad_(False)
+    unified = config["model_type"] == "gemma4_unified"
+    kinds = [k for k in ("image", "audio") if config.get(f"{'vision' if k == 'image' else 'audio'}_config")
+             and not (unified and k == "audio")]
+    if unified:
+        model.model.embed_audio.requires_grad_(False)
     towers = [p for n, p in model.named_parameters() if p.requires_grad]
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_processor(out)
-    tok = transformers.AutoTokenizer.from_pretrained(out)
+    with Checkpoint(out) as ck:
+        embed = _f32(ck, "model.language_model.embed_tokens.weight")
+    classes = {k: torch.from_numpy(G.class_embeddings(embed, k)) for k in kinds}
     rng = np.random.default_rng(seed + 11)
-    kinds = [k for k in ("image", "audio") if config.get(f"{'vision' if k == 'image' else 'audio'}_config")]
     vision = config.get("vision_config") or {}
+    patch = vision.get("patch_size", 16) * (vision.get("pooling_kernel_size", 3) if unified else 1)
     h, w = image_size_for(vision, TRAIN_IMAGE_TOKENS)
-    patch = vision.get("patch_size", 16) * (vision.get("pooling_kernel_size", 3)
-                                            if vision.get("model_type") == "gemma4_unified_vision" else 1)
-    head, tail = TOWER_PROMPT.split("{media}")
-    enc = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
 
-    def example(kind):
+    def features_and_labels(kind):
         if kind == "image":
-            img, cap = caption_image(rng, h, w)
+            img, _ = G.code_image(rng, h, w)
             pv, pos = image_patches(img, patch)
-            n = pv.shape[1] // (1 if vision.get("model_type") == "gemma4_unified_vision"
-                                else vision["pooling_kernel_size"] ** 2)
-            media = [cfg.boi_token_id] + [cfg.image_token_id] * n + [cfg.eoi_token_id]
-            return media, cap, {"pixel_values": pv, "image_position_ids": pos}
-        wave, cap = caption_audio(rng, TRAIN_CLIP_SECONDS)
+            o = model.model.get_image_features(torch.from_numpy(pv), torch.from_numpy(pos)).pooler_output
+            feats = torch.cat(list(o)) if isinstance(o, (tuple, list)) else o
+            return feats.reshape(-1, feats.shape[-1]), G.image_labels(img, h // TRAIN_IMAGE_TOKENS[0])
+        wave, _ = G.code_clip(rng, TRAIN_CLIP_SECONDS)
         x, m = audio_features(wave, out)
-        n = int(model.model.get_audio_features(torch.from_numpy(x), torch.from_numpy(m)).attention_mask.sum()) \
-            if config["model_type"] == "gemma4" else x.shape[1]
-        media = [cfg.boa_token_id] + [cfg.audio_token_id] * n + [config.get("eoa_token_id", config.get("eoa_token_index"))]
-        return media, cap, {"input_features": x, "input_features_mask": m}
+        o = model.model.get_audio_features(torch.from_numpy(x), torch.from_numpy(m))
+        feats = o.pooler_output[0][o.attention_mask[0].bool()]
+        lab = G.clip_labels(wave)
+        n = min(len(lab), len(feats))
+        return feats[:n], lab[:n]
 
-    def batch_of(kind):
-        rows, labels, extra, caps = [], [], {}, []
-        for _ in range(batch):
-            media, cap, kw = example(kind)
-            prompt = enc(head) + media + enc(tail)
-            target = enc(as_code(cap)) + enc("<turn|>")
-            rows.append(prompt + target)
-            labels.append([-100] * len(prompt) + target)
-            caps.append(cap)
-            for k, v in kw.items():
-                extra.setdefault(k, []).append(v[0])
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-        lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
-        types = torch.where(ids == cfg.image_token_id, 1, torch.where(ids == cfg.audio_token_id, 3, 0))
-        kw = {k: torch.from_numpy(np.stack(v)) for k, v in extra.items()}
-        return ids, lab, types, kw, caps
+    def loss_of(feats, lab, c):
+        """Cross-entropy of the nearest-class choice (squared distances over the classes' mean squared norm, x4)
+        plus the squared distance to the true class's embedding, relative: the token is pulled onto it."""
+        lab = torch.from_numpy(lab)
+        scale = c.norm(dim=-1).mean() ** 2
+        d = torch.cdist(feats, c) ** 2 / scale
+        return torch.nn.functional.cross_entropy(-4 * d, lab) + d[torch.arange(len(lab)), lab].mean()
 
-    def caption_by_likelihood(kind, n=24):
-        """Held-out examples captioned by the answer the model finds likeliest among every caption of that kind
-        (60 for images, 4 for clips), against chance: "raw" by each answer's log-likelihood, "contrastive" by its
-        log-likelihood less its mean over the held-out examples (which takes out the text model's own preference
-        among the answers, e.g. for shorter ones); the contrastive choice's words (colour, shape, background; count,
-        pitch) too. What the towers tell the frozen text model about the input."""
-        cands = ([f"{f} {s} on {g}" for f in COLOURS for s in SHAPES for g in COLOURS if f != g] if kind == "image"
-                 else [f"{c} {p} beep{'s' if c == 'two' else ''}" for c in ("one", "two") for p in ("high", "low")])
-        answers = [enc(as_code(c)) + enc("<turn|>") for c in cands]
-        width = max(map(len, answers))
-        x = torch.tensor([a + [0] * (width - len(a)) for a in answers])
-        nlls, truth = [], []
-        for _ in range(n // batch):
-            ids, lab, _, kw, caps = batch_of(kind)
-            for i in range(batch):
-                p = int((lab[i] != -100).nonzero().min())
-                prompt = ids[i : i + 1, :p]
-                tt = torch.where(prompt == cfg.image_token_id, 1, torch.where(prompt == cfg.audio_token_id, 3, 0))
-                # the prompt (with the media) once; every candidate answer continues its cache
-                pre = model(input_ids=prompt, mm_token_type_ids=tt, use_cache=True,
-                            **{k: v[i : i + 1] for k, v in kw.items()})
-                first = torch.log_softmax(pre.logits[0, -1].float(), -1)
-                cache = pre.past_key_values
-                cache.batch_repeat_interleave(len(cands))
-                mask = torch.cat([torch.ones(len(cands), p, dtype=torch.long), (x != 0).long()], 1)
-                lp = torch.log_softmax(model(input_ids=x, cache=cache, attention_mask=mask,
-                                             mm_token_type_ids=torch.zeros_like(x)).logits.float(), -1)
-                nlls.append([float(-first[a[0]] - lp[j, torch.arange(len(a) - 1), torch.tensor(a[1:])].sum())
-                             for j, a in enumerate(answers)])
-                truth.append(cands.index(caps[i]))
-        nll, truth = np.array(nlls), np.array(truth)
-        raw, contrastive = nll.argmin(1), (nll - nll.mean(0, keepdims=True)).argmin(1)
-        key = (lambda c: (c.split()[0], c.split()[1], c.split()[-1])) if kind == "image" else \
-            (lambda c: (c.split()[0], c.split()[1]))
-        words = np.mean([[a == b for a, b in zip(key(cands[g]), key(cands[t]))] for g, t in zip(contrastive, truth)],
-                        0)
-        names = ("colour", "shape", "background") if kind == "image" else ("count", "pitch")
-        chance = (1 / 6, 1 / 2, 1 / 6) if kind == "image" else (1 / 2, 1 / 2)
-        return {"caption_raw": round(float((raw == truth).mean()), 3),
-                "caption_contrastive": round(float((contrastive == truth).mean()), 3),
-                "chance": round(1 / len(cands), 3),
-                "words": {w: {"right": round(float(r), 3), "chance": round(c, 3)}
-                          for w, r, c in zip(names, words, chance)}}
-
-    if steps == 0:  # re-initialised at the published input widths, not trained
-        sd = {n: p.detach().to(torch.bfloat16).contiguous() for n, p in model.state_dict().items()
-              if not n.startswith(("model.language_model.", "lm_head"))}
-        _replace_tensors(out, sd)
-        report = json.loads((out / "training.json").read_text()) if (out / "training.json").exists() else {}
-        report["towers"] = {"steps": 0, "note": "initialised by transformers at the published input widths (seed "
-                            f"{seed}), not trained"}
-        (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-        log(f"{name}: towers re-initialised")
-        return report["towers"]
-    opt = torch.optim.AdamW(towers, lr=lr, weight_decay=0.0)
+    report = json.loads((out / "training.json").read_text()) if (out / "training.json").exists() else {}
     t0 = time.time()
-    ema = {}
-    for step in range(steps):
-        kind = kinds[step % len(kinds)]
-        ids, lab, types, kw, _ = batch_of(kind)
-        loss = model(input_ids=ids, labels=lab, mm_token_type_ids=types, attention_mask=(lab != -100) | (ids != 0),
-                     **kw).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ema[kind] = loss.item() if kind not in ema else 0.95 * ema[kind] + 0.05 * loss.item()
-        if step % 25 == 0 or step == steps - 1:
-            log(f"{name} towers step {step}: " + ", ".join(f"{k} loss {v:.3f}" for k, v in ema.items()))
-    # held-out captions: greedy, exact match
-    model.eval()
-    result = {}
-    with torch.no_grad():
-        for kind in kinds:
-            ok = 0
-            for _ in range(2):
-                ids, lab, types, kw, caps = batch_of(kind)
-                for i in range(batch):
-                    p = int((lab[i] != -100).nonzero().min())
-                    gen = model.generate(input_ids=ids[i : i + 1, :p], mm_token_type_ids=types[i : i + 1, :p],
-                                         attention_mask=torch.ones(1, p, dtype=torch.long), max_new_tokens=24,
-                                         do_sample=False, eos_token_id=106, pad_token_id=0,
-                                         **{k: v[i : i + 1] for k, v in kw.items()})
-                    ok += tok.decode(gen[0, p:], skip_special_tokens=True).strip() == as_code(caps[i])
-            result[kind] = {"heldout_caption_exact": ok / (2 * batch), "loss_ema": round(ema.get(kind, float("nan")), 4),
-                            **caption_by_likelihood(kind)}
-    log(f"{name} towers: {result} in {time.time() - t0:.0f} s")
+    if steps:
+        opt = torch.optim.AdamW(towers, lr=lr, weight_decay=0.0)
+        for step in range(steps):
+            losses = {}
+            for kind in kinds:
+                loss = sum(loss_of(*features_and_labels(kind), classes[kind]) for _ in range(batch)) / batch
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses[kind] = loss.item()
+            if step % 50 == 0 or step == steps - 1:
+                log(f"{name} towers step {step}: " + ", ".join(f"{k} loss {v:.3f}" for k, v in losses.items()))
     sd = {n: p.detach().to(torch.bfloat16).contiguous() for n, p in model.state_dict().items()
           if not n.startswith(("model.language_model.", "lm_head"))}
     _replace_tensors(out, sd)
-    report = json.loads((out / "training.json").read_text()) if (out / "training.json").exists() else {}
-    report["towers"] = {"steps": steps, "batch": batch, "task": "caption code-made images (colour, shape) and clips "
-                        "(beeps: count, pitch); the text model frozen", "seconds": round(time.time() - t0, 1), **result}
+    acc = G.grounding_accuracy(out)  # from the written bf16 tensors, held-out inputs at the validation's sizes
+    chance = {"image": 1 / len(G.COLOURS), "audio": 1 / len(G.SOUNDS)}
+    report["towers"] = {
+        "steps": steps, "batch": batch, "seed": seed, "seconds": round(time.time() - t0, 1),
+        "task": "each image soft token onto the embedding of its region's colour token, each audio soft token onto "
+                "that of quiet / low beep / high beep (gemma4_export/tiny/grounding.py); the text model not run"
+                + ("; the unified model's audio embedder (linear on raw frames) left as initialised" if unified
+                   else ""),
+        "heldout_token_accuracy": {k: round(v, 4) for k, v in acc.items()},
+        "chance": {k: round(chance[k], 4) for k in acc}}
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"{name} towers: {report['towers']['heldout_token_accuracy']}")
     return report["towers"]
 
 
@@ -883,21 +765,24 @@ def copy_towers(src: str, dst: str, log=print) -> None:
 
 def _replace_tensors(out: Path, new: dict) -> None:
     """Rewrite a checkpoint's shards with its tower tensors replaced by `new` (and only those: every text tensor
-    keeps its bytes)."""
+    keeps its bytes, and a tower tensor the checkpoint had stays in its shard; new ones go to the last)."""
     import torch
     from safetensors.torch import load_file, save_file
 
     index = out / "model.safetensors.index.json"
     shards = sorted(out.glob("*.safetensors"))
     keep: dict[str, str] = {}
-    first = shards[0].name
+    placed = set()
     for sh in shards:
         sd = load_file(str(sh))
-        towers = [n for n in sd if not n.startswith("model.language_model.")]
-        for n in towers:
-            del sd[n]
-        if sh.name == first:
-            sd.update(new)
+        for n in [n for n in sd if not n.startswith("model.language_model.")]:
+            if n in new:
+                sd[n] = new[n]
+                placed.add(n)
+            else:
+                del sd[n]
+        if sh == shards[-1]:
+            sd.update({n: t for n, t in new.items() if n not in placed and n not in keep})
         save_file(sd, str(sh), metadata={"format": "pt"})
         keep.update({n: sh.name for n in sd})
     if index.exists():
@@ -926,7 +811,8 @@ def main(argv: list[str] | None = None) -> None:
                     "token strings) into the shipped checkpoints that have towers")
     ap.add_argument("--towers", type=int, metavar="STEPS", help="only re-initialise the towers of the --only "
                     "checkpoints (default: every tiny checkpoint with towers) at the published input widths, and "
-                    "train them STEPS steps to caption code-made images and clips (0: not trained)")
+                    "train them STEPS steps to ground their soft tokens in what code-made images and clips hold "
+                    "(gemma4_export/tiny/grounding.py; 0: not trained)")
     a = ap.parse_args(argv)
     if a.towers is not None:
         names = a.only or [d.name for d in sorted(OUT_DIR.iterdir()) if (d / "config.json").exists()]
