@@ -5,7 +5,9 @@ decoder) over our encoders and the two wrapper graphs generates greedily
 - from an image / audio prompt fed as tensors (our patches and log-mel, Generator.set_inputs), the tokens of our
   onnxruntime tower runner (EncoderTowerRunner.media_greedy); without the features the tokens differ;
 - through genai's own MultiModalProcessor (onnxruntime-extensions: a PNG and a WAV file, the prompt's <|image|> /
-  <|audio|> expanded by genai), the tokens of our runner fed the same preprocessed tensors and ids.
+  <|audio|> expanded by genai), the tokens of our runner fed the same preprocessed tensors and ids;
+- genai's image resizing against transformers' Gemma4ImageProcessor on the same PNG: the same grid, features within
+  the float towers' limits.
 """
 
 from __future__ import annotations
@@ -175,6 +177,34 @@ def test_processor_image(art, towers, processor, tmp_path):
     feats = towers.enc.image_features(t["pixel_values"].as_numpy(), t["pixel_position_ids"].as_numpy())
     assert ids.count(art["cfg"]["image_token_id"]) == feats.shape[0] == int(t["num_image_tokens"].as_numpy().sum())
     assert genai_greedy(art["model"], N, inputs=t) == _ours(towers, ids, feats, art["cfg"]["image_token_id"], N)
+
+
+@pytest.mark.parametrize("size", [(375, 500), (97, 611), (1000, 1500), (224, 224)])
+def test_processor_resizes_as_transformers(art, processor, tmp_path, size):
+    """genai's image processor and transformers' Gemma4ImageProcessor, given the same PNG of a size neither keeps,
+    resize it to the same patch grid within the 280-token budget (same positions, same number of soft tokens); the
+    pixels differ by their bicubic implementations (measured: at most 0.06 of the [0, 1] range, 0.0003-0.0009 on
+    average), which moves the tower's features by a relative 0.05-0.19% (cosine min >= 0.99989), within the float
+    towers' limits."""
+    import transformers
+    from PIL import Image
+
+    img = vt.test_image(*size, seed=3)
+    Image.fromarray(img).save(tmp_path / "image.png")
+    t = processor(MEDIA_PROMPT.format(media="<|image|>"), images=og.Images.open(str(tmp_path / "image.png")))
+    gpv, gpos = t["pixel_values"].as_numpy(), t["pixel_position_ids"].as_numpy()
+    hf = transformers.AutoImageProcessor.from_pretrained(_checkpoint("tiny-e2b"))
+    r = hf(images=[Image.open(tmp_path / "image.png")], return_tensors="np")
+    tpv, tpos = r["pixel_values"], r["image_position_ids"]
+    gv, tv = gpos[0][:, 0] >= 0, tpos[0][:, 0] >= 0  # each pads to its own length with position -1
+    assert np.array_equal(gpos[0][gv], tpos[0][tv])
+    assert gv.sum() // 9 == t["input_ids"].as_numpy()[0].tolist().count(art["cfg"]["image_token_id"]) <= 280
+    diff = np.abs(gpv[0][gv] - tpv[0][tv])
+    assert diff.max() < 0.1 and diff.mean() < 2e-3
+    ref = vt.TowerReference(_checkpoint("tiny-e2b"))
+    got = vt.compare_features(ref.image_features(gpv, gpos), ref.image_features(tpv, tpos))
+    cos, rel = vt.TOWER_LIMITS["float"]
+    assert got["cos_min"] >= cos and got["rel_error"] <= rel, got
 
 
 def test_processor_audio(art, towers, processor, tmp_path):
