@@ -87,6 +87,7 @@ class StreamedModel:
         text = config.get_text_config()
         text._attn_implementation = "sdpa"  # what from_pretrained picks for the whole-model class
         self.config = text
+        self._top_config = config  # the media token ids and the model type (whose mask functions media prompts use)
         try:
             cls = MODEL_MAPPING[type(text)]
         except KeyError:
@@ -234,17 +235,27 @@ class StreamedModel:
         return emb
 
     # ---- the forward ---------------------------------------------------------------------------------------------
-    def start(self, sequences: list[list[int]], caches: list | None = None) -> list[_Seq]:
+    def start(self, sequences: list[list[int]], caches: list | None = None, media: list | None = None
+              ) -> list[_Seq]:
         """Embed each sequence (its tokens continue its cache, when it has one) and prepare its masks and rotary
-        embeddings, as Gemma 4's text model does before its layers."""
+        embeddings, as Gemma 4's text model does before its layers. `media` gives, per sequence, None or
+        {placeholder token id: features [n, hidden]} (a tower's soft tokens): as Gemma4Model's forward merges them,
+        the placeholders are looked up as the pad token (in the per-layer table too), their embeddings replaced by
+        the features in order, and an image's tokens attend to each other on the sliding layers where the model
+        has bidirectional vision attention."""
         torch = self.torch
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         caches = caches or [None] * len(sequences)
-        used = np.unique(np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]))
+        media = media or [None] * len(sequences)
+        cfg = self.config
+        lookups = []
+        for ids, med in zip(sequences, media):
+            arr = np.asarray(ids, dtype=np.int64)
+            lookups.append(np.where(np.isin(arr, list(med)), cfg.pad_token_id, arr) if med else arr)
+        used = np.unique(np.concatenate(lookups)) if lookups else np.empty(0, np.int64)
         if used.size and (used[0] < 0 or used[-1] >= self.arch.vocab_size):
             raise Gemma4ExportError(f"token id {int(used[-1])} is outside the vocabulary ({self.arch.vocab_size})")
-        cfg = self.config
         shell = self.shell
         shell.embed_tokens = self._embedding(Tensor.TOKEN_EMBD, used, cfg.hidden_size, cfg.hidden_size ** 0.5)
         if self.has_ple:
@@ -253,10 +264,17 @@ class StreamedModel:
                                                            p ** 0.5)
         out = []
         with torch.no_grad():
-            for ids, cache in zip(sequences, caches):
-                local = torch.as_tensor(np.searchsorted(used, np.asarray(ids, dtype=np.int64)),
-                                        device=self.device)[None]
+            for ids, lookup, cache, med in zip(sequences, lookups, caches, media):
+                local = torch.as_tensor(np.searchsorted(used, lookup), device=self.device)[None]
                 x = shell.embed_tokens(local)
+                arr = np.asarray(ids, dtype=np.int64)
+                for token, feats in (med or {}).items():
+                    at = np.flatnonzero(arr == token)
+                    if len(at) != len(feats):
+                        raise Gemma4ExportError(f"{len(at)} placeholders of token {token} for {len(feats)} soft "
+                                                "tokens")
+                    x[0, torch.as_tensor(at, device=self.device)] = torch.as_tensor(
+                        np.asarray(feats), dtype=x.dtype, device=self.device)
                 ple = None
                 if self.has_ple:
                     ple = shell.project_per_layer_inputs(x, shell.get_per_layer_inputs(local, x))
@@ -264,12 +282,32 @@ class StreamedModel:
                 pos = (torch.arange(x.shape[1], device=self.device) + past)[None]
                 kw = {"config": cfg, "inputs_embeds": x, "attention_mask": None, "cache": cache,
                       "position_ids": pos}
-                masks = {"full_attention": create_causal_mask(**kw),
-                         "sliding_attention": create_sliding_window_causal_mask(**kw)}
+                image = getattr(self._top_config, "image_token_id", None)
+                if med and image in med and getattr(cfg, "use_bidirectional_attention", None) == "vision":
+                    masks = self._vision_masks(kw, torch.as_tensor((arr == image).astype(np.int64))[None])
+                else:
+                    masks = {"full_attention": create_causal_mask(**kw),
+                             "sliding_attention": create_sliding_window_causal_mask(**kw)}
                 rot = {t: self.rotary(x, pos, t) for t in set(cfg.layer_types)}
                 out.append(_Seq(list(ids), x, ple, pos, masks, rot, _kv_sharing_dict(), cache))
         shell.embed_tokens = shell.embed_tokens_per_layer = None
         return out
+
+    def _vision_masks(self, kw: dict, image_types) -> dict:
+        """The masks of a prompt holding images, as the model's forward builds them (image_types: 1 at image
+        placeholders): Gemma4Model keeps the full-attention layers causal and lets each image's tokens see each
+        other on the sliding ones (create_masks_for_vision_model); the unified model's forward passes the image
+        blocks to transformers' create_masks_for_generate, which opens them on every layer."""
+        import importlib
+
+        kind = self._top_config.model_type
+        module = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+        blocks = module.get_block_sequence_ids_for_mask(image_types, device=self.device)
+        if kind == "gemma4_unified":
+            from transformers.masking_utils import create_masks_for_generate
+
+            return create_masks_for_generate(block_sequence_ids=blocks, **kw)
+        return module.create_masks_for_vision_model(block_sequence_ids=blocks, **kw)
 
     def run_layer(self, i: int, layer, seqs: list[_Seq]) -> None:
         """Decoder layer i (loaded) over the sequences."""

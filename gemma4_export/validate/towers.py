@@ -288,6 +288,48 @@ class MediaReference:
         return out, margins
 
 
+class StreamedMediaReference:
+    """MediaReference's generations for checkpoints too large to hold in fp32: the media's soft tokens from
+    transformers' towers alone (TowerReference), merged into the prompt as Gemma4Model's forward merges them, and
+    the text model streamed one decoder layer at a time (validate/streamed.py) with a KV cache: each new token is one
+    more pass over the layers."""
+
+    def __init__(self, directory: str | Path, towers: TowerReference | None = None):
+        self.dir = Path(directory)
+        self.towers = towers or TowerReference(directory)
+        self.config = self.towers.config
+
+    def greedy(self, ids: list[int], n: int, image: np.ndarray | None = None, audio: np.ndarray | None = None
+               ) -> tuple[list[int], list[float]]:
+        """n tokens by argmax, and the reference's top-2 margin (in probability) at each, as MediaReference."""
+        from .streamed import StreamedModel
+
+        feats = {}
+        if image is not None:
+            feats[self.config.image_token_id] = self.towers.image_features(*image_patches(image,
+                                                                                          self.towers.patch_size))
+        if audio is not None:
+            feats[self.config.audio_token_id] = self.towers.audio_features(*audio_features(audio, self.dir))
+        model = StreamedModel(self.dir)
+        out: list[int] = []
+        margins: list[float] = []
+        try:
+            cache = model.new_cache()
+            seqs = model.start([list(ids)], [cache], [feats])
+            model.run_layers(seqs)
+            h = seqs[0].hidden[0][-1:]
+            while True:
+                r = model.reduce(h, None, 2)
+                v, lse = r["top_logits"][0].astype(np.float64), float(r["lse"][0])
+                out.append(int(r["top_ids"][0][0]))
+                margins.append(float(np.exp(v[0] - lse) - np.exp(v[1] - lse)))
+                if len(out) == n:
+                    return out, margins
+                h = model.final_hidden([[out[-1]]], [cache])[0][-1:]
+        finally:
+            model.close()
+
+
 def media_prompt_ids(encode, config: dict, kind: str, n: int) -> list[int]:
     """The validation's chat prompt as token ids, the image or clip expanded as Gemma4Processor expands it: its
     begin token, n placeholders (one per soft token), its end token. `encode` tokenizes text without specials."""
@@ -313,10 +355,10 @@ def tower_checks(runner, src_dir: str | Path, limits: tuple[float, float], whole
                  gen_exact: bool = True, new_tokens: int = MEDIA_NEW_TOKENS) -> dict[str, dict]:
     """The towers of a runtime against the fp32 reference, as report checks: for each modality the runtime has,
     its embeddings of the code-made image / clip against transformers' towers (cosine, relative error, within
-    `limits`), and with `whole` a greedy generation from a prompt holding that image / clip through the whole model
-    against transformers' (with `gen_exact`, for a float text model, identical up to a near-tie divergence; else
-    reported, not gated). `runner` has `vision`, `audio`, `embeddings(media)` and
-    `media_prompt(kind, media) -> ids`, `media_greedy(kind, media, n)`."""
+    `limits`), and a greedy generation from a prompt holding that image / clip through the whole model against
+    transformers' (the whole model in fp32 with `whole`, else streamed: StreamedMediaReference; with `gen_exact`, for
+    a float text model, identical up to a near-tie divergence; else reported, not gated). `runner` has `vision`,
+    `audio`, `embeddings(media)` and `media_prompt(kind, media) -> ids`, `media_greedy(kind, media, n)`."""
     ref = TowerReference(src_dir)
     cfg = ref.config
     checks: dict[str, dict] = {}
@@ -336,8 +378,8 @@ def tower_checks(runner, src_dir: str | Path, limits: tuple[float, float], whole
         c["passed"] = c["cos_min"] >= cos_min and c["rel_error"] <= rel
         c["summary"] = (f"{c['tokens']} tokens: cosine min {c['cos_min']:.6f} (>= {cos_min}), relative error "
                         f"{c['rel_error']:.5f} (<= {rel})")
-    if whole and media:
-        full = MediaReference(src_dir)
+    if media:
+        full = MediaReference(src_dir) if whole else StreamedMediaReference(src_dir, ref)
         for kind, m in media.items():
             ids = runner.media_prompt(kind, m)
             ref_toks, margins = full.greedy(ids, new_tokens, **{kind: m})
