@@ -409,17 +409,19 @@ def validate(
     """Run an artifact in its own runtime and compare it with transformers in fp32 on the same tokens.
 
     The fp32 reference is computed here (streamed: one decoder layer in memory at a time), or read from a directory
-    that `gemma4-export reference` wrote (--reference): then the checkpoint is not loaded at all. Writes
+    that `gemma4-export reference` wrote (--reference): then the text model is not loaded at all, and the towers
+    (the projector, the encoders) are checked only when --variant or --model-dir names the same checkpoint. Writes
     ARTIFACT.validation.json and .md beside it; exits 1 when any threshold fails.
 
     Examples:
       gemma4-export validate out/tiny-e2b-q4_k_m.gguf
       gemma4-export validate out/e2b-it-q4_k_m.gguf --reference ref/e2b-it
+      gemma4-export validate out/e2b-it-q4_k_m.gguf --reference ref/e2b-it --model-dir ./gemma-4-E2B-it
       gemma4-export validate out/tiny-31b-mlx-4bit --accumulate float32
     """
-    if reference is not None and (variant or model_dir or adapter):
-        raise typer.BadParameter("--reference replaces --variant, --model-dir and --adapter: the stored reference "
-                                 "says which weights it is of", param_hint="--reference")
+    if reference is not None and adapter:
+        raise typer.BadParameter("--reference replaces --adapter: the stored reference says which weights it is of",
+                                 param_hint="--reference")
     _validate_and_exit(artifact, variant, model_dir, device, adapter, reference, accumulate)
 
 

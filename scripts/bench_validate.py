@@ -11,7 +11,9 @@ process whose own peak resident memory (ru_maxrss from wait4) and seconds it rec
   imatrix    gemma4-export imatrix --model-dir CKPT --out OUT/imatrix.gguf   (calibration on the streamed model)
   gguf       gemma4-export gguf --model-dir CKPT --quant q4_k_m --out OUT --no-validate, with --imatrix
              OUT/imatrix.gguf when the imatrix step made it, else --no-calibrate   (the one-pass export)
-  validate   gemma4-export validate OUT/<name>.gguf --reference REF   (llama.cpp against the stored reference)
+  validate   gemma4-export validate OUT/<name>.gguf --reference REF --model-dir CKPT   (llama.cpp against the
+             stored reference; the projector's embeddings and media-prompted generations against the towers and the
+             streamed text model)
   baseline   the whole-model reference (validate.reference.WholeModelReference: the whole multimodal model in fp32)
              computing the logits of the same windows and the greedy continuations of the same prompts; it runs only
              when the checkpoint's parameters x 4 bytes + 2 GB fit in MemAvailable, and is checked against the
@@ -373,7 +375,8 @@ def main() -> None:
                     raise SystemExit(f"validate needs a stored reference in {ref}: add the reference step")
                 vj = gguf.with_name(gguf.name + ".validation.json")
                 vj.unlink(missing_ok=True)
-                r = measure(step, x + ["validate", str(gguf), "--reference", str(ref)], logs / "validate.log")
+                towers = [] if a.text_only else ["--model-dir", str(ck)]  # the projector's checks need the towers
+                r = measure(step, x + ["validate", str(gguf), "--reference", str(ref)] + towers, logs / "validate.log")
                 results["steps"].append(r)
                 # exit 1 with a report = the quality thresholds failed (random weights): recorded, not an error
                 if r["rc"] not in (0, 1) or not vj.is_file():

@@ -289,3 +289,23 @@ def test_gptq_is_on_by_default_and_no_gptq_turns_it_off(tmp_path):
     off, plan_off = export("--no-gptq")
     assert plan_on["gptq"]["matrices"] > 0 and "gptq" not in plan_off
     assert on != off
+
+
+def test_stored_reference_with_the_checkpoint_checks_the_towers(tmp_path):
+    """`validate --reference REF` reads the text reference from disk; naming the checkpoint too (--variant or
+    --model-dir) adds the tower checks (embeddings, media-prompted generations), and another checkpoint is refused;
+    --adapter still cannot join a stored reference."""
+    art = tmp_path / "tiny-31b-f32.gguf"
+    assert run("gguf", "--variant", "tiny-31b", "--quant", "f32", "--out", str(tmp_path), "--no-validate").returncode \
+        == 0
+    assert run("reference", "--variant", "tiny-31b", "--out", str(tmp_path / "ref"), timeout=300).returncode == 0
+    alone = run("validate", str(art), "--reference", str(tmp_path / "ref"), timeout=300)
+    assert alone.returncode == 0, alone.stderr
+    assert "image embeddings" not in alone.stdout
+    both = run("validate", str(art), "--reference", str(tmp_path / "ref"), "--variant", "tiny-31b", timeout=300)
+    assert both.returncode == 0, both.stderr
+    assert "image embeddings" in both.stdout and "image generation" in both.stdout
+    other = run("validate", str(art), "--reference", str(tmp_path / "ref"), "--variant", "tiny-26b-a4b", timeout=300)
+    assert other.returncode != 0 and "not the checkpoint of the stored reference" in other.stderr, other.stderr
+    bad = run("validate", str(art), "--reference", str(tmp_path / "ref"), "--adapter", str(tmp_path))
+    assert bad.returncode == 2 and "--reference replaces --adapter" in bad.stderr

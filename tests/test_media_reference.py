@@ -29,15 +29,17 @@ def test_streamed_media_reference_is_transformers(name, kind):
     d = TINY_DIR / name
     tok = transformers.AutoTokenizer.from_pretrained(d)
     towers = vt.TowerReference(d)
+    cfg = load_config(d)
     if kind == "image":
         media = vt.test_image(*vt.image_size_for(towers.config.vision_config.to_dict()))
-        n = towers.image_features(*vt.image_patches(media, towers.patch_size)).shape[0]
+        feats = {cfg["image_token_id"]: towers.image_features(*vt.image_patches(media, towers.patch_size))}
     else:
         media = vt.test_audio(2.0)
-        n = towers.audio_features(*vt.audio_features(media, d)).shape[0]
-    ids = vt.media_prompt_ids(lambda t: tok.encode(t, add_special_tokens=False), load_config(d), kind, n)
+        feats = {cfg["audio_token_id"]: towers.audio_features(*vt.audio_features(media, d))}
+    ids = vt.media_prompt_ids(lambda t: tok.encode(t, add_special_tokens=False), cfg, kind,
+                              len(next(iter(feats.values()))))
     want, want_margins = vt.MediaReference(d).greedy(ids, 16, **{kind: media})
-    got, got_margins = vt.StreamedMediaReference(d, towers).greedy(ids, 16, **{kind: media})
+    got, got_margins = vt.StreamedMediaReference(d).greedy(ids, 16, feats)
     assert got == want
     assert np.max(np.abs(np.array(got_margins) - np.array(want_margins))) < 1e-4
 

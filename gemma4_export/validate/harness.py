@@ -343,6 +343,9 @@ def validate_artifact(
         t0 = time.perf_counter()
         tsrc = src if reference is None else ModelSource.open(variant, model_dir, need_weights=True)
         try:
+            if reference is not None and ref.meta.get("source_digest") not in (None, tsrc.digest):
+                raise ReferenceMismatch(f"{tsrc.name} is not the checkpoint of the stored reference (of "
+                                        f"{ref.meta['source']}): its towers cannot be checked against that artifact")
             rep.checks.update(_tower_checks(tgt, artifact, None if towers is True else Path(towers), device, tsrc, t))
         finally:
             if reference is not None and tsrc.directory is not None:

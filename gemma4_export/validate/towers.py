@@ -158,15 +158,21 @@ class TowerReference:
                 if mod is None:
                     continue
                 prefix = f"{attr}."
-                want = mod.state_dict()
-                got = {short[len(prefix):]: torch.from_numpy(_f32(ck, name))
-                       for name, short in names.items() if short.startswith(prefix)}
+                want = mod.state_dict()  # tensors sharing the parameters' and persistent buffers' memory
+                got = {short[len(prefix):]: name for name, short in names.items() if short.startswith(prefix)}
                 missing = [k for k in want if k not in got and not _buffer(mod, k)]
                 extra = [k for k in got if k not in want]
                 if missing or extra:
                     raise CheckpointError(f"{self.dir}: tower tensors under {prefix} do not match transformers' "
                                           f"{type(mod).__name__}: missing {missing[:3]}, unexpected {extra[:3]}")
-                mod.load_state_dict(got, strict=False)
+                # one tensor at a time into the module's own memory: no second copy of the towers (2 GB on E2B)
+                with torch.no_grad():
+                    for key, name in got.items():
+                        value = torch.from_numpy(_f32(ck, name))
+                        if value.shape != want[key].shape:
+                            raise CheckpointError(f"{self.dir}: {name} is {list(value.shape)}, transformers' "
+                                                  f"{type(mod).__name__} wants {list(want[key].shape)}")
+                        want[key].copy_(value)
 
     @property
     def has_vision(self) -> bool:
@@ -217,9 +223,11 @@ def _f32(ck: Checkpoint, name: str) -> np.ndarray:
 # ---- comparing a runtime's towers with the reference ---------------------------------------------------------
 
 # What a tower artifact's embeddings may differ from the fp32 reference by: (min per-token cosine, relative error
-# ||a - b|| / ||b|| over the whole image or clip). Measured on tiny-e2b's towers through llama.cpp's mtmd (image /
-# audio): f32 projector 0.99997 / 0.0077 and 0.99998 / 0.0032, f16 the same to 4 digits, q8_0 0.99989 / 0.0134 and
-# 0.99936 / 0.0246; each limit is about twice the worst measured error.
+# ||a - b|| / ||b|| over the whole image or clip). Measured on tiny-e2b's towers (untrained then) through llama.cpp's
+# mtmd (image / audio): f32 projector 0.99997 / 0.0077 and 0.99998 / 0.0032, f16 the same to 4 digits, q8_0 0.99989
+# / 0.0134 and 0.99936 / 0.0246; each limit is about twice the worst measured error. The trained towers measure
+# lower (f32 0.99993 / 0.0035 and 0.9999997 / 0.0003; q8_0 0.99991 / 0.0045 and 0.99992 / 0.0046); at E2B's real
+# width f16 comes to 0.99987 / 0.0155 (README).
 TOWER_LIMITS: dict[str, tuple[float, float]] = {
     "float": (0.9998, 0.02),
     "q8_0": (0.998, 0.05),
@@ -289,33 +297,25 @@ class MediaReference:
 
 
 class StreamedMediaReference:
-    """MediaReference's generations for checkpoints too large to hold in fp32: the media's soft tokens from
-    transformers' towers alone (TowerReference), merged into the prompt as Gemma4Model's forward merges them, and
-    the text model streamed one decoder layer at a time (validate/streamed.py) with a KV cache: each new token is one
-    more pass over the layers."""
+    """MediaReference's generations for checkpoints too large to hold in fp32: given the media's soft tokens (from
+    transformers' towers alone, TowerReference), merged into the prompt as Gemma4Model's forward merges them, the
+    text model runs streamed one decoder layer at a time (validate/streamed.py) with a KV cache: each new token is
+    one more pass over the layers. The towers need not stay in memory meanwhile."""
 
-    def __init__(self, directory: str | Path, towers: TowerReference | None = None):
+    def __init__(self, directory: str | Path):
         self.dir = Path(directory)
-        self.towers = towers or TowerReference(directory)
-        self.config = self.towers.config
 
-    def greedy(self, ids: list[int], n: int, image: np.ndarray | None = None, audio: np.ndarray | None = None
-               ) -> tuple[list[int], list[float]]:
-        """n tokens by argmax, and the reference's top-2 margin (in probability) at each, as MediaReference."""
+    def greedy(self, ids: list[int], n: int, features: dict[int, np.ndarray]) -> tuple[list[int], list[float]]:
+        """n tokens by argmax after `ids`, whose placeholders (the keys of `features`: token ids) take the soft
+        tokens in order, and the reference's top-2 margin (in probability) at each, as MediaReference gives them."""
         from .streamed import StreamedModel
 
-        feats = {}
-        if image is not None:
-            feats[self.config.image_token_id] = self.towers.image_features(*image_patches(image,
-                                                                                          self.towers.patch_size))
-        if audio is not None:
-            feats[self.config.audio_token_id] = self.towers.audio_features(*audio_features(audio, self.dir))
         model = StreamedModel(self.dir)
         out: list[int] = []
         margins: list[float] = []
         try:
             cache = model.new_cache()
-            seqs = model.start([list(ids)], [cache], [feats])
+            seqs = model.start([list(ids)], [cache], [features])
             model.run_layers(seqs)
             h = seqs[0].hidden[0][-1:]
             while True:
@@ -363,26 +363,32 @@ def tower_checks(runner, src_dir: str | Path, limits: tuple[float, float], whole
     cfg = ref.config
     checks: dict[str, dict] = {}
     media: dict[str, np.ndarray] = {}
+    feats: dict[str, dict[int, np.ndarray]] = {}  # the reference's soft tokens, by placeholder token
     if ref.has_vision and runner.vision:
         img = test_image(*image_size_for(cfg.vision_config.to_dict()))
         media["image"] = img
         r = ref.image_features(*image_patches(img, ref.patch_size))
+        feats["image"] = {cfg.image_token_id: r}
         checks["image_embeddings"] = compare_features(runner.embeddings(img), r)
     if ref.has_audio and runner.audio:
         wav = test_audio(2.0)
         media["audio"] = wav
         x, mask = audio_features(wav, src_dir)
-        checks["audio_embeddings"] = compare_features(runner.embeddings(wav), ref.audio_features(x, mask))
+        r = ref.audio_features(x, mask)
+        feats["audio"] = {cfg.audio_token_id: r}
+        checks["audio_embeddings"] = compare_features(runner.embeddings(wav), r)
+    ref = None  # the towers in fp32 (2 GB on E2B) are not needed for the generations
     cos_min, rel = limits
     for name, c in checks.items():
         c["passed"] = c["cos_min"] >= cos_min and c["rel_error"] <= rel
         c["summary"] = (f"{c['tokens']} tokens: cosine min {c['cos_min']:.6f} (>= {cos_min}), relative error "
                         f"{c['rel_error']:.5f} (<= {rel})")
     if media:
-        full = MediaReference(src_dir) if whole else StreamedMediaReference(src_dir, ref)
+        full = MediaReference(src_dir) if whole else StreamedMediaReference(src_dir)
         for kind, m in media.items():
             ids = runner.media_prompt(kind, m)
-            ref_toks, margins = full.greedy(ids, new_tokens, **{kind: m})
+            ref_toks, margins = (full.greedy(ids, new_tokens, **{kind: m}) if whole
+                                 else full.greedy(ids, new_tokens, feats[kind]))
             got = runner.media_greedy(kind, m, new_tokens)
             g = media_generation(got, ref_toks, margins)
             g["gated"] = gen_exact
