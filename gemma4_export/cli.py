@@ -419,9 +419,10 @@ def validate(
       gemma4-export validate out/e2b-it-q4_k_m.gguf --reference ref/e2b-it --model-dir ./gemma-4-E2B-it
       gemma4-export validate out/tiny-31b-mlx-4bit --accumulate float32
     """
-    if reference is not None and adapter:
-        raise typer.BadParameter("--reference replaces --adapter: the stored reference says which weights it is of",
-                                 param_hint="--reference")
+    if reference is not None and adapter and not (variant or model_dir):
+        raise typer.BadParameter("--reference replaces --adapter: the stored reference says which weights it is of "
+                                 "(with --variant or --model-dir for the towers, --adapter completes that "
+                                 "checkpoint)", param_hint="--reference")
     _validate_and_exit(artifact, variant, model_dir, device, adapter, reference, accumulate)
 
 

@@ -294,7 +294,7 @@ def test_gptq_is_on_by_default_and_no_gptq_turns_it_off(tmp_path):
 def test_stored_reference_with_the_checkpoint_checks_the_towers(tmp_path):
     """`validate --reference REF` reads the text reference from disk; naming the checkpoint too (--variant or
     --model-dir) adds the tower checks (embeddings, media-prompted generations), and another checkpoint is refused;
-    --adapter still cannot join a stored reference."""
+    --adapter joins a stored reference only to complete the towers' checkpoint."""
     art = tmp_path / "tiny-31b-f32.gguf"
     assert run("gguf", "--variant", "tiny-31b", "--quant", "f32", "--out", str(tmp_path), "--no-validate").returncode \
         == 0

@@ -341,11 +341,15 @@ def validate_artifact(
     runner = None
     if towers is not False and (reference is None or variant is not None or model_dir is not None):
         t0 = time.perf_counter()
-        tsrc = src if reference is None else ModelSource.open(variant, model_dir, need_weights=True)
+        # the stored reference's digest covers its LoRA adapter's files too: the checkpoint is opened with it
+        tsrc = src if reference is None else ModelSource.open(variant, model_dir, need_weights=True, adapter=adapter)
         try:
             if reference is not None and ref.meta.get("source_digest") not in (None, tsrc.digest):
+                hint = (f"; the reference includes the LoRA adapter {ref.meta['adapter']}: give it too"
+                        if ref.meta.get("adapter") and adapter is None else "")
                 raise ReferenceMismatch(f"{tsrc.name} is not the checkpoint of the stored reference (of "
-                                        f"{ref.meta['source']}): its towers cannot be checked against that artifact")
+                                        f"{ref.meta['source']}): its towers cannot be checked against that "
+                                        f"artifact{hint}")
             rep.checks.update(_tower_checks(tgt, artifact, None if towers is True else Path(towers), device, tsrc, t))
         finally:
             if reference is not None and tsrc.directory is not None:
