@@ -782,7 +782,7 @@ def _replace_tensors(out: Path, new: dict) -> None:
             else:
                 del sd[n]
         if sh == shards[-1]:
-            sd.update({n: t for n, t in new.items() if n not in placed and n not in keep})
+            sd.update({n: t for n, t in new.items() if n not in placed})
         save_file(sd, str(sh), metadata={"format": "pt"})
         keep.update({n: sh.name for n in sd})
     if index.exists():

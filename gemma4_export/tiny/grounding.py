@@ -103,7 +103,8 @@ def grounding_accuracy(directory: str | Path, examples: int = 8, seed: int = 123
     """Share of held-out soft tokens whose nearest class embedding is their true class, per tower (7 x 10-token
     images, 2-second clips), computed by transformers' towers in float32 (validate.towers.TowerReference)."""
     from ..exporter.checkpoint import Checkpoint
-    from ..validate.towers import TowerReference, _f32, audio_features, image_patches, image_size_for
+    from ..validate.towers import (DEFAULT_IMAGE_TOKENS, TowerReference, _f32, audio_features, image_patches,
+                                   image_size_for)
 
     ref = TowerReference(directory)
     with Checkpoint(directory) as ck:
@@ -112,8 +113,8 @@ def grounding_accuracy(directory: str | Path, examples: int = 8, seed: int = 123
     out: dict[str, float] = {}
     if ref.has_vision:
         vision = ref.config.vision_config.to_dict()
-        h, w = image_size_for(vision)
-        side = h // 7
+        h, w = image_size_for(vision, DEFAULT_IMAGE_TOKENS)
+        side = h // DEFAULT_IMAGE_TOKENS[0]
         classes, right, total = class_embeddings(embed, "image"), 0, 0
         for _ in range(examples):
             img, _ = code_image(rng, h, w)
