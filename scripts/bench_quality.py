@@ -17,8 +17,9 @@ For every variant (default: every tiny one) it makes, side by side:
         `--max-size` with that file's bytes, each tensor class's type chosen by measured sensitivity.
         A bf16 pair (ours, llama.cpp's converter) shows what the conversion alone costs.
   MLX   ours 4bit (calibrated and --no-calibrate) against `mlx_lm convert -q --q-bits 4 --q-group-size 64` (the
-        baseline) and --q-bits 5 (ours keeps the tied head in bf16, so mlx-lm's 5-bit is the one near our size),
-        and ours at exactly that 5-bit directory's size (`--max-size`, types chosen by measured sensitivity);
+        baseline), --q-bits 4 --q-group-size 32 (5 bits a weight with its scales: the recipe nearest our 4bit's size,
+        whose PLE projections and tied head are 8-bit) and --q-bits 5, and ours at exactly that 5-bit directory's
+        size (`--max-size`, types chosen by measured sensitivity);
         ours mixed against mlx-lm's `--quant-predicate mixed_4_6` (and mixed_3_6, smaller).
   ONNX  ours int4 calibrated against int4 --no-calibrate, which is onnxruntime's own round-to-nearest quantizer.
 
@@ -84,7 +85,8 @@ from gemma4_export.exporter.variants import TINY, get_variant  # noqa: E402
 GGUF_PRESETS = ("q4_k_m", "q3_k_m", "q4_k_s", "iq4_xs", "q2_k")
 CALIBRATED_ONLY = ("q2_k",)  # ours refuses --no-calibrate; llama.cpp's Q2_K only with its imatrix
 TARGET_BPW_PRESETS = ("q4_k_m", "q3_k_m", "q4_k_s", "iq4_xs", "q2_k")
-MLX_RECIPES = {"4bit": ["--q-bits", "4"], "5bit": ["--q-bits", "5"], "mixed_4_6": ["--quant-predicate", "mixed_4_6"],
+MLX_RECIPES = {"4bit": ["--q-bits", "4"], "4bit_g32": ["--q-bits", "4", "--q-group-size", "32"],
+               "5bit": ["--q-bits", "5"], "mixed_4_6": ["--quant-predicate", "mixed_4_6"],
                "mixed_3_6": ["--quant-predicate", "mixed_3_6"]}
 SAME_SIZE = 0.03
 CHUNK, CHUNKS = 1024, 16
@@ -364,10 +366,10 @@ class Bench:
                 return out
             return make
 
-        for recipe, group in (("4bit", g4), ("5bit", g4), ("mixed_4_6", gm), ("mixed_3_6", gm)):
+        for recipe, group in (("4bit", g4), ("4bit_g32", g4), ("5bit", g4), ("mixed_4_6", gm), ("mixed_3_6", gm)):
             r = self.add(v, group, f"mlx_lm.convert {recipe}", "mlx_lm.convert", convert(recipe), ref, params, False,
                          baseline=recipe in ("4bit", "mixed_4_6"), tag=recipe)
-            if recipe == "5bit" and self.target_bpw and r.bytes:  # the recipe nearest our 4bit's size: at its size
+            if recipe == "5bit" and self.target_bpw and r.bytes:  # ours at that size, its types measured
                 self.add(v, g4, f"ours at mlx-lm 5bit's size (--max-size {r.bytes})", "gemma4-export",
                          self.ours("mlx", v, "4bit", "mlx-4bit-sized", max_size=r.bytes), ref, params, True,
                          tag="4bit sized")
