@@ -1,6 +1,7 @@
 """Measure validation metrics of every tiny variant at every preset of a target, to calibrate thresholds.
 
-    python scripts/calibrate.py [--target gguf|mlx|onnx] [--presets q4_k_m,q3_k_m] [--out docs/thresholds-gguf.md]
+    python scripts/calibrate.py [--target gguf|mlx|onnx] [--presets q4_k_m,q3_k_m] [--variants tiny-e2b,tiny-e2b-ft]
+                                [--out docs/thresholds-gguf.md]
 
 Prints one row per variant and preset, and per preset the worst value of each metric across variants: the
 thresholds in gemma4_export/quant/presets.py sit at about 2x those worst values (PPL excess and 1 - top-1
@@ -14,7 +15,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from gemma4_export.exporter.variants import TINY, get_variant
+from gemma4_export.exporter.variants import TINY
 from gemma4_export import api
 from gemma4_export.quant.presets import presets_of
 from gemma4_export.validate.harness import validate_artifact
@@ -30,13 +31,14 @@ def main() -> None:
     ap.add_argument("--target", default="gguf")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--presets", help="comma-separated presets (default: all of the target's)")
+    ap.add_argument("--variants", help="comma-separated variants (default: every tiny one: " + ",".join(TINY) + ")")
     a = ap.parse_args()
     from gemma4_export.quant.calibrate import NEEDS_CALIBRATION
     from gemma4_export.quant.rules import get_preset
     from gemma4_export.targets.registry import get_target
     rows, worst = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for v in TINY:
+        for v in (a.variants.split(",") if a.variants else TINY):
             ref = api.reference(v)
             for p, cal in [(p, c) for p in (a.presets.split(",") if a.presets else presets_of(a.target))
                            for c in (None, False)]:

@@ -146,9 +146,9 @@ PRESET_LIST: tuple[Preset, ...] = (
     # a QAT checkpoint, whose head is not on the lattice.
     # mlx-lm computes in bf16, so even bf16 weights give KLD ~2e-4; MoE tails widest (docs/thresholds-mlx.md).
     # The PPL-ratio limits of the quantized presets follow the same rule (2x the worst excess) with tiny-e2b-ft in
-    # the measured set: that fine-tune is the most PPL-sensitive model under mlx-lm (8bit 1.0024, 6bit 1.0037; with
-    # bf16 heads 4bit 1.0102, mixed 1.0080; the 4-bit presets with their 8-bit head: tiny-31b's 1.0128 and 1.0118 are
-    # the worst). The cause is measured, not guessed: the same 4bit weights run with float32
+    # the measured set: with bf16 heads that fine-tune was the most PPL-sensitive model under mlx-lm (4bit 1.0102,
+    # 8bit 1.0024, 6bit 1.0037, mixed 1.0080); with their 8-bit head the 4-bit presets' worst is tiny-31b (1.0128,
+    # 1.0118; the fine-tune 1.0126 plain). The cause is measured, not guessed: the same 4bit weights run with float32
     # activations give 1.0063, and the bf16 weights with float32 activations match the reference exactly (KLD 2e-12),
     # so the excess is 4-bit weights compounded by mlx-lm's bf16 compute, not the export.
     _mlx("bf16", None, None, None, T(5e-4, 5e-2, 0.96, 1.002, 0.25, 22), description="bfloat16, as trained"),
