@@ -19,7 +19,9 @@ For every variant (default: every tiny one) it makes, side by side:
   MLX   ours 4bit (calibrated and --no-calibrate) against `mlx_lm convert -q --q-bits 4 --q-group-size 64` (the
         baseline), --q-bits 4 --q-group-size 32 (5 bits a weight with its scales: the recipe nearest our 4bit's size,
         whose PLE projections and tied head are 8-bit) and --q-bits 5, and ours at exactly that 5-bit directory's
-        size (`--max-size`, types chosen by measured sensitivity);
+        size (`--max-size`, types chosen by measured sensitivity); on a checkpoint mlx-lm keeps in float32 (its
+        config's dtype: tiny-e2b-ft), whose float32 scales make its g32 as large as its 5-bit, also its g32 and
+        5-bit with `--dtype bfloat16` (bf16 scales, as ours) and ours at that 5-bit's size;
         ours mixed against mlx-lm's `--quant-predicate mixed_4_6` (and mixed_3_6, smaller).
   ONNX  ours int4 calibrated against int4 --no-calibrate, which is onnxruntime's own round-to-nearest quantizer.
 
@@ -88,6 +90,9 @@ TARGET_BPW_PRESETS = ("q4_k_m", "q3_k_m", "q4_k_s", "iq4_xs", "q2_k")
 MLX_RECIPES = {"4bit": ["--q-bits", "4"], "4bit_g32": ["--q-bits", "4", "--q-group-size", "32"],
                "5bit": ["--q-bits", "5"], "mixed_4_6": ["--quant-predicate", "mixed_4_6"],
                "mixed_3_6": ["--quant-predicate", "mixed_3_6"]}
+# a float32 checkpoint: mlx-lm keeps float32 scales unless told otherwise, so its 4bit_g32 is as large as its 5bit;
+# these are the same recipes with bf16 scales (and bf16 unquantized weights), as a user after a small model asks
+MLX_BF16_RECIPES = {f"{k} --dtype bfloat16": MLX_RECIPES[k] + ["--dtype", "bfloat16"] for k in ("4bit_g32", "5bit")}
 SAME_SIZE = 0.03
 CHUNK, CHUNKS = 1024, 16
 COLORS = {"gemma4-export": "#1f77b4", "gemma4-export --no-calibrate": "#aec7e8", "llama.cpp": "#ffbb78",
@@ -162,6 +167,13 @@ def patched_copy(src: Path, dst: Path, edit) -> Path:
     edit(cfg)
     (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return dst
+
+
+def mlx_lm_keeps_float32(ck: Path) -> bool:
+    """Whether `mlx_lm convert` without --dtype keeps float32 (it reads config.json's torch_dtype, then text_config's
+    dtype): so it does for tiny-e2b-ft."""
+    c = json.loads((Path(ck) / "config.json").read_text())
+    return (c.get("torch_dtype") or (c.get("text_config") or {}).get("dtype")) == "float32"
 
 
 def mlx_lm_config(c: dict) -> None:
@@ -359,20 +371,25 @@ class Bench:
 
         def convert(recipe: str):
             def make():
-                out = w / recipe
+                out = w / recipe.replace(" --dtype ", "_")
                 shutil.rmtree(out, ignore_errors=True)
                 run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", hf, "--mlx-path", out, "-q",
-                     "--q-group-size", "64"] + MLX_RECIPES[recipe], w / f"{recipe}.log")
+                     "--q-group-size", "64"] + {**MLX_RECIPES, **MLX_BF16_RECIPES}[recipe],
+                    w / f"{recipe.replace(' ', '_')}.log")
                 return out
             return make
 
-        for recipe, group in (("4bit", g4), ("4bit_g32", g4), ("5bit", g4), ("mixed_4_6", gm), ("mixed_3_6", gm)):
+        recipes = [("4bit", g4), ("4bit_g32", g4), ("5bit", g4), ("mixed_4_6", gm), ("mixed_3_6", gm)]
+        if mlx_lm_keeps_float32(ck):
+            recipes += [(k, g4) for k in MLX_BF16_RECIPES]
+        for recipe, group in recipes:
             r = self.add(v, group, f"mlx_lm.convert {recipe}", "mlx_lm.convert", convert(recipe), ref, params, False,
                          baseline=recipe in ("4bit", "mixed_4_6"), tag=recipe)
-            if recipe == "5bit" and self.target_bpw and r.bytes:  # ours at that size, its types measured
-                self.add(v, g4, f"ours at mlx-lm 5bit's size (--max-size {r.bytes})", "gemma4-export",
-                         self.ours("mlx", v, "4bit", "mlx-4bit-sized", max_size=r.bytes), ref, params, True,
-                         tag="4bit sized")
+            if recipe.startswith("5bit") and self.target_bpw and r.bytes:  # ours at that size, its types measured
+                bf16 = recipe != "5bit"
+                self.add(v, g4, f"ours at mlx-lm {recipe}'s size (--max-size {r.bytes})", "gemma4-export",
+                         self.ours("mlx", v, "4bit", "mlx-4bit-sized" + "-bf16" * bf16, max_size=r.bytes), ref,
+                         params, True, tag="4bit sized" + " bf16" * bf16)
 
     # ---- results -------------------------------------------------------------------------------------------------
     def compare(self) -> None:
