@@ -9,12 +9,14 @@ per-group steps on a 4-bit lattice), side by side at the same or smaller size:
   GGUF  ours `qat` (lattice tensors as Q4_0 with the trained steps; the head Q6_K as Google's QAT GGUFs keep it,
         the rest as q4_0), the same with a Q8_0 head (the head policy, measured), plain Q4_0 (`q4_0 --qat off
         --no-calibrate`: ggml's own quantizer, byte for byte what llama-quantize Q4_0 writes), Q4_0 with our imatrix
-        and Q4_K_M with our imatrix (`--qat off`: what llama-quantize --imatrix writes with that imatrix, which
-        tests/test_gguf.py checks byte for byte).
+        and Q4_K_M with our imatrix (`--qat off --no-gptq`: what llama-quantize --imatrix writes with that imatrix,
+        which tests/test_gguf.py checks byte for byte), and ours q4_0 / q4_k_m `--qat off` (calibrated with GPTQ's
+        error feedback, the default).
   MLX   ours `qat` (affine groups of 32: scale = step, bias = -8 step), `mlx_lm convert -q --q-bits 4` with groups
-        of 64 (the published mlx-community QAT builds' recipe; the baseline) and of 32, and ours 4bit --qat off.
+        of 64 (the published mlx-community QAT builds' recipe; the baseline) and of 32, and ours 4bit --qat off
+        (calibrated, GPTQ, its 8-bit head).
   ONNX  ours `qat` (MatMulNBits, scale = step, zero point 8) against int4 --qat off --no-calibrate (onnxruntime's
-        round-to-nearest; the baseline) and int4 --qat off calibrated.
+        round-to-nearest; the baseline) and int4 --qat off calibrated (GPTQ).
 
 Everything is measured as scripts/bench_quality.py measures (its harness and held-out text: mean KLD, top-1, PPL
 ratio, greedy exact match over the float32 reference); prints a Markdown table and writes bench_qat.json. Asserts
@@ -42,7 +44,7 @@ from gemma4_export import api  # noqa: E402
 from gemma4_export.exporter.variants import TINY_QAT, get_variant  # noqa: E402
 
 HEAD_Q8 = r"embed_tokens\.weight$=Q8_0"
-HEAD_MLX8 = r"embed_tokens\.weight$=Q8G32"  # mlx-lm quantizes the tied head with the rest; ours keeps it bf16
+HEAD_MLX8 = r"embed_tokens\.weight$=Q8G32"  # `qat` keeps the tied head as trained (bf16); 4bit makes it Q8G64
 HEAD_MLX4 = r"embed_tokens\.weight$=Q4G32"
 
 
@@ -69,16 +71,24 @@ class QatBench(bq.Bench):
                      self.ours("gguf", v, "q4_0", "g-q4_0", calibrate=False, qat="off"), ref, params, True,
                      baseline=True, tag="q4_0")
             self.add(v, g, "Q4_0 + imatrix", "llama.cpp + imatrix",
-                     self.ours("gguf", v, "q4_0", "g-q4_0-imat", qat="off"), ref, params, True, tag="q4_0 imat")
+                     self.ours("gguf", v, "q4_0", "g-q4_0-imat", qat="off", gptq=False), ref, params, True,
+                     tag="q4_0 imat")
+            self.add(v, g, "ours q4_0 --qat off (GPTQ)", "gemma4-export",
+                     self.ours("gguf", v, "q4_0", "g-q4_0-gptq", qat="off"), ref, params, True, tag="q4_0 gptq")
             self.add(v, g, "plain Q4_0, head Q8_0", "llama.cpp",
                      self.ours("gguf", v, "q4_0", "g-q4_0-q8head", calibrate=False, qat="off", overrides=[HEAD_Q8]),
                      ref, params, True, tag="q4_0 q8 head")
             self.add(v, g, "Q4_0 + imatrix, head Q8_0", "llama.cpp + imatrix",
-                     self.ours("gguf", v, "q4_0", "g-q4_0-imat-q8head", qat="off", overrides=[HEAD_Q8]), ref, params,
-                     True, tag="q4_0 imat q8 head")
+                     self.ours("gguf", v, "q4_0", "g-q4_0-imat-q8head", qat="off", overrides=[HEAD_Q8], gptq=False),
+                     ref, params, True, tag="q4_0 imat q8 head")
+            self.add(v, g, "ours q4_0 --qat off (GPTQ), head Q8_0", "gemma4-export",
+                     self.ours("gguf", v, "q4_0", "g-q4_0-gptq-q8head", qat="off", overrides=[HEAD_Q8]), ref, params,
+                     True, tag="q4_0 gptq q8 head")
             self.add(v, g, "Q4_K_M + imatrix", "llama.cpp + imatrix",
-                     self.ours("gguf", v, "q4_k_m", "g-q4_k_m-imat", qat="off"), ref, params, True,
+                     self.ours("gguf", v, "q4_k_m", "g-q4_k_m-imat", qat="off", gptq=False), ref, params, True,
                      tag="q4_k_m imat")
+            self.add(v, g, "ours q4_k_m --qat off (GPTQ)", "gemma4-export",
+                     self.ours("gguf", v, "q4_k_m", "g-q4_k_m-gptq", qat="off"), ref, params, True, tag="q4_k_m gptq")
         if "mlx" in only:
             g = "mlx 4-bit"
             self.add(v, g, "ours qat (lattice, groups of 32)", "gemma4-export", self.ours("mlx", v, "qat", "m-qat"),
@@ -88,7 +98,7 @@ class QatBench(bq.Bench):
                      ref, params, True, tag="qat h8")
             self.add(v, g, "ours qat, head 4-bit g32", "gemma4-export",
                      self.ours("mlx", v, "qat", "m-qat-h4", overrides=[HEAD_MLX4]), ref, params, True, tag="qat h4")
-            self.add(v, g, "ours 4bit --qat off", "gemma4-export --no-calibrate",
+            self.add(v, g, "ours 4bit --qat off", "gemma4-export",
                      self.ours("mlx", v, "4bit", "m-4bit", qat="off"), ref, params, True, tag="4bit")
             if importlib.util.find_spec("mlx_lm") is not None:
                 w = self.work / v / "mlx_lm"
@@ -127,11 +137,14 @@ def main() -> None:
     ap.add_argument("--out", default="bench-qat")
     ap.add_argument("--work", default=None)
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--mlx-accumulate", choices=("float32", "native"), default="float32",
+                    help="how mlx sums the MLX rows' quantized matmuls on the CPU (as scripts/bench_quality.py)")
     ap.add_argument("--rows", nargs="*", help="only the rows whose label contains one of these")
     ap.add_argument("--merge", nargs="*", default=[], help="earlier bench_qat.json files whose rows join the table")
     a = ap.parse_args()
     a.only = set(a.only.split(","))
     a.llama_cpp = a.llama_bin = None
+    a.reuse = []  # every row is made here
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     b = QatBench(a)
