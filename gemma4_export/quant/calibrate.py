@@ -26,6 +26,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -170,17 +171,19 @@ class Importance:
     meta: dict = field(default_factory=dict)
     path: Path | None = None  # the imatrix file it was read from or written to
     # per matrix float32 [n_mat, nb, B, B] and its input width: the block-diagonal second moments (collect with
-    # hessians=True; an imatrix file has none)
-    hessians: dict[str, tuple[np.ndarray, int]] | None = None
+    # hessians=True; an imatrix file has none). Read from the cache, each is a StoredArray, mapped when asked for.
+    hessians: dict[str, tuple[np.ndarray | StoredArray, int]] | None = None
 
     def hessian(self, name: str):
-        """quant.weighted.Hessian of a matrix (by llama.cpp name), or None. A new one each call: its factors (float64,
-        twice the Hessian's bytes) live as long as the caller's tensor, not the whole export."""
+        """quant.weighted.Hessian of a matrix (by llama.cpp name), or None. A new one each call: its second moments
+        (mapped from the cache file) and factors (float64) live as long as the caller's tensor, not the whole
+        export, so an export's memory follows its largest Hessian, not their sum."""
         from .weighted import Hessian
 
         if not self.hessians or name not in self.hessians:
             return None
-        return Hessian(*self.hessians[name])
+        h, width = self.hessians[name]
+        return Hessian(h.load() if isinstance(h, StoredArray) else h, width)
 
     def hessian_for(self, hf_name: str, prefix: str):
         """`hessian` for a checkpoint tensor name."""
@@ -517,12 +520,41 @@ def write_hessians(imp: Importance, path: str | Path) -> Path:
     return path
 
 
-def read_hessians(path: str | Path) -> dict[str, tuple[np.ndarray, int]]:
-    from safetensors import safe_open
+@dataclass(frozen=True)
+class StoredArray:
+    """A float32 array in a safetensors file, read only when `load` maps it (read-only; the mapping, and the pages
+    read through it, go when the returned array does)."""
 
-    with safe_open(str(path), "np") as f:
-        meta = f.metadata() or {}
-        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    path: Path
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * math.prod(self.shape)
+
+    def load(self) -> np.ndarray:
+        return np.memmap(self.path, np.float32, "r", self.offset, self.shape)
+
+
+def read_hessians(path: str | Path) -> dict[str, tuple[StoredArray, int]]:
+    """The Hessians write_hessians wrote, each a StoredArray: the header is checked here (every tensor float32,
+    its bytes inside the file), the values are read when a tensor is quantized."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= size - 8:
+            raise ValueError(f"{path}: not a safetensors file")
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", None) or {}
+    arrays = {}
+    for k, t in header.items():
+        begin, end = t["data_offsets"]
+        shape = tuple(int(d) for d in t["shape"])
+        if t["dtype"] != "F32" or end - begin != 4 * math.prod(shape) or 8 + n + end > size:
+            raise ValueError(f"{path}: {k} is not a whole float32 tensor of {list(shape)}")
+        arrays[k] = StoredArray(path, 8 + n + begin, shape)
     out = {}
     for name, v in meta.items():
         width, first = json.loads(v)
@@ -564,6 +596,7 @@ def importance_for(src, text_file: str | Path | None = None, chunk: int = DEFAUL
             os.replace(tmp, tokens_path)
             if hessians:
                 write_hessians(imp, hess_path)
+                imp.hessians = read_hessians(hess_path)  # the export reads each from the file, not all at once
         except OSError as e:  # a read-only or full cache does not stop the export
             reporter.note(f"calibration: not cached ({e})")
     return imp

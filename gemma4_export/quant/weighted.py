@@ -344,13 +344,15 @@ class Hessian:
         if m not in self._factors:
             out = []
             for start, h in self.parts(m):
-                h = h.astype(np.float64)
+                h = np.array(h[::-1, ::-1], dtype=np.float64)  # the channels reversed (a copy)
                 d = np.diag(h).copy()
                 d[d <= 0] = 1.0  # a channel no token reached: its error costs nothing, it feeds nothing back
                 np.fill_diagonal(h, d + GPTQ_DAMP * d.mean())
-                inv = np.linalg.inv(np.linalg.cholesky(h))  # h = L L^T, so h^-1 = L^-T L^-1 = inv^T inv
-                u = np.linalg.cholesky(inv.T @ inv).T  # the upper U with h^-1 = U^T U (inv is lower, not U)
-                out.append((start, u))
+                # With P the reversal, P h P = L L^T gives h = R R^T, R = P L P upper; so h^-1 = R^-T R^-1 and the
+                # upper U with h^-1 = U^T U is R^-1: three float64 copies of the block at a time, not five.
+                r = np.linalg.cholesky(h)[::-1, ::-1]
+                del h
+                out.append((start, np.linalg.inv(r)))
             self._factors[m] = out
         return self._factors[m]
 
