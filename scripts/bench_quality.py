@@ -93,6 +93,7 @@ MLX_RECIPES = {"4bit": ["--q-bits", "4"], "4bit_g32": ["--q-bits", "4", "--q-gro
 # a float32 checkpoint: mlx-lm keeps float32 scales unless told otherwise, so its 4bit_g32 is as large as its 5bit;
 # these are the same recipes with bf16 scales (and bf16 unquantized weights), as a user after a small model asks
 MLX_BF16_RECIPES = {f"{k} --dtype bfloat16": MLX_RECIPES[k] + ["--dtype", "bfloat16"] for k in ("4bit_g32", "5bit")}
+MLX_ALL_RECIPES = {**MLX_RECIPES, **MLX_BF16_RECIPES}
 SAME_SIZE = 0.03
 CHUNK, CHUNKS = 1024, 16
 COLORS = {"gemma4-export": "#1f77b4", "gemma4-export --no-calibrate": "#aec7e8", "llama.cpp": "#ffbb78",
@@ -371,11 +372,11 @@ class Bench:
 
         def convert(recipe: str):
             def make():
-                out = w / recipe.replace(" --dtype ", "_")
+                slug = recipe.replace(" --dtype ", "_")
+                out = w / slug
                 shutil.rmtree(out, ignore_errors=True)
                 run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", hf, "--mlx-path", out, "-q",
-                     "--q-group-size", "64"] + {**MLX_RECIPES, **MLX_BF16_RECIPES}[recipe],
-                    w / f"{recipe.replace(' ', '_')}.log")
+                     "--q-group-size", "64"] + MLX_ALL_RECIPES[recipe], w / f"{slug}.log")
                 return out
             return make
 
