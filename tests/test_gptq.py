@@ -172,6 +172,75 @@ def test_second_moments_hold_the_imatrix_on_their_diagonal(tmp_path, monkeypatch
     src.checkpoint.close()
 
 
+def test_second_moments_go_to_the_cache_as_each_layer_ends(tmp_path, monkeypatch):
+    """Calibrating writes each layer's second moments to the cache file when that layer is done (the streamed model
+    runs every chunk through a layer before the next), so it holds one layer's, not all; the file equals the
+    in-memory collection. A write that fails (a full disk) keeps them in memory instead, equal too, and leaves no
+    file behind."""
+    import errno
+
+    from gemma4_export.progress import Silent
+    from gemma4_export.validate.streamed import StreamedModel
+
+    src = api.open_source("tiny-e2b", need_weights=True)  # PLE projection, KV-shared layers, a tied head
+    calib = cal.calibration_set(src.checkpoint.dir, src.arch.bos_token_id, chunk=128, chunks=2)
+    memory = cal.collect(src, calib, hessians=True)
+    events: list[tuple[str, object]] = []
+    run_layer, write = StreamedModel.run_layer, cal._HessianFile.write
+    monkeypatch.setattr(StreamedModel, "run_layer", lambda self, i, *a: (events.append(("run", i)),
+                                                                         run_layer(self, i, *a))[1])
+
+    def logged(self, key, h):
+        events.append(("write", key))
+        return write(self, key, h)
+    monkeypatch.setattr(cal._HessianFile, "write", logged)
+    final = tmp_path / "h.safetensors"
+    imp = cal.collect(src, calib, hessians=True, hessian_path=final)
+    assert set(imp.hessians) == set(memory.hessians) and sorted(p.name for p in tmp_path.iterdir()) == [final.name]
+    for name, (h, width) in imp.hessians.items():
+        assert isinstance(h, cal.StoredArray) and h.path == final and width == memory.hessians[name][1]
+        np.testing.assert_array_equal(h.load(), memory.hessians[name][0])
+    layer_of = {}  # key -> the layer that ran last before it was written
+    last = None
+    for kind, v in events:
+        if kind == "run":
+            last = v
+        else:
+            layer_of[v] = last
+    n_layers = src.arch.num_layers
+    for key, at in layer_of.items():
+        if key.startswith("blk."):
+            assert at == int(key.split(".")[1]), (key, at)  # right after its own layer, before the next runs
+        elif key == "per_layer_model_proj.weight":
+            assert at == 0  # it reads the embeddings, before the first layer
+        else:
+            assert key == "token_embd.weight" and at == n_layers - 1  # the head, after the last
+    assert {k.split(".")[1] for k in layer_of if k.startswith("blk.")} == {str(i) for i in range(n_layers)}
+
+    notes, calls = [], []
+
+    class Notes(Silent):
+        def note(self, text):
+            notes.append(text)
+
+    def full(self, key, h):
+        calls.append(key)
+        if len(calls) == 8:  # in the second layer's writes: the first layer's are in the file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, key, h)
+    monkeypatch.setattr(cal._HessianFile, "write", full)
+    final.unlink()
+    imp = cal.collect(src, calib, reporter=Notes(), hessians=True, hessian_path=final)
+    assert len(notes) == 1 and "kept in memory" in notes[0] and "No space" in notes[0]
+    assert list(tmp_path.iterdir()) == []  # neither the final name nor the partial file
+    assert len(calls) == 8 and calls[-1].startswith("blk.1.") and "blk.0.ffn_down.weight" in calls
+    for name, (h, _) in imp.hessians.items():
+        assert isinstance(h, np.ndarray)
+        np.testing.assert_array_equal(h, memory.hessians[name][0])
+    assert imp.hessians["blk.0.attn_q.weight"][0] is imp.hessians["blk.0.attn_k.weight"][0]
+    src.checkpoint.close()
+
+
 def test_a_real_layer_loses_less(tmp_path, monkeypatch):
     """tiny-31b's own weights and calibration activations: each attention and MLP matrix's output error on the
     calibration inputs (W - Wq) H (W - Wq)^T is lower with the feedback, at int4 blocks of 32, mlx 4-bit and

@@ -23,6 +23,7 @@ checkpoint digest and calibration text, so a second export of the same checkpoin
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
@@ -272,20 +273,90 @@ def hessian_plan(widths: dict[str, tuple[int, int]], budget: int = HESSIAN_BUDGE
     return b, {n for n, (m, _) in widths.items() if m == 1}
 
 
+class _HessianFile:
+    """Second moments written to a file layer by layer as `collect` finishes each layer (the streamed model runs
+    every chunk through a layer before the next), in write_hessians' format: the layout is fixed before the first
+    layer (every shape follows from the plan), the header is written last into room kept for it, and the file is
+    renamed to its final name only when whole."""
+
+    def __init__(self, final: Path, shapes: dict[str, tuple[int, ...]], widths: dict[str, int]):
+        self.final = final
+        self.offsets: dict[str, tuple[int, tuple[int, ...]]] = {}
+        end = 0
+        for key, shape in sorted(shapes.items()):
+            self.offsets[key] = (end, shape)
+            end += 4 * math.prod(shape)
+        self.header_len = -(-len(self._header(widths)) // 8) * 8  # every name listed: the most it can need
+        self.path = final.with_name(f".{final.name}.{os.getpid()}.partial")
+        self.file = None
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "w+b")
+        total = 8 + self.header_len + end
+        try:
+            os.posix_fallocate(self.file.fileno(), 0, total)  # a full disk says so now, not halfway through
+        except (AttributeError, OSError) as e:  # macOS has no posix_fallocate; some file systems refuse it
+            if getattr(e, "errno", None) == errno.ENOSPC:
+                self.discard()
+                raise
+            self.file.truncate(total)
+
+    def _header(self, widths: dict[str, int]) -> bytes:
+        header: dict = {"__metadata__": {n: json.dumps([w, _input_key(n)]) for n, w in sorted(widths.items())}}
+        for key, (begin, shape) in self.offsets.items():
+            header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [begin, begin + 4 * math.prod(shape)]}
+        return json.dumps(header, separators=(",", ":")).encode()
+
+    def write(self, key: str, h: np.ndarray) -> None:
+        begin, shape = self.offsets[key]
+        if h.shape != shape or h.dtype != np.float32:
+            raise RuntimeError(f"{key}: second moments {h.dtype} {list(h.shape)}, the layout has float32 {shape}")
+        self.file.seek(8 + self.header_len + begin)
+        self.file.write(np.ascontiguousarray(h).data)
+
+    def read(self, key: str) -> np.ndarray:
+        begin, shape = self.offsets[key]
+        self.file.flush()
+        return np.fromfile(self.path, np.float32, math.prod(shape), offset=8 + self.header_len + begin).reshape(shape)
+
+    def publish(self, widths: dict[str, int]) -> dict[str, tuple[StoredArray, int]]:
+        """Write the header (the names `widths` gives), rename the file to its final name, and return its arrays."""
+        header = self._header(widths)
+        self.file.seek(0)
+        self.file.write(len(header.ljust(self.header_len)).to_bytes(8, "little") + header.ljust(self.header_len))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.path, self.final)
+        base = 8 + self.header_len
+        arrays = {k: StoredArray(self.final, base + b, shape) for k, (b, shape) in self.offsets.items()}
+        return {n: (arrays[_input_key(n)], w) for n, w in widths.items()}
+
+    def discard(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
 def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter | None = None,
-            keep_bytes: int | None = None, hessians: bool = False, budget: int = HESSIAN_BUDGET) -> Importance:
+            keep_bytes: int = 0, hessians: bool = False, budget: int = HESSIAN_BUDGET,
+            hessian_path: str | Path | None = None) -> Importance:
     """Run the calibration chunks through the streamed fp32 model of `src` (a ModelSource with weights) and
     record every matrix's input statistics; with `hessians`, also their block-diagonal second moments (the sum of
-    x x^T within blocks of channels, whose diagonal is the imatrix's sums), in blocks sized by `budget`."""
+    x x^T within blocks of channels, whose diagonal is the imatrix's sums), in blocks sized by `budget`.
+
+    With `hessian_path`, each layer's second moments are written there as soon as the layer is done and the
+    Importance holds them as StoredArrays of that file, so calibrating holds one layer's, not all (1.2-2.0 GB on
+    the published configs); where the file cannot be written (a full or read-only disk), they stay in memory.
+    `keep_bytes`: decoder layers the streamed model may keep loaded; one pass reads each layer once, so none."""
     import torch
 
     from ..exporter.tensors import Tensor, hf_name
     from ..targets.gguf import gguf_name
-    from ..validate.streamed import DEFAULT_KEEP_BYTES, StreamedModel
+    from ..validate.streamed import StreamedModel
 
     reporter = reporter or Silent()
     t0 = time.perf_counter()
-    model = StreamedModel(src.directory, device, src.adapter, DEFAULT_KEEP_BYTES if keep_bytes is None else keep_bytes)
+    model = StreamedModel(src.directory, device, src.adapter, keep_bytes)
     prefix = model.prefix
     acc_dtype = torch.float32 if model.device == "mps" else torch.float64
     sums: dict[str, object] = {}
@@ -295,6 +366,32 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
 
     hess_of_input: dict[str, object] = {}
     aliases: set[str] = set()  # names whose input another name's Hessian already accumulates
+    spill: _HessianFile | None = None
+    hess_out = None
+
+    def spill_done() -> None:
+        """Write the second moments of the layer just finished (all held now) to the file and let them go; where a
+        write fails, read back what the file holds and keep everything in memory from here on."""
+        nonlocal spill
+        if spill is None:
+            return
+        live = [n for n, h in hess.items() if h is not None]
+        try:
+            for n in live:
+                if n not in aliases:
+                    spill.write(_input_key(n), hess[n].numpy())
+        except OSError as e:
+            reporter.note(f"calibration: second moments kept in memory ({e})")
+            back: dict[str, object] = {}
+            for n, h in hess.items():
+                if h is None:
+                    hess[n] = back.setdefault(_input_key(n), torch.from_numpy(spill.read(_input_key(n))))
+            spill.discard()
+            spill = None
+            return
+        for n in live:
+            hess[n] = None
+        hess_of_input.clear()
 
     def add(name: str, given, mat: int = 0, n_mat: int = 1) -> None:
         x = given.reshape(-1, given.shape[-1])
@@ -314,6 +411,8 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
         counts[name][mat] += x.shape[0]
         if name in hess and name not in aliases:
             h = hess[name]
+            if h is None:
+                raise RuntimeError(f"{name}: an input after its layer's second moments were written")
             b = h.shape[2]
             xf = x.to(torch.float32)
             for k in range(h.shape[1]):
@@ -373,23 +472,43 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
                     if name in hooked:
                         widths[name] = (spec.shape[0] if len(spec.shape) == 3 else 1, spec.shape[-1])
             block, with_hessian = hessian_plan(widths, budget)
+            if hessian_path is not None and with_hessian and model.device == "cpu":
+                shapes = {}
+                for name in with_hessian:
+                    n, w = widths[name]
+                    b = min(block, -(-w // 32) * 32)
+                    shapes[_input_key(name)] = (n, -(-w // b), b, b)
+                try:
+                    spill = _HessianFile(Path(hessian_path), shapes, {n: widths[n][1] for n in with_hessian})
+                except OSError as e:
+                    reporter.note(f"calibration: second moments kept in memory ({e})")
+
+        def layer_done(i: int) -> None:
+            spill_done()
+            task.advance(1)
+
         with torch.no_grad():
             with reporter.task(f"calibrate on {len(calib.chunks)} x {calib.chunk_size} tokens",
                                model.config.num_hidden_layers, unit="layers") as task:
                 seqs = model.start(calib.chunks)
-                model.run_layers(seqs, lambda i: task.advance(1))
+                model.run_layers(seqs, layer_done)
             for s in seqs:
                 add(head, s.hidden[0])
+            del seqs
+            spill_done()
         device_used = model.device
+        if spill is not None:
+            hess_out = spill.publish({n: sums[n].shape[1] for n in hess})
+            spill = None
     finally:
         for h in handles:
             h.remove()
         model.close()
-    if hess:
+        if spill is not None:
+            spill.discard()
+    if hess and hess_out is None:  # held in memory
         arrays: dict[int, np.ndarray] = {}  # a shared input's Hessian is one array under each of its names
         hess_out = {k: (arrays.setdefault(id(v), v.cpu().numpy()), sums[k].shape[1]) for k, v in hess.items()}
-    else:
-        hess_out = None
     vocab = src.arch.vocab_size
     tokens = np.bincount(np.concatenate([np.asarray(c) for c in calib.chunks]), minlength=vocab).astype(np.int64)
     return Importance(
@@ -586,7 +705,8 @@ def importance_for(src, text_file: str | Path | None = None, chunk: int = DEFAUL
             return imp
         except (CalibrationError, OSError, ValueError, KeyError):
             pass  # a damaged cache entry is recomputed
-    imp = collect(src, calib, device, reporter, hessians=hessians)
+    # the second moments go to the cache layer by layer as they are measured (kept in memory where they cannot)
+    imp = collect(src, calib, device, reporter, hessians=hessians, hessian_path=hess_path if use_cache else None)
     if use_cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -594,7 +714,7 @@ def importance_for(src, text_file: str | Path | None = None, chunk: int = DEFAUL
             tmp = tokens_path.with_name(tokens_path.name + ".tmp.npy")
             np.save(tmp, imp.token_counts)
             os.replace(tmp, tokens_path)
-            if hessians:
+            if imp.hessians and not all(isinstance(h, StoredArray) for h, _ in imp.hessians.values()):
                 write_hessians(imp, hess_path)
                 imp.hessians = read_hessians(hess_path)  # the export reads each from the file, not all at once
         except OSError as e:  # a read-only or full cache does not stop the export
