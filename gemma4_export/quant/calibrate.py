@@ -379,12 +379,12 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
         try:
             for n in live:
                 if n not in aliases:
-                    spill.write(_input_key(n), hess[n].numpy())
+                    spill.write(_input_key(n), hess[n].cpu().numpy())
         except OSError as e:
             reporter.note(f"calibration: second moments kept in memory ({e})")
             back: dict[str, object] = {}
             for n, h in hess.items():
-                if h is None:
+                if h is None:  # on the CPU: a written layer's are never added to again
                     hess[n] = back.setdefault(_input_key(n), torch.from_numpy(spill.read(_input_key(n))))
             spill.discard()
             spill = None
@@ -472,7 +472,7 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
                     if name in hooked:
                         widths[name] = (spec.shape[0] if len(spec.shape) == 3 else 1, spec.shape[-1])
             block, with_hessian = hessian_plan(widths, budget)
-            if hessian_path is not None and with_hessian and model.device == "cpu":
+            if hessian_path is not None and with_hessian:
                 shapes = {}
                 for name in with_hessian:
                     n, w = widths[name]
