@@ -51,7 +51,7 @@ class _Seq:
 
     ids: list[int]
     hidden: object  # torch [1, T, H]
-    ple: object | None  # torch [1, T, L, P]: the per-layer inputs, projected
+    ple: list | None  # per layer, torch [1, T, P]: the per-layer inputs, projected (None once used)
     positions: object  # torch [1, T]
     masks: dict
     rotary: dict
@@ -276,8 +276,9 @@ class StreamedModel:
                     x[0, torch.as_tensor(at, device=self.device)] = torch.as_tensor(
                         np.asarray(feats), dtype=x.dtype, device=self.device)
                 ple = None
-                if self.has_ple:
-                    ple = shell.project_per_layer_inputs(x, shell.get_per_layer_inputs(local, x))
+                if self.has_ple:  # one tensor per layer, so run_layers can let each go once its layer has run
+                    ple = [p.clone() for p in
+                           shell.project_per_layer_inputs(x, shell.get_per_layer_inputs(local, x)).unbind(2)]
                 past = cache.get_seq_length() if cache is not None else 0
                 pos = (torch.arange(x.shape[1], device=self.device) + past)[None]
                 kw = {"config": cfg, "inputs_embeds": x, "attention_mask": None, "cache": cache,
@@ -317,7 +318,7 @@ class StreamedModel:
                 kw = {"shared_kv_states": s.shared, "position_embeddings": s.rotary[t], "attention_mask": s.masks[t],
                       "position_ids": s.positions, "cache": s.cache}
                 if self.has_ple:
-                    kw["per_layer_input"] = s.ple[:, :, i, :]
+                    kw["per_layer_input"] = s.ple[i]
                 s.hidden = layer(s.hidden, **kw)
 
     def finish(self, seqs: list[_Seq]) -> None:
@@ -332,6 +333,9 @@ class StreamedModel:
         for i in range(self.config.num_hidden_layers):
             self.run_layer(i, self.layer(i), seqs)
             self.release(i)
+            for s in seqs:
+                if s.ple is not None:
+                    s.ple[i] = None  # the per-layer inputs go as their layer is done (16 chunks of E2B: 587 MB)
             if on_layer is not None:
                 on_layer(i)
         self.finish(seqs)
