@@ -238,6 +238,12 @@ def test_second_moments_go_to_the_cache_as_each_layer_ends(tmp_path, monkeypatch
         assert isinstance(h, np.ndarray)
         np.testing.assert_array_equal(h, memory.hessians[name][0])
     assert imp.hessians["blk.0.attn_q.weight"][0] is imp.hessians["blk.0.attn_k.weight"][0]
+    monkeypatch.setattr(cal._HessianFile, "write", write)
+    stored = cal.read_hessians(cal.write_hessians(imp, final))  # those held in memory, written in the same format
+    assert stored.keys() == imp.hessians.keys() and sorted(p.name for p in tmp_path.iterdir()) == [final.name]
+    for name, (h, width) in stored.items():
+        assert width == imp.hessians[name][1]
+        np.testing.assert_array_equal(h.load(), imp.hessians[name][0])
     src.checkpoint.close()
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import Staging
 from ..errors import Gemma4ExportError
 from ..progress import Reporter, Silent
 
@@ -275,9 +276,10 @@ def hessian_plan(widths: dict[str, tuple[int, int]], budget: int = HESSIAN_BUDGE
 
 class _HessianFile:
     """Second moments written to a file layer by layer as `collect` finishes each layer (the streamed model runs
-    every chunk through a layer before the next), in write_hessians' format: the layout is fixed before the first
-    layer (every shape follows from the plan), the header is written last into room kept for it, and the file is
-    renamed to its final name only when whole."""
+    every chunk through a layer before the next), as safetensors (read_hessians reads it): the layout is fixed
+    before the first layer (every shape follows from the plan), the header is written last into room kept for it,
+    and the file is renamed to its final name only when whole. write_hessians writes Hessians held in memory
+    through it too."""
 
     def __init__(self, final: Path, shapes: dict[str, tuple[int, ...]], widths: dict[str, int]):
         self.final = final
@@ -287,18 +289,20 @@ class _HessianFile:
             self.offsets[key] = (end, shape)
             end += 4 * math.prod(shape)
         self.header_len = -(-len(self._header(widths)) // 8) * 8  # every name listed: the most it can need
-        self.path = final.with_name(f".{final.name}.{os.getpid()}.partial")
-        self.file = None
         final.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Staging(final).path
         self.file = open(self.path, "w+b")
         total = 8 + self.header_len + end
         try:
-            os.posix_fallocate(self.file.fileno(), 0, total)  # a full disk says so now, not halfway through
-        except (AttributeError, OSError) as e:  # macOS has no posix_fallocate; some file systems refuse it
-            if getattr(e, "errno", None) == errno.ENOSPC:
-                self.discard()
-                raise
-            self.file.truncate(total)
+            try:
+                os.posix_fallocate(self.file.fileno(), 0, total)  # a full disk says so now, not halfway through
+            except (AttributeError, OSError) as e:  # macOS has no posix_fallocate; some file systems refuse it
+                if getattr(e, "errno", None) == errno.ENOSPC:
+                    raise
+                self.file.truncate(total)
+        except BaseException:
+            self.discard()
+            raise
 
     def _header(self, widths: dict[str, int]) -> bytes:
         header: dict = {"__metadata__": {n: json.dumps([w, _input_key(n)]) for n, w in sorted(widths.items())}}
@@ -320,9 +324,9 @@ class _HessianFile:
 
     def publish(self, widths: dict[str, int]) -> dict[str, tuple[StoredArray, int]]:
         """Write the header (the names `widths` gives), rename the file to its final name, and return its arrays."""
-        header = self._header(widths)
+        header = self._header(widths).ljust(self.header_len)  # JSON followed by spaces, as safetensors allows
         self.file.seek(0)
-        self.file.write(len(header.ljust(self.header_len)).to_bytes(8, "little") + header.ljust(self.header_len))
+        self.file.write(len(header).to_bytes(8, "little") + header)
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
@@ -332,8 +336,7 @@ class _HessianFile:
         return {n: (arrays[_input_key(n)], w) for n, w in widths.items()}
 
     def discard(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        self.file.close()
         self.path.unlink(missing_ok=True)
 
 
@@ -620,23 +623,23 @@ def cache_dir() -> Path:
 
 
 def write_hessians(imp: Importance, path: str | Path) -> Path:
-    """The Hessians as safetensors: float32 [n_mat, nb, B, B] per distinct input, the metadata giving each matrix's
-    input width and, for one that shares its input, the name it is stored under. Atomic."""
-    from safetensors.numpy import save_file
-
-    from ..atomic import atomic_file
-
-    stored: dict[int, str] = {}
-    tensors, meta = {}, {}
-    for name, (h, width) in sorted(imp.hessians.items()):
-        first = stored.setdefault(id(h), name)
-        if first == name:
-            tensors[name] = np.ascontiguousarray(h)
-        meta[name] = json.dumps([width, first])
-    path = Path(path)
-    with atomic_file(path, True, 0) as st:
-        save_file(tensors, str(st.path), metadata=meta)
-    return path
+    """Hessians held in memory, written as `collect` writes them layer by layer (_HessianFile): safetensors, one
+    float32 [n_mat, nb, B, B] per distinct input, the metadata giving each matrix's input width and the input it is
+    stored under. Atomic."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, (h, _) in imp.hessians.items():
+        if arrays.setdefault(_input_key(name), h) is not h:
+            raise ValueError(f"{name}: second moments of its own for an input it shares with another matrix")
+    widths = {n: w for n, (_, w) in imp.hessians.items()}
+    out = _HessianFile(Path(path), {k: tuple(h.shape) for k, h in arrays.items()}, widths)
+    try:
+        for k, h in arrays.items():
+            out.write(k, h)
+        out.publish(widths)
+    except BaseException:
+        out.discard()
+        raise
+    return Path(path)
 
 
 @dataclass(frozen=True)
