@@ -6,10 +6,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Calibration statistics are cached per checkpoint: one cache for this test session, never the user's.
+# The session's own cache is removed when the session ends (it grows to hundreds of MB of statistics).
 if "GEMMA4_EXPORT_CACHE" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["GEMMA4_EXPORT_CACHE"] = tempfile.mkdtemp(prefix="gemma4-export-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["GEMMA4_EXPORT_CACHE"], ignore_errors=True)
 # Exports under 8 bits calibrate by default, and the suite makes many checkpoints (every layout, adapters), each
 # calibrated afresh: 2 chunks of 1024 tokens test the same code as the default 16 (thresholds were measured with 16).
 os.environ.setdefault("GEMMA4_EXPORT_CALIBRATION_CHUNKS", "2")
