@@ -130,6 +130,41 @@ def test_streaming_reads_each_layer_per_pass_and_never_a_tower(monkeypatch):
                     ((2, 3), (10, 13), (500, 501), (7, 8))]
 
 
+def test_streaming_shares_tables_and_pools_only_what_the_next_layers_use():
+    """Fresh sequences of one length share their positions, masks and rotary tables (read-only to the layers: a
+    sequence's result is the same run alone), and released layer memory is pooled only in the shapes that the next
+    layers load (tiny-e2b's MLPs double in width from layer 4: the narrower ones are let go there)."""
+    from gemma4_export.validate import streamed
+
+    sm = StreamedModel(get_variant("tiny-e2b").local_dir, keep_bytes=0)
+    pooled: list[tuple[int, dict]] = []
+    load = sm.layer
+
+    def spy(i):
+        layer = load(i)
+        pooled.append((i, {shape: len(free) for shape, free in sm._pool.items()}))
+        return layer
+    sm.layer = spy
+    a, b, c = [2, 5, 6, 7, 8, 9], [2, 9, 8, 7, 6, 5], [2, 5, 6]
+    try:
+        seqs = sm.start([a, b, c])
+        assert seqs[0].rotary is seqs[1].rotary and seqs[0].masks is seqs[1].masks
+        assert seqs[0].positions is seqs[1].positions and seqs[2].rotary is not seqs[0].rotary
+        sm.run_layers(seqs)
+        alone = sm.final_hidden([b])[0]
+        assert np.array_equal(seqs[1].hidden[0].numpy(), alone.numpy())
+        n = sm.config.num_hidden_layers
+        for i, pool in pooled:
+            ahead = [sm._shapes(j) for j in range(i + 1, min(n, i + 1 + streamed.POOL_LOOKAHEAD))]
+            for shape, count in pool.items():
+                assert count <= max([s.count(shape) for s in ahead], default=0), (i, shape)
+        gone = set(sm._shapes(0)) - {s for j in range(5, n) for s in sm._shapes(j)}  # K/V of a sliding layer
+        assert gone and not gone & {s for i, p in pooled if i >= 4 for s in p}
+        assert any(pool for _, pool in pooled)  # the pool is used at all
+    finally:
+        sm.close()
+
+
 def test_keeping_layers_changes_nothing_but_reads():
     d = get_variant("tiny-26b-a4b").local_dir
     seqs = [[2, 5, 6, 7, 8, 9]]

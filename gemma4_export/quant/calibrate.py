@@ -62,9 +62,13 @@ DATASET_NAME = "gemma4-export calibration set (code, prose in 12 languages, chat
 NEEDS_CALIBRATION = frozenset({"Q2_K"})
 # The inputs' second moments (quant.weighted.Hessian, for GPTQ's error feedback) are kept block-diagonal, in blocks
 # as wide as fit this many bytes of float32 over all matrices (the whole width on the tiny models and where it fits):
-# they are held in memory while calibrating and cached on disk beside the imatrix.
+# calibrating writes each layer's to the cache beside the imatrix as the layer ends (and holds them only where it
+# cannot).
 HESSIAN_BUDGET = 2 << 30
 HESSIAN_BLOCKS = (8192, 4096, 2048, 1024, 512, 256, 128)
+# Rows of a matrix input squared in float64 at a time (a whole chunk's input to E2B's double-wide down projection is
+# 100 MB in float64).
+SQUARE_ROWS = 256
 
 
 class CalibrationError(Gemma4ExportError):
@@ -410,7 +414,8 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
                     b = min(block, -(-x.shape[1] // 32) * 32)
                     hess[name] = hess_of_input[key] = torch.zeros(n_mat, -(-x.shape[1] // b), b, b,
                                                                   dtype=torch.float32, device=x.device)
-        sums[name][mat] += x.to(acc_dtype).square().sum(0)
+        for r in range(0, x.shape[0], SQUARE_ROWS):  # a float64 copy of a few rows, not of a whole chunk's
+            sums[name][mat] += x[r:r + SQUARE_ROWS].to(acc_dtype).square().sum(0)
         counts[name][mat] += x.shape[0]
         if name in hess and name not in aliases:
             h = hess[name]

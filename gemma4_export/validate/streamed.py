@@ -11,6 +11,7 @@ its PLE methods, rotary embedding, masks and norms; this module only feeds them,
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ from ..exporter.tensors import HF_NAMES, Role, Tensor, hf_name
 DEFAULT_KEEP_BYTES = 512 << 20
 # Vocabulary rows of the output head computed per block: with E2B's width, 8192 rows are 50 MB of float32.
 HEAD_BLOCK_ROWS = 8192
+# Layers ahead whose tensor shapes the pool of released layer memory keeps (Gemma 4 repeats its attention types
+# every 5 or 6 layers).
+POOL_LOOKAHEAD = 6
 # Checkpoint bytes read per step into the staging buffer (then upcast into float32 memory).
 STAGE_BYTES = 64 << 20
 
@@ -101,6 +105,7 @@ class StreamedModel:
         self.keep_bytes = keep_bytes
         self._stage = np.empty(0, dtype=np.uint8)  # the bytes of the tensor being read
         self._pool: dict[tuple[int, ...], list] = {}  # float32 tensors of released layers, by shape
+        self._layer_shapes: dict[int, list] = {}
         self._kept: dict[int, object] = {}
         self._kept_bytes = 0
         self._head: object | None = None
@@ -178,10 +183,34 @@ class StreamedModel:
             raise CheckpointError(f"{self.ck.dir}: layer {i} does not match transformers' "
                                   f"{type(layer).__name__}: {e}") from None
         self.layers_read += 1
+        self._trim_pool(i)
         if self._kept_bytes + size <= self.keep_bytes:
             self._kept[i] = layer
             self._kept_bytes += size
         return layer
+
+    def _shapes(self, i: int) -> list[tuple[int, ...]]:
+        """The shapes of decoder layer i's checkpoint tensors."""
+        if i not in self._layer_shapes:
+            self._layer_shapes[i] = [tuple(self.ck.info(hf_name(k, i, self.prefix)).shape)
+                                     for k in self._layer_names(i).values()]
+        return self._layer_shapes[i]
+
+    def _trim_pool(self, i: int) -> None:
+        """Once layer i is loaded, let go of pooled tensors that the next POOL_LOOKAHEAD layers cannot use: the
+        shapes of the layers behind (E2B's ordinary MLPs, 140 MB, once its double-wide layers begin) would otherwise
+        be held to the end."""
+        if not self._pool:
+            return
+        want: dict[tuple[int, ...], int] = {}
+        for j in range(i + 1, min(i + 1 + POOL_LOOKAHEAD, self.config.num_hidden_layers)):
+            for shape, n in Counter(self._shapes(j)).items():
+                want[shape] = max(want.get(shape, 0), n)
+        for shape in list(self._pool):
+            free = self._pool[shape]
+            del free[want.get(shape, 0):]
+            if not free:
+                del self._pool[shape]
 
     def release(self, i: int) -> None:
         """Drop layer i's weights (unless kept); their memory goes to the pool for the next layer's tensors."""
@@ -263,6 +292,7 @@ class StreamedModel:
             shell.embed_tokens_per_layer = self._embedding(Tensor.PLE_TABLE, used, cfg.num_hidden_layers * p,
                                                            p ** 0.5)
         out = []
+        same_length: dict[int, tuple] = {}
         with torch.no_grad():
             for ids, lookup, cache, med in zip(sequences, lookups, caches, media):
                 local = torch.as_tensor(np.searchsorted(used, lookup), device=self.device)[None]
@@ -280,6 +310,13 @@ class StreamedModel:
                     ple = [p.clone() for p in
                            shell.project_per_layer_inputs(x, shell.get_per_layer_inputs(local, x)).unbind(2)]
                 past = cache.get_seq_length() if cache is not None else 0
+                # fresh text sequences of one length share their positions, masks and rotary tables (the layers
+                # only read them): 16 calibration chunks of E2B held 96 MB of identical rotary tables
+                plain = cache is None and not med
+                if plain and x.shape[1] in same_length:
+                    pos, masks, rot = same_length[x.shape[1]]
+                    out.append(_Seq(list(ids), x, ple, pos, masks, rot, _kv_sharing_dict(), cache))
+                    continue
                 pos = (torch.arange(x.shape[1], device=self.device) + past)[None]
                 kw = {"config": cfg, "inputs_embeds": x, "attention_mask": None, "cache": cache,
                       "position_ids": pos}
@@ -290,6 +327,8 @@ class StreamedModel:
                     masks = {"full_attention": create_causal_mask(**kw),
                              "sliding_attention": create_sliding_window_causal_mask(**kw)}
                 rot = {t: self.rotary(x, pos, t) for t in set(cfg.layer_types)}
+                if plain:
+                    same_length[x.shape[1]] = (pos, masks, rot)
                 out.append(_Seq(list(ids), x, ple, pos, masks, rot, _kv_sharing_dict(), cache))
         shell.embed_tokens = shell.embed_tokens_per_layer = None
         return out
