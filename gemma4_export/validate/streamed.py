@@ -10,6 +10,7 @@ its PLE methods, rotary embedding, masks and norms; this module only feeds them,
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Iterator
@@ -33,12 +34,13 @@ MMAP_THRESHOLD = 1 << 20
 STAGE_BYTES = 64 << 20
 
 
+@functools.cache
 def _return_freed_memory() -> None:
     """Ask glibc to map every allocation of 1 MB or more on its own (and so give it back when freed), unless the
     user set MALLOC_MMAP_THRESHOLD_. Its default threshold grows to 32 MB, so the hidden states, masks and
     activations of the sequences (1-32 MB each, freed and made anew at every layer) came from heaps that cannot
     shrink past what still lives above them: calibrating E2B on 16 chunks of 1,024 tokens held under 1.1 GB of
-    tensors and 3.1 GB resident. A no-op where the C library is not glibc."""
+    tensors and 2.4 GB resident by its 15th layer. Once per process; a no-op where the C library is not glibc."""
     import ctypes
     import os
     import sys
@@ -332,26 +334,25 @@ class StreamedModel:
                 if self.has_ple:  # one tensor per layer, so run_layers can let each go once its layer has run
                     ple = [p.clone() for p in
                            shell.project_per_layer_inputs(x, shell.get_per_layer_inputs(local, x)).unbind(2)]
-                past = cache.get_seq_length() if cache is not None else 0
                 # fresh text sequences of one length share their positions, masks and rotary tables (the layers
                 # only read them): 16 calibration chunks of E2B held 96 MB of identical rotary tables
-                plain = cache is None and not med
-                if plain and x.shape[1] in same_length:
-                    pos, masks, rot = same_length[x.shape[1]]
-                    out.append(_Seq(list(ids), x, ple, pos, masks, rot, _kv_sharing_dict(), cache))
-                    continue
-                pos = (torch.arange(x.shape[1], device=self.device) + past)[None]
-                kw = {"config": cfg, "inputs_embeds": x, "attention_mask": None, "cache": cache,
-                      "position_ids": pos}
-                image = getattr(self._top_config, "image_token_id", None)
-                if med and image in med and getattr(cfg, "use_bidirectional_attention", None) == "vision":
-                    masks = self._vision_masks(kw, torch.as_tensor((arr == image).astype(np.int64))[None])
+                shared_key = x.shape[1] if cache is None and not med else None
+                if shared_key in same_length:
+                    pos, masks, rot = same_length[shared_key]
                 else:
-                    masks = {"full_attention": create_causal_mask(**kw),
-                             "sliding_attention": create_sliding_window_causal_mask(**kw)}
-                rot = {t: self.rotary(x, pos, t) for t in set(cfg.layer_types)}
-                if plain:
-                    same_length[x.shape[1]] = (pos, masks, rot)
+                    past = cache.get_seq_length() if cache is not None else 0
+                    pos = (torch.arange(x.shape[1], device=self.device) + past)[None]
+                    kw = {"config": cfg, "inputs_embeds": x, "attention_mask": None, "cache": cache,
+                          "position_ids": pos}
+                    image = getattr(self._top_config, "image_token_id", None)
+                    if med and image in med and getattr(cfg, "use_bidirectional_attention", None) == "vision":
+                        masks = self._vision_masks(kw, torch.as_tensor((arr == image).astype(np.int64))[None])
+                    else:
+                        masks = {"full_attention": create_causal_mask(**kw),
+                                 "sliding_attention": create_sliding_window_causal_mask(**kw)}
+                    rot = {t: self.rotary(x, pos, t) for t in set(cfg.layer_types)}
+                    if shared_key is not None:
+                        same_length[shared_key] = (pos, masks, rot)
                 out.append(_Seq(list(ids), x, ple, pos, masks, rot, _kv_sharing_dict(), cache))
         shell.embed_tokens = shell.embed_tokens_per_layer = None
         return out
