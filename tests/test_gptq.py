@@ -247,6 +247,78 @@ def test_second_moments_go_to_the_cache_as_each_layer_ends(tmp_path, monkeypatch
     src.checkpoint.close()
 
 
+def test_chunk_groups_add_up_to_one_pass(tmp_path, monkeypatch):
+    """Calibrating the chunks in groups (each group's sequences held at once, the model read once per group) gives
+    the one pass's statistics: the same sums and counts, the same second moments where they stay in memory, and to
+    float32 rounding where each group's are added to the cache file's. The groups are as few as keep the sequences
+    under GROUP_BYTES, or under one layer's weights where that is more. A write failing in a later group keeps the
+    statistics in memory, whole."""
+    import errno
+
+    from gemma4_export.progress import Silent
+    from gemma4_export.validate.streamed import StreamedModel
+
+    src = api.open_source("tiny-e2b", need_weights=True)  # PLE projection, KV-shared layers, a tied head
+    calib = cal.calibration_set(src.checkpoint.dir, src.arch.bos_token_id, chunk=128, chunks=4)
+    one = cal.collect(src, calib, hessians=True)
+    starts: list[int] = []
+    start = StreamedModel.start
+    monkeypatch.setattr(StreamedModel, "start", lambda self, seqs, *a, **k: (starts.append(len(seqs)),
+                                                                            start(self, seqs, *a, **k))[1])
+
+    def same(imp, exact):
+        assert imp.hessians.keys() == one.hessians.keys() and imp.sums.keys() == one.sums.keys()
+        for name in one.sums:
+            np.testing.assert_array_equal(imp.counts[name], one.counts[name])
+            np.testing.assert_allclose(imp.sums[name], one.sums[name], rtol=1e-6)
+        for name, (h, width) in one.hessians.items():
+            got = imp.hessians[name][0]
+            got = got.load() if isinstance(got, cal.StoredArray) else got
+            if exact:
+                np.testing.assert_array_equal(got, h)
+            else:
+                np.testing.assert_allclose(got, h, rtol=1e-5, atol=1e-6 * np.abs(h).max())
+                assert not np.array_equal(got, np.zeros_like(got))
+
+    same(cal.collect(src, calib, hessians=True, groups=3), exact=True)
+    assert starts == [1, 2, 1]
+    path = tmp_path / "h.safetensors"
+    same(cal.collect(src, calib, hessians=True, hessian_path=path, groups=3), exact=False)
+    assert starts[3:] == [1, 2, 1] and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+    model = StreamedModel(src.checkpoint.dir)  # the rule: sequences' bytes over the larger of the bound and a layer
+    held = model.token_bytes() * 128 * 4
+    assert model.token_bytes() > 4 * 256 * 11 and 0 < model.layer_bytes() < held // 2  # hidden + PLE for 10 layers
+    for bound, sizes in ((held, [4]), (held // 2, [2, 2]), (1, [1, 2, 1])):  # the last: 3 groups, by the layer
+        monkeypatch.setattr(cal, "GROUP_BYTES", bound)
+        del starts[:]
+        cal.collect(src, calib)
+        assert starts == sizes, bound
+
+    notes, calls = [], []
+
+    class Notes(Silent):
+        def note(self, text):
+            notes.append(text)
+
+    write = cal._HessianFile.write
+    keys = len({cal._input_key(n) for n in one.hessians})
+
+    def full(self, key, h):
+        calls.append(key)
+        if len(calls) == keys + 8:  # in the second group's writes, mid-layer
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, key, h)
+    monkeypatch.setattr(cal._HessianFile, "write", full)
+    path.unlink()
+    imp = cal.collect(src, calib, reporter=Notes(), hessians=True, hessian_path=path, groups=2)
+    assert len(notes) == 1 and "kept in memory" in notes[0] and list(tmp_path.iterdir()) == []
+    assert len(calls) == keys + 8
+    same(imp, exact=False)
+    assert imp.hessians["blk.0.attn_q.weight"][0] is imp.hessians["blk.0.attn_k.weight"][0]
+    src.checkpoint.close()
+
+
 def test_a_real_layer_loses_less(tmp_path, monkeypatch):
     """tiny-31b's own weights and calibration activations: each attention and MLP matrix's output error on the
     calibration inputs (W - Wq) H (W - Wq)^T is lower with the feedback, at int4 blocks of 32, mlx 4-bit and

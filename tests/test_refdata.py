@@ -134,12 +134,14 @@ def test_streaming_reads_each_layer_per_pass_and_never_a_tower(monkeypatch):
                     ((2, 3), (10, 13), (500, 501), (7, 8))]
 
 
-def test_streaming_shares_tables_and_pools_only_what_the_next_layers_use():
+def test_streaming_shares_tables_and_pools_only_what_the_next_layers_use(monkeypatch):
     """Fresh sequences of one length share their positions, masks and rotary tables (read-only to the layers: a
     sequence's result is the same run alone), and released layer memory is pooled only in the shapes that the next
-    layers load (tiny-e2b's MLPs double in width from layer 4: the narrower ones are let go there)."""
+    layers load (tiny-e2b's MLPs double in width from layer 4: the narrower ones are let go there, and the wider
+    ones once the pass ends, as the next pass begins with narrow layers)."""
     from gemma4_export.validate import streamed
 
+    monkeypatch.setattr(streamed, "POOL_LOOKAHEAD", 3)  # a pass then begins with 3 narrow layers
     sm = StreamedModel(get_variant("tiny-e2b").local_dir, keep_bytes=0)
     pooled: list[tuple[int, dict]] = []
     load = sm.layer
@@ -155,6 +157,10 @@ def test_streaming_shares_tables_and_pools_only_what_the_next_layers_use():
         assert seqs[0].rotary is seqs[1].rotary and seqs[0].masks is seqs[1].masks
         assert seqs[0].positions is seqs[1].positions and seqs[2].rotary is not seqs[0].rotary
         sm.run_layers(seqs)
+        first = [sm._shapes(j) for j in range(streamed.POOL_LOOKAHEAD)]
+        assert sm._pool and all(len(free) <= max(s.count(shape) for s in first) for shape, free in sm._pool.items())
+        wide = set(sm._shapes(sm.config.num_hidden_layers - 1)) - set(sm._shapes(0))
+        assert wide and not wide & set(sm._pool)
         alone = sm.final_hidden([b])[0]
         assert np.array_equal(seqs[1].hidden[0].numpy(), alone.numpy())
         n = sm.config.num_hidden_layers

@@ -69,6 +69,12 @@ HESSIAN_BLOCKS = (8192, 4096, 2048, 1024, 512, 256, 128)
 # Rows of a matrix input squared in float64 at a time (a whole chunk's input to E2B's double-wide down projection is
 # 100 MB in float64).
 SQUARE_ROWS = 256
+# The calibration chunks run through the layers in as few groups as keep each group's sequences (hidden states,
+# per-layer inputs, the keys and values KV-shared layers read) under this many bytes, or under one layer's float32
+# weights where a layer is larger (there splitting gains little next to the layer itself). E2B's 16 chunks hold 0.8 GB
+# of them in one group, beside a 0.27 GB layer. Each further group reads the model again and adds its second moments
+# to the file's.
+GROUP_BYTES = 256 << 20
 
 
 class CalibrationError(Gemma4ExportError):
@@ -346,7 +352,7 @@ class _HessianFile:
 
 def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter | None = None,
             keep_bytes: int = 0, hessians: bool = False, budget: int = HESSIAN_BUDGET,
-            hessian_path: str | Path | None = None) -> Importance:
+            hessian_path: str | Path | None = None, groups: int | None = None) -> Importance:
     """Run the calibration chunks through the streamed fp32 model of `src` (a ModelSource with weights) and
     record every matrix's input statistics; with `hessians`, also their block-diagonal second moments (the sum of
     x x^T within blocks of channels, whose diagonal is the imatrix's sums), in blocks sized by `budget`.
@@ -354,7 +360,9 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
     With `hessian_path`, each layer's second moments are written there as soon as the layer is done and the
     Importance holds them as StoredArrays of that file, so calibrating holds one layer's, not all (1.2-2.0 GB on
     the published configs); where the file cannot be written (a full or read-only disk), they stay in memory.
-    `keep_bytes`: decoder layers the streamed model may keep loaded; one pass reads each layer once, so none."""
+    The chunks run in `groups` groups (None: as GROUP_BYTES allows), each group's second moments added to the
+    earlier groups'. `keep_bytes`: decoder layers the streamed model may keep loaded; a group's pass reads each
+    layer once, so none."""
     import torch
 
     from ..exporter.tensors import Tensor, hf_name
@@ -375,29 +383,44 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
     aliases: set[str] = set()  # names whose input another name's Hessian already accumulates
     spill: _HessianFile | None = None
     hess_out = None
+    group = 0  # the group of chunks running now
+    written: dict[str, int] = {}  # name -> the group whose second moments it last wrote
 
     def spill_done() -> None:
-        """Write the second moments of the layer just finished (all held now) to the file and let them go; where a
-        write fails, read back what the file holds and keep everything in memory from here on."""
+        """Write the second moments held now (those of the layer just finished) to the file, added to what the
+        earlier groups wrote there, and let them go; where a write fails, read back what the file holds and keep
+        everything in memory from here on."""
         nonlocal spill
         if spill is None:
             return
         live = [n for n, h in hess.items() if h is not None]
+        done: set[str] = set()
         try:
             for n in live:
                 if n not in aliases:
-                    spill.write(_input_key(n), hess[n].cpu().numpy())
+                    key = _input_key(n)
+                    h = hess[n].cpu().numpy()
+                    spill.write(key, h + spill.read(key) if group else h)
+                    done.add(key)
         except OSError as e:
             reporter.note(f"calibration: second moments kept in memory ({e})")
             back: dict[str, object] = {}
             for n, h in hess.items():
-                if h is None:  # on the CPU: a written layer's are never added to again
-                    hess[n] = back.setdefault(_input_key(n), torch.from_numpy(spill.read(_input_key(n))))
+                key = _input_key(n)
+                if key not in back:  # the file holds the earlier groups' (and those written just now) in full
+                    if h is None or key in done or group:
+                        stored = torch.from_numpy(spill.read(key)).to(model.device)
+                        back[key] = stored if h is None or key in done else h + stored
+                    else:
+                        back[key] = h
+                hess[n] = back[key]
+            hess_of_input.clear()
             spill.discard()
             spill = None
             return
         for n in live:
             hess[n] = None
+            written[n] = group
         hess_of_input.clear()
 
     def add(name: str, given, mat: int = 0, n_mat: int = 1) -> None:
@@ -405,22 +428,22 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
         if name not in sums:
             sums[name] = torch.zeros(n_mat, x.shape[1], dtype=acc_dtype, device=x.device)
             counts[name] = torch.zeros(n_mat, dtype=acc_dtype, device=x.device)
-            if block is not None and name in with_hessian:
-                key = _input_key(name)
-                if key in hess_of_input:  # q, k and v (gate and up) read the same input: one Hessian for all
-                    hess[name] = hess_of_input[key]
-                    aliases.add(name)
-                else:
-                    b = min(block, -(-x.shape[1] // 32) * 32)
-                    hess[name] = hess_of_input[key] = torch.zeros(n_mat, -(-x.shape[1] // b), b, b,
-                                                                  dtype=torch.float32, device=x.device)
+        if block is not None and name in with_hessian and hess.get(name) is None:
+            if written.get(name) == group:
+                raise RuntimeError(f"{name}: an input after its layer's second moments were written")
+            key = _input_key(name)
+            if key in hess_of_input:  # q, k and v (gate and up) read the same input: one Hessian for all
+                hess[name] = hess_of_input[key]
+                aliases.add(name)
+            else:
+                b = min(block, -(-x.shape[1] // 32) * 32)
+                hess[name] = hess_of_input[key] = torch.zeros(n_mat, -(-x.shape[1] // b), b, b,
+                                                              dtype=torch.float32, device=x.device)
         for r in range(0, x.shape[0], SQUARE_ROWS):  # a float64 copy of a few rows, not of a whole chunk's
             sums[name][mat] += x[r:r + SQUARE_ROWS].to(acc_dtype).square().sum(0)
         counts[name][mat] += x.shape[0]
         if name in hess and name not in aliases:
             h = hess[name]
-            if h is None:
-                raise RuntimeError(f"{name}: an input after its layer's second moments were written")
             b = h.shape[2]
             xf = x.to(torch.float32)
             for k in range(h.shape[1]):
@@ -495,15 +518,21 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
             spill_done()
             task.advance(1)
 
-        with torch.no_grad():
-            with reporter.task(f"calibrate on {len(calib.chunks)} x {calib.chunk_size} tokens",
-                               model.config.num_hidden_layers, unit="layers") as task:
-                seqs = model.start(calib.chunks)
+        n = len(calib.chunks)
+        if groups is None:
+            held = model.token_bytes() * calib.chunk_size * n
+            groups = -(-held // max(GROUP_BYTES, model.layer_bytes()))
+        groups = max(1, min(n, groups))
+        bounds = [round(g * n / groups) for g in range(groups + 1)]
+        label = f"calibrate on {n} x {calib.chunk_size} tokens" + (f" in {groups} groups" if groups > 1 else "")
+        with torch.no_grad(), reporter.task(label, model.config.num_hidden_layers * groups, unit="layers") as task:
+            for group in range(groups):
+                seqs = model.start(calib.chunks[bounds[group]:bounds[group + 1]])
                 model.run_layers(seqs, layer_done)
-            for s in seqs:
-                add(head, s.hidden[0])
-            del seqs
-            spill_done()
+                for s in seqs:
+                    add(head, s.hidden[0])
+                del seqs
+                spill_done()  # the head's
         device_used = model.device
         if spill is not None:
             hess_out = spill.publish({n: sums[n].shape[1] for n in hess})

@@ -208,7 +208,8 @@ class StreamedModel:
             raise CheckpointError(f"{self.ck.dir}: layer {i} does not match transformers' "
                                   f"{type(layer).__name__}: {e}") from None
         self.layers_read += 1
-        self._trim_pool(i)
+        self._trim_pool(i + 1)
+        self._stage = np.empty(0, dtype=np.uint8)  # its 64 MB are not held while the layer runs
         if self._kept_bytes + size <= self.keep_bytes:
             self._kept[i] = layer
             self._kept_bytes += size
@@ -221,14 +222,36 @@ class StreamedModel:
                                      for k in self._layer_names(i).values()]
         return self._layer_shapes[i]
 
-    def _trim_pool(self, i: int) -> None:
-        """Once layer i is loaded, let go of pooled tensors that the next POOL_LOOKAHEAD layers cannot use: the
-        shapes of the layers behind (E2B's ordinary MLPs, 140 MB, once its double-wide layers begin) would otherwise
-        be held to the end."""
+    def layer_bytes(self) -> int:
+        """The float32 bytes of the largest decoder layer: what one loaded layer holds."""
+        return max((4 * sum(math.prod(s) for s in self._shapes(i)) for i in range(self.config.num_hidden_layers)),
+                   default=0)
+
+    def token_bytes(self) -> int:
+        """The float32 bytes a fresh sequence holds per token between layers: its hidden state, its per-layer inputs,
+        and the keys and values its KV-shared layers read (one source layer of each attention type)."""
+        cfg = self.config
+        per = cfg.hidden_size
+        if self.has_ple:
+            per += cfg.num_hidden_layers * cfg.hidden_size_per_layer_input
+        if getattr(cfg, "num_kv_shared_layers", 0):
+            widths: dict[str, int] = {}  # attention type -> its key projection's rows (heads x head width)
+            for i, kind in enumerate(cfg.layer_types):
+                if Tensor.ATTN_K in self._layer_names(i).values():
+                    rows = self.ck.info(hf_name(Tensor.ATTN_K, i, self.prefix)).shape[0]
+                    widths[kind] = max(widths.get(kind, 0), rows)
+            per += 2 * sum(widths.values())
+        return 4 * per
+
+    def _trim_pool(self, first: int) -> None:
+        """Let go of pooled tensors that the POOL_LOOKAHEAD layers from `first` on cannot use: once a layer is
+        loaded, the shapes of the layers behind (E2B's ordinary MLPs, 140 MB, once its double-wide layers begin)
+        would otherwise be held to the end; after the last layer, those the next pass does not begin with (E2B's
+        double-wide MLP, 270 MB beside the next calibration group's new sequences)."""
         if not self._pool:
             return
         want: dict[tuple[int, ...], int] = {}
-        for j in range(i + 1, min(i + 1 + POOL_LOOKAHEAD, self.config.num_hidden_layers)):
+        for j in range(first, min(first + POOL_LOOKAHEAD, self.config.num_hidden_layers)):
             for shape, n in Counter(self._shapes(j)).items():
                 want[shape] = max(want.get(shape, 0), n)
         for shape in list(self._pool):
@@ -401,6 +424,7 @@ class StreamedModel:
                     s.ple[i] = None  # the per-layer inputs go as their layer is done (16 chunks of E2B: 587 MB)
             if on_layer is not None:
                 on_layer(i)
+        self._trim_pool(0)  # a next pass begins at layer 0
         self.finish(seqs)
 
     def final_hidden(self, sequences: list[list[int]], caches: list | None = None) -> list:
