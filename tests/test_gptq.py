@@ -286,13 +286,16 @@ def test_chunk_groups_add_up_to_one_pass(tmp_path, monkeypatch):
     same(cal.collect(src, calib, hessians=True, hessian_path=path, groups=3), exact=False)
     assert starts[3:] == [1, 2, 1] and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
-    model = StreamedModel(src.checkpoint.dir)  # the rule: sequences' bytes over the larger of the bound and a layer
-    held = model.token_bytes() * 128 * 4
-    assert model.token_bytes() > 4 * 256 * 11 and 0 < model.layer_bytes() < held // 2  # hidden + PLE for 10 layers
-    for bound, sizes in ((held, [4]), (held // 2, [2, 2]), (1, [1, 2, 1])):  # the last: 3 groups, by the layer
+    model = StreamedModel(src.checkpoint.dir)  # the rule: sequences' bytes over the bound, or over half a layer
+    small = cal.calibration_set(src.checkpoint.dir, src.arch.bos_token_id, chunk=64, chunks=8)
+    held = model.token_bytes() * 64 * 8
+    assert model.token_bytes() > 4 * 256 * 11 and 0 < model.layer_bytes() // 2 < held // 4  # hidden + 10 layers' PLE
+    groups = -(-held // (model.layer_bytes() // 2))
+    assert groups == 5
+    for bound, sizes in ((held, [8]), (held // 2, [4, 4]), (1, [2, 1, 2, 1, 2])):  # the last: by half the layer
         monkeypatch.setattr(cal, "GROUP_BYTES", bound)
         del starts[:]
-        cal.collect(src, calib)
+        cal.collect(src, small)
         assert starts == sizes, bound
 
     notes, calls = [], []

@@ -70,11 +70,11 @@ HESSIAN_BLOCKS = (8192, 4096, 2048, 1024, 512, 256, 128)
 # 100 MB in float64).
 SQUARE_ROWS = 256
 # The calibration chunks run through the layers in as few groups as keep each group's sequences (hidden states,
-# per-layer inputs, the keys and values KV-shared layers read) under this many bytes, or under one layer's float32
-# weights where a layer is larger (there splitting gains little next to the layer itself). E2B's 16 chunks hold 0.8 GB
-# of them in one group, beside a 0.27 GB layer. Each further group reads the model again and adds its second moments
-# to the file's.
-GROUP_BYTES = 256 << 20
+# per-layer inputs, the keys and values KV-shared layers read) under this many bytes, or under half the largest
+# layer's float32 weights where that is more: splitting pays while the sequences are large next to the layer. Each
+# further group reads the model again and adds its second moments to the file's. E2B's 16 chunks hold 0.75 GB of
+# them beside a 0.27 GB layer: 4 groups; 31B's and 26B-A4B's sequences are smaller than half a layer: one.
+GROUP_BYTES = 192 << 20
 
 
 class CalibrationError(Gemma4ExportError):
@@ -521,7 +521,7 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
         n = len(calib.chunks)
         if groups is None:
             held = model.token_bytes() * calib.chunk_size * n
-            groups = -(-held // max(GROUP_BYTES, model.layer_bytes()))
+            groups = -(-held // max(GROUP_BYTES, model.layer_bytes() // 2))
         groups = max(1, min(n, groups))
         bounds = [round(g * n / groups) for g in range(groups + 1)]
         label = f"calibrate on {n} x {calib.chunk_size} tokens" + (f" in {groups} groups" if groups > 1 else "")
