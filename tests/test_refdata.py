@@ -134,6 +134,25 @@ def test_streaming_reads_each_layer_per_pass_and_never_a_tower(monkeypatch):
                     ((2, 3), (10, 13), (500, 501), (7, 8))]
 
 
+@pytest.mark.parametrize("variant", ["tiny-e2b", "tiny-26b-a4b"])
+def test_streamed_mlps_run_on_blocks_of_tokens(variant, monkeypatch):
+    """A dense MLP sees at most MLP_ROWS tokens at a time (a double-wide MLP over a whole calibration chunk would hold
+    150 MB of intermediates), and the hidden states come out as with the whole sequence at once; the MoE layers'
+    shared MLP too."""
+    from gemma4_export.validate import streamed
+
+    seq = [2] + np.random.default_rng(0).integers(3, 200, 299).tolist()
+    whole = StreamedModel(get_variant(variant).local_dir).final_hidden([seq])[0].numpy()
+    monkeypatch.setattr(streamed, "MLP_ROWS", 64)
+    sm = StreamedModel(get_variant(variant).local_dir)
+    rows: list[int] = []
+    for layer in sm.shell.layers:
+        layer.mlp.gate_proj.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[-2]))
+    got = sm.final_hidden([seq])[0].numpy()
+    assert len(rows) == 5 * sm.config.num_hidden_layers and max(rows) == 64 and sum(rows) == 300 * len(sm.shell.layers)
+    np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-6)
+
+
 def test_streaming_shares_tables_and_pools_only_what_the_next_layers_use(monkeypatch):
     """Fresh sequences of one length share their positions, masks and rotary tables (read-only to the layers: a
     sequence's result is the same run alone), and released layer memory is pooled only in the shapes that the next

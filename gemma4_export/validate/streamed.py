@@ -32,6 +32,9 @@ POOL_LOOKAHEAD = 6
 MMAP_THRESHOLD = 1 << 20
 # Checkpoint bytes read per step into the staging buffer (then upcast into float32 memory).
 STAGE_BYTES = 64 << 20
+# Tokens a dense MLP runs on at a time (it acts on each token alone): E2B's double-wide MLP over a 1,024-token
+# calibration chunk makes three 50 MB intermediates at once.
+MLP_ROWS = 256
 
 
 @functools.cache
@@ -53,6 +56,15 @@ def _return_freed_memory() -> None:
             libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def _by_rows(forward, x):
+    """A token-wise module's forward over [..., T, H], MLP_ROWS tokens at a time."""
+    if x.shape[-2] <= MLP_ROWS:
+        return forward(x)
+    import torch
+
+    return torch.cat([forward(x[..., r:r + MLP_ROWS, :]) for r in range(0, x.shape[-2], MLP_ROWS)], dim=-2)
 
 
 def pick_device(device: str) -> str:
@@ -124,6 +136,9 @@ class StreamedModel:
                                     f"{type(text).__name__}") from None
         with torch.device("meta"):
             self.shell = cls(text)  # the modules, with no memory behind them
+        for layer in self.shell.layers:
+            if isinstance(getattr(layer, "mlp", None), torch.nn.Module):
+                layer.mlp.forward = functools.partial(_by_rows, layer.mlp.forward)
         self._embedding_cls = type(self.shell.embed_tokens)
         self.has_ple = bool(getattr(self.shell, "hidden_size_per_layer_input", 0))
         self.softcap = getattr(text, "final_logit_softcapping", None)
