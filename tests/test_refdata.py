@@ -170,6 +170,14 @@ def test_streaming_shares_tables_and_pools_only_what_the_next_layers_use(monkeyp
         pooled.append((i, {shape: len(free) for shape, free in sm._pool.items()}))
         return layer
     sm.layer = spy
+    loading: list[tuple[int, dict]] = []
+    load_weights = sm._load
+
+    def spy_load(module, names, bid=None):
+        if bid is not None:  # a decoder layer: what the pool holds as its weights are read
+            loading.append((bid, {shape: len(free) for shape, free in sm._pool.items()}))
+        return load_weights(module, names, bid)
+    sm._load = spy_load
     a, b, c = [2, 5, 6, 7, 8, 9], [2, 9, 8, 7, 6, 5], [2, 5, 6]
     try:
         seqs = sm.start([a, b, c])
@@ -187,6 +195,11 @@ def test_streaming_shares_tables_and_pools_only_what_the_next_layers_use(monkeyp
             ahead = [sm._shapes(j) for j in range(i + 1, min(n, i + 1 + streamed.POOL_LOOKAHEAD))]
             for shape, count in pool.items():
                 assert count <= max([s.count(shape) for s in ahead], default=0), (i, shape)
+        for i, pool in loading:  # trimmed before the load too: the first wide layer does not load beside narrow MLPs
+            ahead = [sm._shapes(j) for j in range(i, min(n, i + streamed.POOL_LOOKAHEAD))]
+            for shape, count in pool.items():
+                assert count <= max(s.count(shape) for s in ahead), (i, shape)
+        assert any(pool for _, pool in loading)
         gone = set(sm._shapes(0)) - {s for j in range(5, n) for s in sm._shapes(j)}  # K/V of a sliding layer
         assert gone and not gone & {s for i, p in pooled if i >= 4 for s in p}
         assert any(pool for _, pool in pooled)  # the pool is used at all

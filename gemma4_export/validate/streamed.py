@@ -31,7 +31,7 @@ POOL_LOOKAHEAD = 6
 # Allocations of at least this many bytes get their own mapping, given back when freed (_return_freed_memory).
 MMAP_THRESHOLD = 1 << 20
 # Checkpoint bytes read per step into the staging buffer (then upcast into float32 memory).
-STAGE_BYTES = 64 << 20
+STAGE_BYTES = 16 << 20
 # Tokens a dense MLP runs on at a time (it acts on each token alone): E2B's double-wide MLP over a 1,024-token
 # calibration chunk makes three 50 MB intermediates at once.
 MLP_ROWS = 256
@@ -217,6 +217,7 @@ class StreamedModel:
         if i in self._kept:
             return self._kept[i]
         layer = self.shell.layers[i]
+        self._trim_pool(i)  # before the load: E2B's first double-wide layer would load beside 113 MB of narrow MLP
         try:
             size = self._load(layer, self._layer_names(i), i)
         except (RuntimeError, KeyError) as e:  # strict loading: the module and the checkpoint disagree
@@ -224,7 +225,7 @@ class StreamedModel:
                                   f"{type(layer).__name__}: {e}") from None
         self.layers_read += 1
         self._trim_pool(i + 1)
-        self._stage = np.empty(0, dtype=np.uint8)  # its 64 MB are not held while the layer runs
+        self._stage = np.empty(0, dtype=np.uint8)  # not held while the layer runs
         if self._kept_bytes + size <= self.keep_bytes:
             self._kept[i] = layer
             self._kept_bytes += size
