@@ -152,11 +152,8 @@ class StreamedModel:
         self.head_name = hf_name(Tensor.OUTPUT) if not self.arch.tie_word_embeddings else \
             hf_name(Tensor.TOKEN_EMBD, prefix=self.prefix)
         self.vocab = self.ck.info(self.head_name).shape[0]
-        # the globals stay: final norm, and the PLE projection and its norm (small next to a layer)
+        # the final norm stays; the PLE projection and its norm are read by `start` (and stay only where layers may)
         self._load(self.shell.norm, {"weight": Tensor.OUTPUT_NORM})
-        if self.has_ple:
-            self._load(self.shell.per_layer_model_projection, {"weight": Tensor.PLE_MODEL_PROJ})
-            self._load(self.shell.per_layer_projection_norm, {"weight": Tensor.PLE_PROJ_NORM})
         self.rotary = type(self.shell.rotary_emb)(config=text, device=self.device)
         self.layers_read = 0  # layer loads from the checkpoint (a pass over a kept layer reads nothing)
         # (checkpoint name, float32 tensor) -> tensor: applied to lookup rows and head blocks as they are read
@@ -352,6 +349,9 @@ class StreamedModel:
         shell = self.shell
         shell.embed_tokens = self._embedding(Tensor.TOKEN_EMBD, used, cfg.hidden_size, cfg.hidden_size ** 0.5)
         if self.has_ple:
+            if shell.per_layer_model_projection.weight.device.type == "meta":
+                self._load(shell.per_layer_model_projection, {"weight": Tensor.PLE_MODEL_PROJ})
+                self._load(shell.per_layer_projection_norm, {"weight": Tensor.PLE_PROJ_NORM})
             p = cfg.hidden_size_per_layer_input
             shell.embed_tokens_per_layer = self._embedding(Tensor.PLE_TABLE, used, cfg.num_hidden_layers * p,
                                                            p ** 0.5)
@@ -394,6 +394,9 @@ class StreamedModel:
                         same_length[shared_key] = (pos, masks, rot)
                 out.append(_Seq(list(ids), x, ple, pos, masks, rot, _kv_sharing_dict(), cache))
         shell.embed_tokens = shell.embed_tokens_per_layer = None
+        if self.has_ple and not self.keep_bytes:  # one pass (calibration): E2B's projection is 52 MB of float32
+            shell.per_layer_model_projection.to("meta")
+            shell.per_layer_projection_norm.to("meta")
         return out
 
     def _vision_masks(self, kw: dict, image_types) -> dict:
