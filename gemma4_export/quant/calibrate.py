@@ -407,12 +407,14 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
             back: dict[str, object] = {}
             for n, h in hess.items():
                 key = _input_key(n)
-                if key not in back:  # the file holds the earlier groups' (and those written just now) in full
-                    if h is None or key in done or group:
-                        stored = torch.from_numpy(spill.read(key)).to(model.device)
-                        back[key] = stored if h is None or key in done else h + stored
-                    else:
-                        back[key] = h
+                if key in back:
+                    pass
+                elif h is None or key in done:  # the file holds them in full
+                    back[key] = torch.from_numpy(spill.read(key)).to(model.device)
+                elif group:  # the file holds the earlier groups'
+                    back[key] = h + torch.from_numpy(spill.read(key)).to(model.device)
+                else:
+                    back[key] = h
                 hess[n] = back[key]
             hess_of_input.clear()
             spill.discard()
