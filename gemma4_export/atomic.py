@@ -18,17 +18,61 @@ class OutputError(Gemma4ExportError):
 
 
 class Staging:
-    """Temporary paths in the output directory; every one is removed at the end unless it was published."""
+    """Temporary paths in the output directory; every one is removed at the end unless it was published. What an
+    earlier process killed outright left beside the same final name is cleared first (clear_stale)."""
 
     def __init__(self, final: Path):
         self.final = final
         self.paths: list[Path] = []
+        clear_stale(final)
         self.path = self.temp("partial")
 
     def temp(self, tag: str) -> Path:
         p = self.final.parent / f".{self.final.name}.{os.getpid()}.{tag}"
         self.paths.append(p)
         return p
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:  # no way to ask (an unusual platform): assume it runs, and leave its files alone
+        return True
+    return True
+
+
+def clear_stale(final: Path) -> list[Path]:
+    """Removes the staging paths (`.NAME.PID.TAG`) beside `final` whose process no longer runs: what an export killed
+    outright (SIGKILL, the machine going down) left behind, since Ctrl-C, SIGTERM and errors clear their own. An
+    artifact that atomic_dir had moved aside (`old`) while nothing is under the final name is put back instead: the
+    process died between its two renames. Returns the paths it removed or put back."""
+    prefix = f".{final.name}."
+    done: list[Path] = []
+    try:
+        entries = sorted(final.parent.iterdir())
+    except OSError:
+        return done
+    for p in entries:
+        pid, _, tag = p.name[len(prefix):].partition(".")
+        if not p.name.startswith(prefix) or not pid.isdigit() or tag not in ("partial", "old"):
+            continue
+        if int(pid) == os.getpid() or _running(int(pid)):
+            continue
+        try:
+            if tag == "old" and not final.exists():
+                p.rename(final)
+            elif p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError:
+            continue
+        done.append(p)
+    return done
 
 
 def free_bytes(directory: Path) -> int:

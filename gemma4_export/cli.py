@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -593,15 +594,43 @@ def _with_usage_context(e: Exception) -> None:
         pass
 
 
+# The signal that stopped the command, when one of _STOPPING_SIGNALS did: it exits 128 + its number, as the shell
+# reports a process killed by it.
+_stopped_by: signal.Signals | None = None
+_STOPPING_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+def _stop(signum, frame) -> None:
+    """SIGTERM (kill, a CI job's timeout, a container stopping) and SIGHUP (the terminal closed) unwind the command
+    as Ctrl-C does, so every staging file is removed on the way out. A second signal while unwinding is ignored."""
+    global _stopped_by
+    if _stopped_by is None:
+        _stopped_by = signal.Signals(signum)
+        raise KeyboardInterrupt
+
+
+def _stop_on_termination() -> None:
+    """Installs _stop for the signals whose handling is still the default (one the caller set is kept)."""
+    for name in _STOPPING_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
+            try:
+                signal.signal(sig, _stop)
+            except ValueError:  # not the main thread
+                return
+
+
 def _interrupted() -> None:
-    err.print("interrupted; nothing was written under the final name", highlight=False)
-    sys.exit(130)
+    what = "interrupted" if _stopped_by is None else f"stopped by {_stopped_by.name}"
+    err.print(f"{what}; nothing was written under the final name", highlight=False)
+    sys.exit(130 if _stopped_by is None else 128 + _stopped_by)
 
 
 def main() -> None:
     """The console script. The app runs in click's non-standalone mode so that this function owns every exit: a
     Gemma4ExportError prints one line and exits with its code, a usage error prints click's usage, hint and error
-    (exit 2), Ctrl-C exits 130."""
+    (exit 2), Ctrl-C exits 130, SIGTERM 143 and SIGHUP 129, each after removing what it had staged."""
+    _stop_on_termination()
     try:
         # prog_name: the usage line says gemma4-export also under `python -m gemma4_export.cli`
         rc = app(prog_name="gemma4-export", standalone_mode=False)

@@ -121,8 +121,12 @@ def test_interrupt_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_killed_export_never_leaves_the_final_name(tmp_path):
-    """SIGKILL in the middle of an export: the final name never appears (only a hidden partial file can)."""
+def _slow_export(out: Path, cli: bool) -> subprocess.Popen:
+    """A tiny-e2b bf16 export in a process of its own, slowed to 50 ms per block of rows read, through the library
+    or through the console script's main()."""
+    call = (f"import sys; sys.argv = ['gemma4-export', 'gguf', '--variant', 'tiny-e2b', '--quant', 'bf16', "
+            f"'--no-validate', '--out', {str(out)!r}]\nfrom gemma4_export import cli\ncli.main()\n" if cli else
+            f"from gemma4_export import api\napi.export('gguf', 'tiny-e2b', 'bf16', out={str(out)!r})\n")
     code = (
         "import time\n"
         "from gemma4_export.exporter import checkpoint\n"
@@ -131,19 +135,69 @@ def test_killed_export_never_leaves_the_final_name(tmp_path):
         "    for x in real(self, name, max_bytes):\n"
         "        time.sleep(0.05)\n"
         "        yield x\n"
-        "checkpoint.Checkpoint.iter_rows = slow\n"
-        "from gemma4_export import api\n"
-        f"api.export('gguf', 'tiny-e2b', 'bf16', out={str(tmp_path)!r})\n"
+        "checkpoint.Checkpoint.iter_rows = slow\n" + call
     )
-    p = subprocess.Popen([sys.executable, "-c", code])
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not any(tmp_path.glob(".*partial")):
+    while time.time() < deadline and not any(out.glob(".*partial")) and p.poll() is None:
         time.sleep(0.1)
     time.sleep(0.5)
+    return p
+
+
+def test_killed_export_never_leaves_the_final_name(tmp_path):
+    """SIGKILL in the middle of an export: the final name never appears (only a hidden partial file can), and the
+    next export to that name removes the partial file the killed process left."""
+    p = _slow_export(tmp_path, cli=False)
     p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert any(tmp_path.glob(".*partial")), "the export should have been caught mid-write"
+    p.communicate()
+    left = list(tmp_path.glob(".*partial"))
+    assert left and left[0].name == f".tiny-e2b-bf16.gguf.{p.pid}.partial", "caught mid-write"
     assert not (tmp_path / "tiny-e2b-bf16.gguf").exists()
+    api.export("gguf", "tiny-e2b", "bf16", out=tmp_path)
+    assert (tmp_path / "tiny-e2b-bf16.gguf").is_file()
+    assert [q.name for q in tmp_path.iterdir() if q.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_terminated_export_removes_its_staging(tmp_path, sig):
+    """SIGTERM (kill, a CI timeout) and SIGHUP (the terminal closed) stop the command as Ctrl-C does: its staging
+    file is removed, nothing is under the final name, one line says why, and it exits 128 + the signal."""
+    p = _slow_export(tmp_path, cli=True)
+    assert any(tmp_path.glob(".*partial")), "caught mid-write"
+    p.send_signal(sig)
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig, stderr
+    assert f"stopped by {sig.name}; nothing was written under the final name" in stderr
+    assert "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_staging_is_cleared(tmp_path):
+    """What a dead process left beside a final name goes; a live process's, another name's and a moved-aside
+    artifact whose final name is still there stay; an artifact moved aside with nothing under the final name is put
+    back (the process died between atomic_dir's two renames)."""
+    from gemma4_export.atomic import clear_stale
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    final = tmp_path / "m-4bit"
+    (tmp_path / f".m-4bit.{dead.pid}.partial").mkdir()
+    (tmp_path / f".m-4bit.{dead.pid}.partial" / "weights.safetensors").write_bytes(b"x")
+    (tmp_path / f".m-4bit.{dead.pid}.old").mkdir()
+    (tmp_path / f".m-4bit.{dead.pid}.old" / "config.json").write_text("{}")
+    keep = [f".m-4bit.{os.getpid()}.partial", f".m-4bit.{os.getppid()}.partial", f".m-8bit.{dead.pid}.partial",
+            f".m-4bit.{dead.pid}.other", "m-4bit.json"]
+    for n in keep:
+        (tmp_path / n).write_bytes(b"")
+    done = clear_stale(final)
+    assert sorted(q.name for q in done) == [f".m-4bit.{dead.pid}.old", f".m-4bit.{dead.pid}.partial"]
+    assert (final / "config.json").read_text() == "{}"
+    assert sorted(q.name for q in tmp_path.iterdir()) == sorted(keep + ["m-4bit"])
+
+    (tmp_path / f".m-4bit.{dead.pid}.old").mkdir()  # the final name is there: an old copy is only litter
+    assert [q.name for q in clear_stale(final)] == [f".m-4bit.{dead.pid}.old"]
+    assert sorted(q.name for q in tmp_path.iterdir()) == sorted(keep + ["m-4bit"])
 
 
 def test_disk_full_is_reported(tmp_path, monkeypatch):

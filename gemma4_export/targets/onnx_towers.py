@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import clear_stale
 from ..errors import Gemma4ExportError
 from .onnx import ONNX_DIR, ONNXExportError, suffix
 
@@ -369,6 +370,7 @@ def _publish(model, onnx_dir: Path, name: str, quantize: bool) -> Path:
     from .onnx import _check_model
 
     final = onnx_dir / name
+    clear_stale(final)
     staging = onnx_dir / f".{name}.{os.getpid()}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
