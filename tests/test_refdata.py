@@ -153,6 +153,100 @@ def test_streamed_mlps_run_on_blocks_of_tokens(variant, monkeypatch):
     np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["tiny-26b-a4b", "tiny-31b", "tiny-e2b"])
+def test_streamed_weights_match_transformers(variant, monkeypatch):
+    """Large weights read as their module runs (MoE experts one expert at a time, linear layers in blocks of rows;
+    26B-A4B's experts are 3.1 GB in float32, 31B's layers 2.1 GB) give bitwise what transformers' modules give with
+    them loaded, hold one expert's weights or one block of rows instead of all, are never loaded with their layer,
+    and give calibration the same statistics."""
+    from gemma4_export.quant.calibrate import calibration_set, collect
+    from gemma4_export.validate import lazy, streamed
+    from gemma4_export.validate.lazy import StreamedExperts, StreamedLinear
+
+    rng = np.random.default_rng(1)
+    seqs = [[2] + rng.integers(3, 200, n).tolist() for n in (300, 77)]
+    d = get_variant(variant).local_dir
+    loaded = StreamedModel(d, keep_bytes=0)
+    assert not loaded._streamed  # the tiny models' layers are small
+    monkeypatch.setattr(streamed, "STREAM_EXPERTS_BYTES", 0)
+    monkeypatch.setattr(streamed, "STREAM_LINEAR_BYTES", 0)
+    monkeypatch.setattr(lazy, "BLOCK_BYTES", 40 << 10)  # several blocks per matrix, the last one short
+    sm = StreamedModel(d, keep_bytes=0)
+    reads: list[tuple[str, int, int]] = []
+    real_read = sm.read_rows
+    sm.read_rows = lambda name, a, b, out: reads.append((name, a, b)) or real_read(name, a, b, out)
+    for a, b in zip(loaded.final_hidden(seqs), sm.final_hidden(seqs)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+    layers = sm.config.num_hidden_layers
+    assert sorted(sm._streamed) == list(range(layers))
+    kinds = {type(m) for mods in sm._streamed.values() for m in mods.values()}
+    assert kinds == ({StreamedLinear, StreamedExperts} if variant == "tiny-26b-a4b" else {StreamedLinear})
+    for i in range(layers):
+        layer = sm.shell.layers[i]
+        assert set(sm._streamed[i]) | set(sm._loaded_names(i)) == set(sm._layer_names(i))
+        assert not any(isinstance(m, torch_linear()) for m in layer.modules())  # every matrix is streamed
+        assert all(t.device.type == "meta" for t in layer.parameters())  # released: no memory behind them
+    lin = [m for mods in sm._streamed.values() for m in mods.values() if isinstance(m, StreamedLinear)]
+    assert any(m.out_features % m.rows for m in lin) and all(m.rows * m.in_features * 4 <= 40 << 10 for m in lin)
+    by_name: dict[str, list[tuple[int, int]]] = {}
+    for name, a, b in reads:
+        by_name.setdefault(name, []).append((a, b))
+    assert all(b - a <= m.rows for m in lin for a, b in by_name[m.weight_name])
+    assert {s for s in sm._scratch} == {s for mods in sm._streamed.values() for m in mods.values()
+                                         for s in m.scratch_shapes}
+    assert sm.layer_bytes() < loaded.layer_bytes() / 4
+    loaded.close()
+    sm.close()
+
+    src = api.open_source(variant, need_weights=True)
+    calib = calibration_set(src.checkpoint.dir, src.arch.bos_token_id, chunk=128, chunks=2)
+    streaming = collect(src, calib, hessians=True)
+    monkeypatch.setattr(streamed, "STREAM_EXPERTS_BYTES", 1 << 40)
+    monkeypatch.setattr(streamed, "STREAM_LINEAR_BYTES", 1 << 40)
+    plain = collect(src, calib, hessians=True)
+    assert set(streaming.sums) == set(plain.sums) and len(plain.sums) >= 6 * layers
+    for n in plain.sums:
+        np.testing.assert_array_equal(streaming.counts[n], plain.counts[n])
+        np.testing.assert_allclose(streaming.sums[n], plain.sums[n], rtol=1e-6, err_msg=n)
+    assert set(streaming.hessians) == set(plain.hessians)
+    for n, (h, width) in plain.hessians.items():
+        assert streaming.hessians[n][1] == width
+        np.testing.assert_allclose(np.asarray(streaming.hessians[n][0]), np.asarray(h), rtol=1e-5,
+                                   atol=1e-6 * float(np.abs(np.asarray(h)).max()), err_msg=n)
+
+
+def torch_linear():
+    import torch
+
+    return torch.nn.Linear
+
+
+@pytest.mark.parametrize("variant", ["tiny-31b", "tiny-26b-a4b", "tiny-e2b"])
+def test_stored_keys_and_values_go_once_no_layer_reads_them(variant):
+    """transformers' last layer of each attention type stores its keys and values for assistant models even where
+    no layer shares them: the streamed model lets them go after that layer (31B: 48 MB per 1,024-token sequence);
+    where KV-shared layers read them (E2B) they stay to the last layer. (The results are the whole model's:
+    test_streamed_logits_equal_the_whole_model.)"""
+    sm = StreamedModel(get_variant(variant).local_dir, keep_bytes=0)
+    cfg = sm.config
+    modes = cfg.kv_sharing_modes
+    seqs = sm.start([[2, 5, 6, 7, 8, 9, 10], [2, 9, 8]])
+    held: list[set[str]] = []
+    sm.run_layers(seqs, on_layer=lambda i: held.append(set(seqs[0].shared)))
+    stores = [i for i, m in enumerate(modes) if m == "store"]
+    assert stores and all(h <= set(cfg.layer_types) for h in held)
+    types, n = cfg.layer_types, cfg.num_hidden_layers
+    expected = [{types[j] for j in range(i + 1) if modes[j] == "store"} &
+                {types[j] for j in range(i + 1, n) if modes[j] == "reuse"} for i in range(n)]
+    assert held == expected
+    if "reuse" in modes:  # both kinds held from the stores until the last layer of each kind that reads them
+        assert held[modes.index("reuse") - 1] == set(types) and held[-1] == set()
+    else:
+        assert held == [set()] * n
+    sm.close()
+
+
 def test_one_pass_lets_the_ple_projection_go():
     """With no layers to keep (calibration's one pass) the PLE projection is read for each start and let go after
     it (E2B's is 52 MB of float32); where layers are kept (generation) it stays. The results are the same."""

@@ -367,6 +367,7 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
 
     from ..exporter.tensors import Tensor, hf_name
     from ..targets.gguf import gguf_name
+    from ..validate.lazy import StreamedExperts, StreamedLinear
     from ..validate.streamed import StreamedModel
 
     reporter = reporter or Silent()
@@ -475,6 +476,16 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
                 add(down, mod.act_fn(gate) * up, e, n)
         return hook
 
+    def streamed_experts_watch(gate_up: str, down: str, n: int):
+        """The same statistics from experts read one at a time (validate/lazy.py): each expert's tokens and its
+        gated activations, as it runs them."""
+        hooked.update((gate_up, down))
+
+        def watch(e: int, xe, act) -> None:
+            add(gate_up, xe, e, n)
+            add(down, act, e, n)
+        return watch
+
     handles = []
     try:
         for i, layer in enumerate(model.shell.layers):
@@ -482,13 +493,16 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
             gname = lambda rel: gguf_name(hf_name(names[rel], i, prefix), prefix)  # noqa: B023, E731
             by_key = {k: rel for rel, k in names.items()}
             for mname, mod in layer.named_modules():
-                if isinstance(mod, torch.nn.Linear) and f"{mname}.weight" in names:
+                if isinstance(mod, (torch.nn.Linear, StreamedLinear)) and f"{mname}.weight" in names:
                     handles.append(mod.register_forward_pre_hook(linear_hook(gname(f"{mname}.weight"))))
             if Tensor.EXPERTS_GATE_UP in by_key:  # the experts module holds both 3-D tensors
                 rel = by_key[Tensor.EXPERTS_GATE_UP]
                 mod = layer.get_submodule(rel.rsplit(".", 1)[0])
-                handles.append(mod.register_forward_pre_hook(
-                    experts_hook(gname(rel), gname(by_key[Tensor.EXPERTS_DOWN]))))
+                gate_up, down = gname(rel), gname(by_key[Tensor.EXPERTS_DOWN])
+                if isinstance(mod, StreamedExperts):
+                    handles.append(mod.watch(streamed_experts_watch(gate_up, down, mod.num_experts)))
+                else:
+                    handles.append(mod.register_forward_pre_hook(experts_hook(gate_up, down)))
         if model.has_ple:
             pname = gguf_name(hf_name(Tensor.PLE_MODEL_PROJ, prefix=prefix), prefix)
             handles.append(model.shell.per_layer_model_projection.register_forward_pre_hook(linear_hook(pname)))

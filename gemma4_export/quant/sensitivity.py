@@ -281,7 +281,7 @@ def measure(src, importance, calib, types: tuple[str, ...] | None = None, device
     types = tuple(types or spec.candidates)
     reporter = reporter or Silent()
     t0 = time.perf_counter()
-    model = StreamedModel(src.directory, device, src.adapter)
+    model = StreamedModel(src.directory, device, src.adapter, stream=False)  # it swaps weights
     arch, prefix = src.arch, model.prefix
     classes = classes_of(src)
     head_class = Role.TOKEN_EMBD.value if arch.tie_word_embeddings else Role.OUTPUT.value

@@ -5,7 +5,10 @@ runs: read from the safetensors shards by the checkpoint reader, upcast to float
 freed (or kept, while a memory budget allows, for the next pass). Embedding and per-layer-embedding rows are read
 only for the token ids in use, the output head runs in blocks of vocabulary rows that are reduced at once, and the
 vision and audio towers are never read. The math is transformers' own: its decoder layers, attention, MLP and MoE,
-its PLE methods, rotary embedding, masks and norms; this module only feeds them, as the model's forward does.
+its PLE methods, rotary embedding, masks and norms; this module only feeds them, as the model's forward does. Where a
+single layer is large (26B-A4B's experts, 3.1 GB of float32; 31B's and 12B's MLP and attention matrices), its large
+weights are read as they run instead (validate/lazy.py: the experts one at a time with the arithmetic of
+transformers' grouped_mm forward, the linear layers in blocks of rows), bitwise equal to the loaded modules.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ STAGE_BYTES = 16 << 20
 # Tokens a dense MLP runs on at a time (it acts on each token alone): E2B's double-wide MLP over a 1,024-token
 # calibration chunk makes three 50 MB intermediates at once.
 MLP_ROWS = 256
+# Weights read from the checkpoint as their module runs instead of loaded with their layer (validate/lazy.py): a
+# layer's MoE experts over STREAM_EXPERTS_BYTES in float32 (26B-A4B's are 3.1 GB, one expert 24 MB) and linear layers
+# over STREAM_LINEAR_BYTES (31B's MLP matrices are 462 MB each, its full layers' query and output 352 MB; 12B's MLP
+# 236 MB; none of E2B's or E4B's).
+STREAM_EXPERTS_BYTES = 256 << 20
+STREAM_LINEAR_BYTES = 128 << 20
 
 
 @functools.cache
@@ -102,7 +111,11 @@ class _Seq:
 class StreamedModel:
     """A Gemma 4 checkpoint's text model in float32, one layer in memory at a time (plus what `keep_bytes` allows)."""
 
-    def __init__(self, directory, device: str = "cpu", adapter=None, keep_bytes: int = DEFAULT_KEEP_BYTES):
+    def __init__(self, directory, device: str = "cpu", adapter=None, keep_bytes: int = DEFAULT_KEEP_BYTES,
+                 stream: bool = True):
+        """stream: MoE experts over STREAM_EXPERTS_BYTES and linear layers over STREAM_LINEAR_BYTES are read from
+        the checkpoint as they run (validate/lazy.py); False loads every weight with its layer, as parameters that
+        can be swapped (quant/sensitivity.py does)."""
         import torch
         import transformers
         from transformers.models.auto.modeling_auto import MODEL_MAPPING
@@ -128,6 +141,7 @@ class StreamedModel:
         text = config.get_text_config()
         text._attn_implementation = "sdpa"  # what from_pretrained picks for the whole-model class
         self.config = text
+        self._kv_unread = self._kv_unread_after()
         self._top_config = config  # the media token ids and the model type (whose mask functions media prompts use)
         try:
             cls = MODEL_MAPPING[type(text)]
@@ -139,11 +153,17 @@ class StreamedModel:
         for layer in self.shell.layers:
             if isinstance(getattr(layer, "mlp", None), torch.nn.Module):
                 layer.mlp.forward = functools.partial(_by_rows, layer.mlp.forward)
+        # layer -> {its parameter (relative name) -> the module that reads it as it runs}
+        self._streamed: dict[int, dict[str, torch.nn.Module]] = {}
+        if stream:
+            for i in range(len(self.shell.layers)):
+                self._stream_large(i, ck)
         self._embedding_cls = type(self.shell.embed_tokens)
         self.has_ple = bool(getattr(self.shell, "hidden_size_per_layer_input", 0))
         self.softcap = getattr(text, "final_logit_softcapping", None)
         self.keep_bytes = keep_bytes
         self._stage = np.empty(0, dtype=np.uint8)  # the bytes of the tensor being read
+        self._scratch: dict[tuple[int, ...], object] = {}  # float32 buffers for streamed experts, one per shape
         self._pool: dict[tuple[int, ...], list] = {}  # float32 tensors of released layers, by shape
         self._layer_shapes: dict[int, list] = {}
         self._kept: dict[int, object] = {}
@@ -200,6 +220,7 @@ class StreamedModel:
         return sum(t.numel() * 4 for t in state.values())
 
     def _layer_names(self, i: int) -> dict[str, Tensor]:
+        """Decoder layer i's parameters (relative module path -> canonical key), streamed experts included."""
         lead = f"layers.{i}."
         out = {}
         for spec in self.ck.expected:
@@ -209,6 +230,52 @@ class StreamedModel:
             out[rel[len(lead):]] = spec.key
         return out
 
+    def _loaded_names(self, i: int) -> dict[str, Tensor]:
+        """What loading decoder layer i reads: its parameters less the experts it streams."""
+        streamed = self._streamed.get(i, {})
+        return {r: k for r, k in self._layer_names(i).items() if r not in streamed}
+
+    # ---- weights read as they run (validate/lazy.py) --------------------------------------------------------------
+    def _stream_large(self, i: int, ck) -> None:
+        """Put StreamedExperts and StreamedLinear in place of decoder layer i's large experts and linear layers."""
+        from .lazy import StreamedExperts, StreamedLinear
+
+        torch = self.torch
+        layer = self.shell.layers[i]
+        names = self._layer_names(i)
+        streamed: dict[str, torch.nn.Module] = {}
+        for mname, mod in list(layer.named_modules()):
+            if not mname:
+                continue
+            parent, _, child = mname.rpartition(".")
+            if isinstance(mod, torch.nn.Linear) and mod.bias is None and f"{mname}.weight" in names and \
+                    4 * mod.weight.numel() > STREAM_LINEAR_BYTES:
+                new = StreamedLinear(self, mod, hf_name(names[f"{mname}.weight"], i, ck.text_prefix))
+                streamed[f"{mname}.weight"] = new
+            elif hasattr(mod, "gate_up_proj") and hasattr(mod, "num_experts") and \
+                    4 * (mod.gate_up_proj.numel() + mod.down_proj.numel()) > STREAM_EXPERTS_BYTES:
+                new = StreamedExperts(self, mod, hf_name(Tensor.EXPERTS_GATE_UP, i, ck.text_prefix),
+                                      hf_name(Tensor.EXPERTS_DOWN, i, ck.text_prefix))
+                streamed[f"{mname}.gate_up_proj"] = streamed[f"{mname}.down_proj"] = new
+            else:
+                continue
+            setattr(layer.get_submodule(parent) if parent else layer, child, new)
+        if streamed:
+            self._streamed[i] = streamed
+
+    def scratch(self, shape: tuple[int, ...]):
+        """A float32 buffer of this shape, the same one at every call (an expert's matrix, read into it)."""
+        if shape not in self._scratch:
+            self._scratch[shape] = self.torch.empty(shape, dtype=self.torch.float32, device=self.device)
+        return self._scratch[shape]
+
+    def read_rows(self, name: str, start: int, stop: int, out):
+        """Rows [start, stop) of checkpoint tensor `name` in its 2-D form, as float32 into `out`."""
+        return self._tensor(name, out.view(stop - start, -1), (start, stop))
+
+    def drop_stage(self) -> None:
+        self._stage = np.empty(0, dtype=np.uint8)
+
     def layer(self, i: int):
         """Decoder layer i with its weights in memory."""
         if i in self._kept:
@@ -216,13 +283,13 @@ class StreamedModel:
         layer = self.shell.layers[i]
         self._trim_pool(i)  # before the load: E2B's first double-wide layer would load beside 113 MB of narrow MLP
         try:
-            size = self._load(layer, self._layer_names(i), i)
+            size = self._load(layer, self._loaded_names(i), i)
         except (RuntimeError, KeyError) as e:  # strict loading: the module and the checkpoint disagree
             raise CheckpointError(f"{self.ck.dir}: layer {i} does not match transformers' "
                                   f"{type(layer).__name__}: {e}") from None
         self.layers_read += 1
         self._trim_pool(i + 1)
-        self._stage = np.empty(0, dtype=np.uint8)  # not held while the layer runs
+        self.drop_stage()  # not held while the layer runs
         if self._kept_bytes + size <= self.keep_bytes:
             self._kept[i] = layer
             self._kept_bytes += size
@@ -232,13 +299,17 @@ class StreamedModel:
         """The shapes of decoder layer i's checkpoint tensors."""
         if i not in self._layer_shapes:
             self._layer_shapes[i] = [tuple(self.ck.info(hf_name(k, i, self.prefix)).shape)
-                                     for k in self._layer_names(i).values()]
+                                     for k in self._loaded_names(i).values()]
         return self._layer_shapes[i]
 
     def layer_bytes(self) -> int:
-        """The float32 bytes of the largest decoder layer: what one loaded layer holds."""
-        return max((4 * sum(math.prod(s) for s in self._shapes(i)) for i in range(self.config.num_hidden_layers)),
-                   default=0)
+        """The float32 bytes of the largest decoder layer: what one loaded layer holds (with the buffers its
+        streamed weights are read into: one expert, one block of rows)."""
+        def held(i: int) -> int:
+            buffers = {m.scratch_shapes for m in self._streamed.get(i, {}).values()}
+            return 4 * sum(math.prod(s) for s in self._shapes(i)) + 4 * sum(math.prod(s) for b in buffers for s in b)
+
+        return max((held(i) for i in range(self.config.num_hidden_layers)), default=0)
 
     def token_bytes(self) -> int:
         """The float32 bytes a fresh sequence holds per token between layers: its hidden state, its per-layer inputs,
@@ -418,6 +489,7 @@ class StreamedModel:
     def run_layer(self, i: int, layer, seqs: list[_Seq]) -> None:
         """Decoder layer i (loaded) over the sequences."""
         t = self.config.layer_types[i]
+        unread = self._kv_unread[i]
         with self.torch.no_grad():
             for s in seqs:
                 kw = {"shared_kv_states": s.shared, "position_embeddings": s.rotary[t], "attention_mask": s.masks[t],
@@ -425,6 +497,8 @@ class StreamedModel:
                 if self.has_ple:
                     kw["per_layer_input"] = s.ple[i]
                 s.hidden = layer(s.hidden, **kw)
+                for kind in unread & set(s.shared or ()):  # before the next sequence stores its own
+                    del s.shared[kind]
 
     def finish(self, seqs: list[_Seq]) -> None:
         """The final norm, after the last layer."""
@@ -445,6 +519,18 @@ class StreamedModel:
                 on_layer(i)
         self._trim_pool(0)  # a next pass begins at layer 0
         self.finish(seqs)
+
+    def _kv_unread_after(self) -> list[set[str]]:
+        """Per layer, the attention types whose stored keys and values no later layer reads. transformers' last
+        layer of each type stores its own for assistant models even where no layer shares them (26B-A4B, 31B: up to
+        48 MB per 1,024-token sequence, held to the end); KV-shared layers read theirs to the last layer."""
+        cfg = self.config
+        n = cfg.num_hidden_layers
+        modes = getattr(cfg, "kv_sharing_modes", None)
+        if modes is None:
+            return [set() for _ in range(n)]
+        types = set(cfg.layer_types)
+        return [types - {cfg.layer_types[j] for j in range(i + 1, n) if modes[j] == "reuse"} for i in range(n)]
 
     def final_hidden(self, sequences: list[list[int]], caches: list | None = None) -> list:
         """The final normed hidden states [T, H] of each sequence."""
@@ -515,6 +601,7 @@ class StreamedModel:
     def close(self) -> None:
         self._kept.clear()
         self._pool.clear()
+        self._scratch.clear()
         self._head = None
         self.ck.close()
 
