@@ -137,7 +137,9 @@ def _slow_export(out: Path, cli: bool) -> subprocess.Popen:
         "        yield x\n"
         "checkpoint.Checkpoint.iter_rows = slow\n" + call
     )
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: a test run under nohup would hand the child an ignored SIGHUP, which the CLI keeps ignored
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGHUP)])
     deadline = time.time() + 120
     while time.time() < deadline and not any(out.glob(".*partial")) and p.poll() is None:
         time.sleep(0.1)
