@@ -38,9 +38,7 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
-    except OSError:  # no way to ask (an unusual platform): assume it runs, and leave its files alone
+    except OSError:  # another user's process, or no way to ask: assume it runs, and leave its files alone
         return True
     return True
 

@@ -459,32 +459,28 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
         hooked.add(name)
         return lambda mod, args: add(name, args[0])
 
-    def experts_hook(gate_up: str, down: str):
-        hooked.update((gate_up, down))
-
-        def hook(mod, args):
-            x, top_index = args[0], args[1]
-            x = x.reshape(-1, x.shape[-1])
-            n = mod.num_experts
-            for e in torch.unique(top_index).tolist():
-                if e >= n:
-                    continue
-                tok = (top_index == e).any(dim=-1).nonzero().flatten()
-                xe = x[tok]
-                add(gate_up, xe, e, n)
-                gate, up = torch.nn.functional.linear(xe, mod.gate_up_proj[e]).chunk(2, dim=-1)
-                add(down, mod.act_fn(gate) * up, e, n)
-        return hook
-
-    def streamed_experts_watch(gate_up: str, down: str, n: int):
-        """The same statistics from experts read one at a time (validate/lazy.py): each expert's tokens and its
-        gated activations, as it runs them."""
+    def expert_stats(gate_up: str, down: str, n: int):
+        """watch(e, xe, act): expert e's inputs (its tokens) and its down projection's (the gated activations)."""
         hooked.update((gate_up, down))
 
         def watch(e: int, xe, act) -> None:
             add(gate_up, xe, e, n)
             add(down, act, e, n)
         return watch
+
+    def experts_hook(watch):
+        """For transformers' experts module, whose weights are loaded: each routed expert's inputs, and its gated
+        activations recomputed from its weights (streamed experts hand both to `watch` as they run)."""
+        def hook(mod, args):
+            x, top_index = args[0], args[1]
+            x = x.reshape(-1, x.shape[-1])
+            for e in torch.unique(top_index).tolist():
+                if e >= mod.num_experts:
+                    continue
+                xe = x[(top_index == e).any(dim=-1).nonzero().flatten()]
+                gate, up = torch.nn.functional.linear(xe, mod.gate_up_proj[e]).chunk(2, dim=-1)
+                watch(e, xe, mod.act_fn(gate) * up)
+        return hook
 
     handles = []
     try:
@@ -498,11 +494,9 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
             if Tensor.EXPERTS_GATE_UP in by_key:  # the experts module holds both 3-D tensors
                 rel = by_key[Tensor.EXPERTS_GATE_UP]
                 mod = layer.get_submodule(rel.rsplit(".", 1)[0])
-                gate_up, down = gname(rel), gname(by_key[Tensor.EXPERTS_DOWN])
-                if isinstance(mod, StreamedExperts):
-                    handles.append(mod.watch(streamed_experts_watch(gate_up, down, mod.num_experts)))
-                else:
-                    handles.append(mod.register_forward_pre_hook(experts_hook(gate_up, down)))
+                watch = expert_stats(gname(rel), gname(by_key[Tensor.EXPERTS_DOWN]), mod.num_experts)
+                handles.append(mod.watch(watch) if isinstance(mod, StreamedExperts) else
+                               mod.register_forward_pre_hook(experts_hook(watch)))
         if model.has_ple:
             pname = gguf_name(hf_name(Tensor.PLE_MODEL_PROJ, prefix=prefix), prefix)
             handles.append(model.shell.per_layer_model_projection.register_forward_pre_hook(linear_hook(pname)))

@@ -3,7 +3,8 @@
 The streamed model loads one decoder layer at a time in float32, but some single layers are large: 26B-A4B's MoE
 layer holds 128 experts (3.1 GB), 31B's dense layer 2.1 GB (its MLP 1.4 GB), 12B's 1.0 GB. The modules here take
 the place of transformers' module in such a layer and hold none of its weights between calls: each call reads the
-weights it needs from the checkpoint (the page cache, after the first sequence) into reused float32 buffers.
+weights it needs from the checkpoint (the page cache, after the first sequence) into reused float32 buffers (the
+staging buffer of those reads is let go when the layer has run over every sequence).
 
 - StreamedExperts, for a MoE layer's experts: for each expert the tokens were routed to, it reads that expert's rows
   of both 3-D tensors (24 MB for 26B-A4B), runs its tokens and moves on. The arithmetic is that of transformers'
@@ -43,11 +44,6 @@ class StreamedLinear(torch.nn.Module):
         self.rows = max(1, min(self.out_features, BLOCK_BYTES // (4 * self.in_features)))
 
     @property
-    def nbytes(self) -> int:
-        """The float32 bytes of the weight, which this module does not hold."""
-        return 4 * self.in_features * self.out_features
-
-    @property
     def scratch_shapes(self) -> tuple[tuple[int, ...], ...]:
         """The buffers it reads its weight into (the model's scratch, shared by modules of one shape)."""
         return ((self.rows, self.in_features),)
@@ -60,7 +56,6 @@ class StreamedLinear(torch.nn.Module):
             r1 = min(self.out_features, r + self.rows)
             blk = m.read_rows(self.weight_name, r, r1, w[: r1 - r])
             out[..., r:r1] = torch.nn.functional.linear(x, blk)
-        m.drop_stage()
         return out
 
 
@@ -81,11 +76,6 @@ class StreamedExperts(torch.nn.Module):
         it, as a forward hook's does."""
         self.observe = fn
         return SimpleNamespace(remove=lambda: setattr(self, "observe", None))
-
-    @property
-    def nbytes(self) -> int:
-        """The float32 bytes of all experts, which this module does not hold."""
-        return 4 * self.num_experts * 3 * self.hidden_dim * self.intermediate_dim
 
     @property
     def scratch_shapes(self) -> tuple[tuple[int, ...], ...]:
@@ -120,5 +110,4 @@ class StreamedExperts(torch.nn.Module):
             out[pairs] = torch.mm(act, w_d.transpose(0, 1)) * weights[pairs].unsqueeze(-1)
             if self.observe is not None:
                 self.observe(e, x, act)
-        m.drop_stage()
         return out.view(n_tok, k, h).sum(dim=1).to(hidden_states.dtype)

@@ -163,7 +163,7 @@ class StreamedModel:
         self.softcap = getattr(text, "final_logit_softcapping", None)
         self.keep_bytes = keep_bytes
         self._stage = np.empty(0, dtype=np.uint8)  # the bytes of the tensor being read
-        self._scratch: dict[tuple[int, ...], object] = {}  # float32 buffers for streamed experts, one per shape
+        self._scratch: dict[tuple[int, ...], object] = {}  # float32 buffers for streamed weights, one per shape
         self._pool: dict[tuple[int, ...], list] = {}  # float32 tensors of released layers, by shape
         self._layer_shapes: dict[int, list] = {}
         self._kept: dict[int, object] = {}
@@ -220,7 +220,7 @@ class StreamedModel:
         return sum(t.numel() * 4 for t in state.values())
 
     def _layer_names(self, i: int) -> dict[str, Tensor]:
-        """Decoder layer i's parameters (relative module path -> canonical key), streamed experts included."""
+        """Decoder layer i's parameters (relative module path -> canonical key), streamed weights included."""
         lead = f"layers.{i}."
         out = {}
         for spec in self.ck.expected:
@@ -231,7 +231,7 @@ class StreamedModel:
         return out
 
     def _loaded_names(self, i: int) -> dict[str, Tensor]:
-        """What loading decoder layer i reads: its parameters less the experts it streams."""
+        """What loading decoder layer i reads: its parameters less the weights it streams."""
         streamed = self._streamed.get(i, {})
         return {r: k for r, k in self._layer_names(i).items() if r not in streamed}
 
@@ -264,14 +264,14 @@ class StreamedModel:
             self._streamed[i] = streamed
 
     def scratch(self, shape: tuple[int, ...]):
-        """A float32 buffer of this shape, the same one at every call (an expert's matrix, read into it)."""
+        """A float32 buffer of this shape, the same one at every call (an expert's matrix or a block of rows)."""
         if shape not in self._scratch:
             self._scratch[shape] = self.torch.empty(shape, dtype=self.torch.float32, device=self.device)
         return self._scratch[shape]
 
     def read_rows(self, name: str, start: int, stop: int, out):
         """Rows [start, stop) of checkpoint tensor `name` in its 2-D form, as float32 into `out`."""
-        return self._tensor(name, out.view(stop - start, -1), (start, stop))
+        return self._tensor(name, out, (start, stop))
 
     def drop_stage(self) -> None:
         self._stage = np.empty(0, dtype=np.uint8)
@@ -499,6 +499,8 @@ class StreamedModel:
                 s.hidden = layer(s.hidden, **kw)
                 for kind in unread & set(s.shared or ()):  # before the next sequence stores its own
                     del s.shared[kind]
+        if i in self._streamed:
+            self.drop_stage()  # its streamed weights' reads staged through it
 
     def finish(self, seqs: list[_Seq]) -> None:
         """The final norm, after the last layer."""
