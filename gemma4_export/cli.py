@@ -381,13 +381,14 @@ def _finish(r, validate: bool, variant, model_dir, device: str, adapter=None) ->
 
 
 def _validate_and_exit(artifact: Path, variant, model_dir, device: str, adapter=None, reference=None,
-                       accumulate: str = "native") -> None:
+                       accumulate: str = "native", windows: int | None = None, prompts: int | None = None) -> None:
     from . import api
     from .progress import RichReporter
     from .validate.harness import ValidationFailed
 
     report = api.validate(artifact, variant=variant, model_dir=model_dir, device=device, adapter=adapter,
-                          reporter=RichReporter(err), reference=reference, accumulate=accumulate)
+                          reporter=RichReporter(err), reference=reference, accumulate=accumulate, windows=windows,
+                          prompts=prompts)
     from rich.markdown import Markdown
 
     out.print(Markdown(report.to_markdown()))
@@ -406,6 +407,11 @@ def validate(
     accumulate: Annotated[str, typer.Option(
         "--accumulate", help="MLX on a CPU: native (mlx's CPU kernels, which sum quantized matmuls in bfloat16) or "
                              "float32 (float32 sums, as mlx's Metal kernels do).")] = "native",
+    windows: Annotated[Optional[int], typer.Option(
+        "--windows", min=1, help="Held-out windows to score (default: the standard evaluation's; fewer is quicker "
+                                 "where the runtime is slow, as mlx's quantized kernels on a CPU).")] = None,
+    prompts: Annotated[Optional[int], typer.Option(
+        "--prompts", min=1, help="Chat prompts for greedy generation (default: all of the standard set).")] = None,
 ) -> None:
     """Run an artifact in its own runtime and compare it with transformers in fp32 on the same tokens.
 
@@ -424,7 +430,7 @@ def validate(
         raise typer.BadParameter("--reference replaces --adapter: the stored reference says which weights it is of "
                                  "(with --variant or --model-dir for the towers, --adapter completes that "
                                  "checkpoint)", param_hint="--reference")
-    _validate_and_exit(artifact, variant, model_dir, device, adapter, reference, accumulate)
+    _validate_and_exit(artifact, variant, model_dir, device, adapter, reference, accumulate, windows, prompts)
 
 
 @app.command()

@@ -180,7 +180,7 @@ def test_cache_check_runs_int8_activations_at_float(out_dir):
         worst = max(worst, float(np.abs(step[0, 0] - full[i]).max()))
     assert worst < runner.tie, worst
     assert runner.float_activations() == level4  # the file on disk is unchanged: the graph as shipped
-    report = api.validate(r.path, write=False)
+    report = api.validate(r.path, write=False, windows=1, prompts=2, towers=False)
     kv = report.checks["kv_cache"]
     assert kv["passed"] and kv["float_activations_nodes"] == level4, kv
 
@@ -285,8 +285,9 @@ def test_several_presets_in_one_directory(out_dir, monkeypatch):
                         "vision_encoder_q4.onnx", "audio_encoder_q4.onnx"}  # each preset's encoders too
     doc = json.loads((base / CONFIG_FILE).read_text())
     assert set(doc["presets"]) == {"fp32", "int4"}
+    ref = api.reference("tiny-e2b", windows=2, prompts=2)  # one short reference for both graphs
     for preset, graph in (("fp32", "decoder_model_merged.onnx"), ("int4", "decoder_model_merged_q4.onnx")):
-        report = api.validate(base / "onnx" / graph)
+        report = api.validate(base / "onnx" / graph, reference=ref)
         assert report.passed and report.preset == preset, report.failures
         assert (out_dir / "multi" / f"{base.name}.{preset}.validation.json").is_file()
     with pytest.raises(Gemma4ExportError, match="several presets"):
