@@ -23,6 +23,10 @@ import pytest  # noqa: E402
 from gemma4_export.exporter.variants import TINY, VARIANTS  # noqa: E402
 
 REAL = [n for n, v in VARIANTS.items() if not v.tiny and not v.instruction_tuned]
+# Quantized MLX presets are validated on 2 of the standard windows and 4 of its prompts: mlx's CPU build multiplies
+# quantized matrices about 5x slower than bf16 ones (a full tiny-e2b 4bit validation took 211 s, 147 of them on the
+# 8 windows); scripts/calibrate.py --target mlx runs the full standard evaluation of every preset.
+MLX_QUANT_WINDOWS, MLX_QUANT_PROMPTS = 2, 4
 
 
 def pytest_addoption(parser):

@@ -21,6 +21,7 @@ import pytest
 
 from gemma4_export import api
 from gemma4_export.targets.registry import get_target
+from conftest import MLX_QUANT_PROMPTS, MLX_QUANT_WINDOWS
 from layouts import ADDED_TOKENS, LAYOUTS, build
 
 pytestmark = pytest.mark.slow
@@ -73,9 +74,10 @@ def references(checkpoint):
 
 
 def _spec(target: str, preset: str) -> tuple[int | None, int | None]:
-    """(windows, prompts) of a full validation: the standard evaluation, except a quantized MLX preset's 2 windows
-    and 4 prompts (mlx's CPU build multiplies quantized matrices about 5x slower than bf16 ones: test_mlx.py)."""
-    return (2, 4) if target == "mlx" and preset != FLOAT[target] else (None, None)
+    """(windows, prompts) of a full validation: the standard evaluation, except a quantized MLX preset's shorter
+    one (conftest.MLX_QUANT_WINDOWS)."""
+    quant_mlx = target == "mlx" and preset != FLOAT[target]
+    return (MLX_QUANT_WINDOWS, MLX_QUANT_PROMPTS) if quant_mlx else (None, None)
 
 
 def _tensor_bytes(target: str, path: Path) -> dict[str, bytes]:

@@ -14,15 +14,13 @@ from gemma4_export.errors import Gemma4ExportError, QuantError  # noqa: E402
 from gemma4_export.exporter.variants import TINY  # noqa: E402
 from gemma4_export import api  # noqa: E402
 from gemma4_export.validate.mlxrt import check_safetensors  # noqa: E402
+from conftest import MLX_QUANT_PROMPTS, MLX_QUANT_WINDOWS  # noqa: E402
 
 # Every tiny variant at bf16 and 4bit; 8bit on one variant. MLX's quantized kernels are slow on a 2-core CPU (a full
 # validation of tiny-e2b at 8bit takes about 4 minutes), and 8bit runs the same code as 4bit with another bit width,
 # so one variant covers it; scripts/calibrate.py --target mlx measures every variant at every preset.
 CASES = [(v, p) for v in TINY for p in ("bf16", "4bit")] + [("tiny-31b", "8bit")]
-# A quantized preset is validated on 2 of the standard windows and 4 of its prompts: mlx's CPU build multiplies
-# quantized matrices about 5x slower than bf16 ones (a full tiny-e2b 4bit validation took 211 s, 147 of them on the
-# 8 windows), and the full standard evaluation of every preset is scripts/calibrate.py --target mlx's job.
-QUANT_SPEC = ["--windows", "2", "--prompts", "4"]
+QUANT_SPEC = ["--windows", str(MLX_QUANT_WINDOWS), "--prompts", str(MLX_QUANT_PROMPTS)]  # see conftest
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +76,7 @@ def test_export_loads_and_validates(variant, preset, out_dir):
     report = json.loads((out_dir / f"{r.path.name}.validation.json").read_text())
     assert v.returncode == 0, (report["failures"], v.stderr[-2000:])
     assert report["passed"] and report["tokenizer"]["mismatches"] == []
-    assert report["spec"]["windows"] == (2 if spec else 8)
+    assert report["spec"]["windows"] == (MLX_QUANT_WINDOWS if spec else 8)
     # and mlx-vlm ran the towers against transformers' (validate/towers.py)
     assert ("image_embeddings" in report["checks"]) == towers
 

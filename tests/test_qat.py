@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import MLX_QUANT_PROMPTS, MLX_QUANT_WINDOWS
 from gemma4_export import api
 from gemma4_export.quant import lattice as L
 from gemma4_export.quant.weighted import _bf16_round, int_dequant, mlx_dequant
@@ -281,9 +282,10 @@ def test_faithful_export_of_a_lattice_checkpoint_is_lossless(target, variant, ex
     except Gemma4ExportError as e:  # the target's extra is not installed
         pytest.skip(str(e))
     exact_qat = exact_forms(variant)
-    # mlx's CPU build multiplies quantized matrices about 5x slower than bf16 ones: 2 windows and 4 prompts there
-    # (test_mlx.py); the float32 comparison below holds mlx's weights to the float limits on its own
-    ref = api.reference(model_dir=exact_qat, **({"windows": 2, "prompts": 4} if target == "mlx" else {}))
+    # mlx: the shorter evaluation of quantized MLX (conftest.MLX_QUANT_WINDOWS); the float32 comparison below holds
+    # mlx's weights to the float limits on its own
+    mlx = {"windows": MLX_QUANT_WINDOWS, "prompts": MLX_QUANT_PROMPTS}
+    ref = api.reference(model_dir=exact_qat, **(mlx if target == "mlx" else {}))
     moe = "26b" in variant
     # llama.cpp multiplies quantized weights by activations rounded to 8 bits (Q8_0), and on the MoE model that
     # rounding flips expert choices whatever the weights: measured on this checkpoint, the bf16 GGUF 1.1e-4 KLD, the

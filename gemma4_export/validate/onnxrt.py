@@ -85,36 +85,39 @@ class ONNXRunner:
             raise Gemma4ExportError("validating ONNX needs onnxruntime: pip install 'gemma4-export[onnx]'") from None
         from ..targets.onnx import DECODER, EMBED
 
+        self._ort = ort
+        self._threads = threads
+        self._path = path
         self.cfg = read_config(path)
         d = _directory(path)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
         self.providers = providers_for(device)
         graphs = self.cfg.get("graphs") or {}
         if EMBED not in graphs or DECODER not in graphs:
             raise Gemma4ExportError(f"{d}/inference_config.json names no {EMBED} and {DECODER} graphs: an ONNX "
                                     "export from an older gemma4-export? Export it again")
-        self.sessions = {}
-        self._opts = opts
-        self._decoder_part, self._decoder_file = DECODER, d / graphs[DECODER]["file"]
-        for part in (EMBED, DECODER):
-            f = d / graphs[part]["file"]
-            try:
-                self.sessions[part] = ort.InferenceSession(str(f), opts, providers=self.providers)
-            except Exception as e:  # onnxruntime's own error types
-                raise Gemma4ExportError(f"onnxruntime could not load {f}: {e}") from None
+        self.sessions = {part: self._open(d / graphs[part]["file"]) for part in (EMBED, DECODER)}
         self.session = self.sessions[DECODER]
         self.embed = self.sessions[EMBED]
         self._embed_outputs = [o.name for o in self.embed.get_outputs()]
-        self._ort = ort
         self.layers = self.cfg["kv_cache"]["layers"]
         self._tokenizer = None
         if (d / "tokenizer.json").is_file():
             from tokenizers import Tokenizer
 
             self._tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+
+    def _open(self, f: Path, model: bytes | None = None):
+        """A session on graph file `f`, or on `model` (that graph's bytes, changed) with `f`'s external data."""
+        opts = self._ort.SessionOptions()
+        if self._threads:
+            opts.intra_op_num_threads = self._threads
+        opts.log_severity_level = 3
+        if model is not None:
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(f.parent))
+        try:
+            return self._ort.InferenceSession(str(f) if model is None else model, opts, providers=self.providers)
+        except Exception as e:  # onnxruntime's own error types
+            raise Gemma4ExportError(f"onnxruntime could not load {f}: {e}") from None
 
     @property
     def tie(self) -> float:
@@ -131,7 +134,10 @@ class ONNXRunner:
         many nodes changed (0: the decoder is left as it is)."""
         import onnx
 
-        model = onnx.load(str(self._decoder_file), load_external_data=False)
+        from ..targets.onnx import DECODER
+
+        f = _directory(self._path) / self.cfg["graphs"][DECODER]["file"]
+        model = onnx.load(str(f), load_external_data=False)
         changed = 0
 
         def strip(graph) -> None:
@@ -148,14 +154,8 @@ class ONNXRunner:
 
         strip(model.graph)
         if changed:
-            opts = self._ort.SessionOptions()
-            opts.intra_op_num_threads = self._opts.intra_op_num_threads
-            opts.log_severity_level = 3
-            opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                          str(self._decoder_file.parent))
-            self.session = self.sessions[self._decoder_part] = None  # the shipped graph's weights go first
-            self.session = self.sessions[self._decoder_part] = self._ort.InferenceSession(
-                model.SerializeToString(), opts, providers=self.providers)
+            self.session = self.sessions[DECODER] = None  # the shipped graph's weights go first
+            self.session = self.sessions[DECODER] = self._open(f, model.SerializeToString())
         return changed
 
     def tokenize(self, text: str) -> list[int]:
