@@ -286,13 +286,13 @@ def test_chunk_groups_add_up_to_one_pass(tmp_path, monkeypatch):
     same(cal.collect(src, calib, hessians=True, hessian_path=path, groups=3), exact=False)
     assert starts[3:] == [1, 2, 1] and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
-    model = StreamedModel(src.checkpoint.dir)  # the rule: sequences' bytes over the bound, or over half a layer
+    model = StreamedModel(src.checkpoint.dir)  # the rule: each group's chunks under the bound, or half a layer
     small = cal.calibration_set(src.checkpoint.dir, src.arch.bos_token_id, chunk=64, chunks=8)
-    held = model.token_bytes() * 64 * 8
-    assert model.token_bytes() > 4 * 256 * 11 and 0 < model.layer_bytes() // 2 < held // 4  # hidden + 10 layers' PLE
-    groups = -(-held // (model.layer_bytes() // 2))
-    assert groups == 5
-    for bound, sizes in ((held, [8]), (held // 2, [4, 4]), (1, [2, 1, 2, 1, 2])):  # the last: by half the layer
+    chunk = model.token_bytes() * 64
+    assert model.token_bytes() > 4 * 256 * 11  # hidden + 10 layers' PLE
+    assert chunk < model.layer_bytes() // 2 < 2 * chunk  # half a layer holds one chunk, not two
+    for bound, sizes in ((8 * chunk, [8]), (4 * chunk, [4, 4]), (3 * chunk, [3, 2, 3]), (3 * chunk - 1, [2] * 4),
+                         (1, [1] * 8)):  # the last: by half the layer
         monkeypatch.setattr(cal, "GROUP_BYTES", bound)
         del starts[:]
         cal.collect(src, small)

@@ -189,6 +189,7 @@ def test_streamed_weights_match_transformers(variant, monkeypatch):
         assert all(t.device.type == "meta" for t in layer.parameters())  # released: no memory behind them
     lin = [m for mods in sm._streamed.values() for m in mods.values() if isinstance(m, StreamedLinear)]
     assert any(m.out_features % m.rows for m in lin) and all(m.rows * m.in_features * 4 <= 40 << 10 for m in lin)
+    assert {m.scratch_shapes for m in lin} == {((10 << 10,),)}  # one buffer for linear layers of every shape
     by_name: dict[str, list[tuple[int, int]]] = {}
     for name, a, b in reads:
         by_name.setdefault(name, []).append((a, b))
@@ -214,6 +215,31 @@ def test_streamed_weights_match_transformers(variant, monkeypatch):
         assert streaming.hessians[n][1] == width
         np.testing.assert_allclose(np.asarray(streaming.hessians[n][0]), np.asarray(h), rtol=1e-5,
                                    atol=1e-6 * float(np.abs(np.asarray(h)).max()), err_msg=n)
+
+
+@pytest.mark.parametrize("variant", ["tiny-26b-a4b", "tiny-31b"])
+def test_linears_beside_streamed_experts_stream_at_the_lower_size(variant, monkeypatch):
+    """Where a layer's experts are streamed, its linear layers over STREAM_LINEAR_BESIDE_EXPERTS_BYTES are streamed
+    too (26B-A4B's attention), bitwise as before; a dense model's linears keep the plain threshold."""
+    from gemma4_export.validate import streamed
+    from gemma4_export.validate.lazy import StreamedExperts, StreamedLinear
+
+    rng = np.random.default_rng(2)
+    seqs = [[2] + rng.integers(3, 200, 150).tolist()]
+    d = get_variant(variant).local_dir
+    want = StreamedModel(d, keep_bytes=0).final_hidden(seqs)[0].numpy()
+    monkeypatch.setattr(streamed, "STREAM_EXPERTS_BYTES", 0)
+    monkeypatch.setattr(streamed, "STREAM_LINEAR_BYTES", 1 << 40)
+    monkeypatch.setattr(streamed, "STREAM_LINEAR_BESIDE_EXPERTS_BYTES", 0)
+    sm = StreamedModel(d, keep_bytes=0)
+    kinds = [{type(m) for m in sm._streamed.get(i, {}).values()} for i in range(sm.config.num_hidden_layers)]
+    if variant == "tiny-26b-a4b":
+        assert all(k == {StreamedExperts, StreamedLinear} for k in kinds)
+        assert {"self_attn.q_proj.weight", "self_attn.o_proj.weight"} <= set(sm._streamed[0])
+    else:
+        assert not any(kinds)  # no experts: the linears keep STREAM_LINEAR_BYTES
+    np.testing.assert_array_equal(sm.final_hidden(seqs)[0].numpy(), want)
+    sm.close()
 
 
 def torch_linear():

@@ -72,9 +72,11 @@ SQUARE_ROWS = 256
 # The calibration chunks run through the layers in as few groups as keep each group's sequences (hidden states,
 # per-layer inputs, the keys and values KV-shared layers read) under this many bytes, or under half the largest
 # layer's float32 weights where that is more: splitting pays while the sequences are large next to the layer. Each
-# further group reads the model again and adds its second moments to the file's. E2B's 16 chunks hold 0.75 GB of
-# them beside a 0.27 GB layer: 4 groups; 31B's and 26B-A4B's sequences are smaller than half a layer: one.
-GROUP_BYTES = 192 << 20
+# further group reads the model again and adds its second moments to the file's. E2B's 16 chunks hold 49 MB each
+# beside a 0.26 GB layer: 8 groups of 2; 26B-A4B's 11.5 MB each (hidden states alone): 2 groups of 8, which keeps
+# its calibration under 1 GB (one group peaked at 0.97 GB on two of its layers, and the 30 layers' statistics add
+# 53 MB). A further pass costs a read and upcast of the layers, little beside the tokens' compute.
+GROUP_BYTES = 128 << 20
 
 
 class CalibrationError(Gemma4ExportError):
@@ -526,12 +528,16 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
 
         def layer_done(i: int) -> None:
             spill_done()
+            if group == groups - 1:  # its sums are final: float32, as the imatrix holds them (26B-A4B's experts'
+                # are 3.6 MB a layer in float64, 110 MB over the model by its last layer)
+                for name in [n for n in sums if n.startswith(f"blk.{i}.")]:
+                    sums[name] = sums[name].to(torch.float32)
             task.advance(1)
 
         n = len(calib.chunks)
         if groups is None:
-            held = model.token_bytes() * calib.chunk_size * n
-            groups = -(-held // max(GROUP_BYTES, model.layer_bytes() // 2))
+            per = max(GROUP_BYTES, model.layer_bytes() // 2) // max(1, model.token_bytes() * calib.chunk_size)
+            groups = -(-n // max(1, per))  # as few as hold at most `per` chunks each
         groups = max(1, min(n, groups))
         bounds = [round(g * n / groups) for g in range(groups + 1)]
         label = f"calibrate on {n} x {calib.chunk_size} tokens" + (f" in {groups} groups" if groups > 1 else "")

@@ -45,13 +45,14 @@ class StreamedLinear(torch.nn.Module):
 
     @property
     def scratch_shapes(self) -> tuple[tuple[int, ...], ...]:
-        """The buffers it reads its weight into (the model's scratch, shared by modules of one shape)."""
-        return ((self.rows, self.in_features),)
+        """The buffer it reads its weight into: the model's scratch of BLOCK_BYTES, flat, which every streamed linear
+        layer of every shape shares (one per shape held 48 MB for 26B-A4B's three)."""
+        return ((max(BLOCK_BYTES // 4, self.rows * self.in_features),),)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self._model
         out = x.new_empty(*x.shape[:-1], self.out_features)
-        w = m.scratch((self.rows, self.in_features))
+        w = m.scratch(self.scratch_shapes[0])[: self.rows * self.in_features].view(self.rows, self.in_features)
         for r in range(0, self.out_features, self.rows):
             r1 = min(self.out_features, r + self.rows)
             blk = m.read_rows(self.weight_name, r, r1, w[: r1 - r])

@@ -44,6 +44,11 @@ MLP_ROWS = 256
 # 236 MB; none of E2B's or E4B's).
 STREAM_EXPERTS_BYTES = 256 << 20
 STREAM_LINEAR_BYTES = 128 << 20
+# In a layer whose experts are streamed, linear layers over this many bytes are streamed too: 26B-A4B's attention
+# (its full layers' query and output 92 MB each, its sliding layers' 46 MB) was otherwise most of what its layer held,
+# and took calibration's peak over 1 GB (1.11 GB; 1.0 GB with the full layers' streamed). None of the dense models
+# has such a layer, so their MLPs (E2B's double-wide 75 MB, E4B's 105 MB) stay loaded and fast to decode.
+STREAM_LINEAR_BESIDE_EXPERTS_BYTES = 32 << 20
 
 
 @functools.cache
@@ -244,16 +249,23 @@ class StreamedModel:
         layer = self.shell.layers[i]
         names = self._layer_names(i)
         streamed: dict[str, torch.nn.Module] = {}
+
+        def large_experts(mod) -> bool:
+            return hasattr(mod, "gate_up_proj") and hasattr(mod, "num_experts") and \
+                4 * (mod.gate_up_proj.numel() + mod.down_proj.numel()) > STREAM_EXPERTS_BYTES
+
+        linear_bytes = STREAM_LINEAR_BYTES
+        if any(large_experts(mod) for mod in layer.modules()):
+            linear_bytes = min(linear_bytes, STREAM_LINEAR_BESIDE_EXPERTS_BYTES)
         for mname, mod in list(layer.named_modules()):
             if not mname:
                 continue
             parent, _, child = mname.rpartition(".")
             if isinstance(mod, torch.nn.Linear) and mod.bias is None and f"{mname}.weight" in names and \
-                    4 * mod.weight.numel() > STREAM_LINEAR_BYTES:
+                    4 * mod.weight.numel() > linear_bytes:
                 new = StreamedLinear(self, mod, hf_name(names[f"{mname}.weight"], i, ck.text_prefix))
                 streamed[f"{mname}.weight"] = new
-            elif hasattr(mod, "gate_up_proj") and hasattr(mod, "num_experts") and \
-                    4 * (mod.gate_up_proj.numel() + mod.down_proj.numel()) > STREAM_EXPERTS_BYTES:
+            elif large_experts(mod):
                 new = StreamedExperts(self, mod, hf_name(Tensor.EXPERTS_GATE_UP, i, ck.text_prefix),
                                       hf_name(Tensor.EXPERTS_DOWN, i, ck.text_prefix))
                 streamed[f"{mname}.gate_up_proj"] = streamed[f"{mname}.down_proj"] = new
