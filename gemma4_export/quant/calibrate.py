@@ -529,7 +529,7 @@ def collect(src, calib: CalibrationSet, device: str = "cpu", reporter: Reporter 
         def layer_done(i: int) -> None:
             spill_done()
             if group == groups - 1:  # its sums are final: float32, as the imatrix holds them (26B-A4B's experts'
-                # are 3.6 MB a layer in float64, 110 MB over the model by its last layer)
+                # are 3.6 MB a layer in float64, 108 MB over the model by its last layer)
                 for name in [n for n in sums if n.startswith(f"blk.{i}.")]:
                     sums[name] = sums[name].to(torch.float32)
             task.advance(1)

@@ -46,8 +46,8 @@ STREAM_EXPERTS_BYTES = 256 << 20
 STREAM_LINEAR_BYTES = 128 << 20
 # In a layer whose experts are streamed, linear layers over this many bytes are streamed too: 26B-A4B's attention
 # (its full layers' query and output 92 MB each, its sliding layers' 46 MB) was otherwise most of what its layer held,
-# and took calibration's peak over 1 GB (1.11 GB; 1.0 GB with the full layers' streamed). None of the dense models
-# has such a layer, so their MLPs (E2B's double-wide 75 MB, E4B's 105 MB) stay loaded and fast to decode.
+# and took calibration's peak over 1 GB (1.11 GB; 0.96 GB with it streamed, on two real-width layers). None of the
+# dense models has such a layer, so their MLPs (E2B's double-wide 75 MB, E4B's 105 MB) stay loaded and fast to decode.
 STREAM_LINEAR_BESIDE_EXPERTS_BYTES = 32 << 20
 
 
