@@ -4,8 +4,9 @@ behave as on trained weights, not on random ones).
 
 Each layout is a recipe: which class saves it (Gemma4ForCausalLM: text only, `model.*`; the multimodal class:
 `model.language_model.*`, with towers, one of them, or none), tied or untied head, a vocabulary resized for added
-tokens, the dtype on disk, one file or shards, softcapping on or off. save_pretrained never writes the k/v weights
-of KV-shared layers (transformers has no such modules), unlike the hub's checkpoints.
+tokens, the dtype on disk, one file or shards, softcapping on or off, and the base classes' saves (Gemma4Model,
+Gemma4TextModel: what AutoModel gives, no head and no "model." prefix on the names). save_pretrained never writes the
+k/v weights of KV-shared layers (transformers has no such modules), unlike the hub's checkpoints.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Layout:
     dtype: str = "bfloat16"
     shard: str | None = None  # max_shard_size
     softcap: bool = True
+    base_class: bool = False  # saved by the base class (Gemma4Model, Gemma4TextModel: AutoModel's), no "model." prefix
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -42,6 +44,8 @@ LAYOUTS: dict[str, Layout] = {
     "unified-12b": Layout(base="tiny-12b"),
     "moe-26b": Layout(base="tiny-26b-a4b", text_only=True, tied=False),
     "k-eq-v-31b": Layout(base="tiny-31b", towers=()),
+    "base-model": Layout(base_class=True),
+    "text-base-model": Layout(text_only=True, base_class=True),
 }
 
 
@@ -96,6 +100,8 @@ def build(name: str, out: Path) -> Path:
                 p[-n:] = p[:-n].std() * torch.randn(p[-n:].shape, generator=g) + p[:-n].mean(0)
     model.generation_config = full.generation_config  # as from_pretrained + fine-tuning keeps it
     model = model.to(getattr(torch, lay.dtype))
+    if lay.base_class:  # what AutoModel.from_pretrained(...).save_pretrained writes: the model without its head
+        model = model.model
     model.save_pretrained(out, max_shard_size=lay.shard or "5GB")
     tok.save_pretrained(out)
     return Path(out)

@@ -18,7 +18,7 @@ from gemma4_export.exporter.variants import get_variant
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration  # noqa: E402
+from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextModel  # noqa: E402
 
 # peft's own advice (tied embeddings, save_embedding_layers, fan_in_fan_out) and transformers' deprecations
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -211,6 +211,25 @@ def test_text_only_layout_both_ways(tmp_path):
         assert torch.allclose(sd[mk], v, rtol=1e-6, atol=1e-7), k
 
 
+def test_adapter_trained_on_the_base_text_class(tmp_path):
+    """An adapter trained on Gemma4TextModel (AutoModel's class: module paths layers.*, no "model.") merges into the
+    multimodal checkpoint as peft merges it there."""
+    mm = Gemma4ForConditionalGeneration.from_pretrained(TINY_31B, dtype=torch.bfloat16)
+    text = Gemma4TextModel(mm.config.text_config).to(torch.bfloat16)
+    text.load_state_dict(mm.model.language_model.state_dict())
+    text_dir = tmp_path / "text"
+    text.save_pretrained(text_dir)
+    merged = _train(tmp_path / "ad", text_dir, cls=Gemma4TextModel, target_modules=["q_proj", "down_proj"],
+                    r=4, lora_alpha=8)
+    keys = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    assert keys and all(k.startswith("base_model.model.layers.") for k in keys)
+    with _check_merge(TINY_31B, tmp_path / "ad", merged,
+                      rename=lambda n: n.replace("model.language_model.", "")) as ack:
+        assert len(ack.merged_names) == 12
+    with _check_merge(text_dir, tmp_path / "ad", merged, rename=lambda n: n.removeprefix("model.")) as ack:
+        assert ack.base.base_layout and len(ack.merged_names) == 12
+
+
 # ---- refusals ----------------------------------------------------------------------------------------------------
 
 A0 = "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -304,11 +323,31 @@ def test_refusals(case, plain_adapter, tmp_path):
     _refused(d, *words)
 
 
-def test_refuses_tower_modules(tmp_path):
-    """peft's all-linear on the multimodal class also wraps the vision tower's inner linears."""
+def test_refuses_trained_tower_modules(tmp_path):
+    """peft's all-linear on the multimodal class also wraps the vision tower's inner linears; trained ones (lora_B
+    not zero) would change the towers, which no artifact here merges."""
     _train(tmp_path, TINY_31B, target_modules="all-linear", r=2, lora_alpha=2)
-    msg = _refused(tmp_path, "vision/audio tower", "model.vision_tower.")
+    msg = _refused(tmp_path, "trains vision/audio tower", "model.vision_tower.")
     assert "language_model" not in msg.split("tower")[0]
+
+
+def test_untrained_tower_modules_are_skipped(tmp_path):
+    """all-linear after a text-only fine-tune: the towers' lora_B never left peft's zero start, so their merge is
+    the identity; the text modules merge as peft's merge_and_unload does, the towers stay as they are."""
+    model = Gemma4ForConditionalGeneration.from_pretrained(TINY_31B, dtype=torch.float32)
+    pm = get_peft_model(model, LoraConfig(target_modules="all-linear", r=2, lora_alpha=4))
+    _randomize(pm, 3)
+    with torch.no_grad():
+        towers = [p for n, p in pm.named_parameters() if "lora_B" in n and "language_model" not in n]
+        for p in towers:
+            p.zero_()
+    assert towers
+    pm.save_pretrained(tmp_path)
+    merged = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
+    with _check_merge(TINY_31B, tmp_path, merged) as ack:
+        assert ack.merged_names and all("language_model" in n for n in ack.merged_names)
+        assert any("never trained" in w for w in ack.adapter.warnings)
+        _check_untouched(ack)
 
 
 def test_refuses_moe_experts(tmp_path):

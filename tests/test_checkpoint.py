@@ -218,6 +218,71 @@ def _rewrite(f: Path, mutate):
     f.write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n :])
 
 
+@pytest.mark.parametrize("base_class", ["Gemma4Model", "Gemma4TextModel"])
+def test_base_class_save_reads_as_the_head_class(ckdir, base_class):
+    """transformers' base classes (what AutoModel builds) save without the head class's "model." prefix:
+    Gemma4Model as language_model.* and vision_tower.*, Gemma4TextModel as layers.*, embed_tokens.* (text only).
+    They read as the head class's checkpoint, every tensor under the head class's name with the same bytes."""
+    with Checkpoint(get_variant("tiny-31b").local_dir) as hub:
+        want = {n: hub.raw(n) for n in hub.tensors}
+    cfg = json.loads((ckdir / "config.json").read_text())
+    if base_class == "Gemma4TextModel":
+        cfg = dict(cfg["text_config"], architectures=[base_class], model_type="gemma4_text")
+        keep, cut, head = "model.language_model.", "model.language_model.", "Gemma4ForCausalLM"
+        want = {"model." + n[len(keep):]: a for n, a in want.items() if n.startswith(keep)}
+    else:
+        cfg["architectures"] = [base_class]
+        keep, cut, head = "model.", "model.", "Gemma4ForConditionalGeneration"
+    (ckdir / "config.json").write_text(json.dumps(cfg))
+
+    def strip(h):
+        for n in [n for n in h if n != "__metadata__"]:
+            meta = h.pop(n)
+            if n.startswith(keep):
+                h[n[len(cut):]] = meta
+    _rewrite(ckdir / "model.safetensors", strip)
+    raw = (ckdir / "model.safetensors").read_bytes()
+    names = set(json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])) - {"__metadata__"}
+    assert names and not any(n.startswith("model.") for n in names)
+    with Checkpoint(ckdir) as ck:
+        assert ck.base_layout and ck.arch.architecture == head
+        assert set(ck.tensors) == set(want)
+        assert all(ck.tensors[n].name == n for n in ck.tensors)
+        for n, a in want.items():
+            assert np.array_equal(ck.raw(n), a), n
+        assert bool(ck.tower_tensors) == (base_class == "Gemma4Model")
+
+
+@pytest.mark.parametrize("method", ["bitsandbytes", "fp8"])
+def test_quantized_checkpoint_says_so(ckdir, method):
+    """A checkpoint saved from a quantized model (a QLoRA run's 4-bit base, an FP8 release) stores its matrices as
+    bytes or float8 with the quant method in config.json: refused with that reason, not a list of wrong shapes."""
+    cfg = json.loads((ckdir / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": method}
+    (ckdir / "config.json").write_text(json.dumps(cfg))
+    name = "model.language_model.layers.0.mlp.up_proj.weight"
+
+    def quantize(h):
+        t = h[name]
+        if method == "fp8":  # a dtype the reader does not take
+            t["dtype"], t["data_offsets"][1] = "F8_E4M3", t["data_offsets"][0] + t["shape"][0] * t["shape"][1]
+        else:  # bytes in a shape the config does not imply (bitsandbytes packs each matrix as a [n, 1] uint8)
+            t["dtype"], t["shape"] = "U8", [t["shape"][0] * t["shape"][1] * 2, 1]
+    _rewrite(ckdir / "model.safetensors", quantize)
+    with pytest.raises(CheckpointError, match=rf"weights are quantized \({method}, .*merge_and_unload"):
+        Checkpoint(ckdir)
+
+
+def test_mlx_directory_says_so(ckdir):
+    """An MLX directory (mlx-lm's names: language_model.model.*) given as the checkpoint is named for what it is."""
+    def rename(h):
+        for n in [n for n in h if n.startswith("model.language_model.")]:
+            h["language_model.model." + n[len("model.language_model."):]] = h.pop(n)
+    _rewrite(ckdir / "model.safetensors", rename)
+    with pytest.raises(CheckpointError, match="an MLX directory"):
+        Checkpoint(ckdir)
+
+
 def test_missing_tensor_is_named(ckdir):
     name = "model.language_model.layers.2.mlp.up_proj.weight"
     _rewrite(ckdir / "model.safetensors", lambda h: h.pop(name))

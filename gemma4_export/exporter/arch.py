@@ -26,6 +26,14 @@ ARCHITECTURES: dict[str, str] = {
     "Gemma4UnifiedForConditionalGeneration": "gemma4_unified",
     "Gemma4UnifiedForCausalLM": "gemma4_unified",
 }
+# transformers' base classes (what AutoModel builds: no output head) and the class whose from_pretrained loads
+# what they save; their checkpoints name the decoder without the head class's "model." prefix (exporter/checkpoint.py)
+BASE_CLASSES: dict[str, str] = {
+    "Gemma4Model": "Gemma4ForConditionalGeneration",
+    "Gemma4TextModel": "Gemma4ForCausalLM",
+    "Gemma4UnifiedModel": "Gemma4UnifiedForConditionalGeneration",
+    "Gemma4UnifiedTextModel": "Gemma4UnifiedForCausalLM",
+}
 _TEXT_MODEL_TYPES = {"gemma4_text": "gemma4", "gemma4_unified_text": "gemma4_unified"}
 _TOP_MODEL_TYPES = {"gemma4": "gemma4", "gemma4_unified": "gemma4_unified"}
 
@@ -199,29 +207,35 @@ def _global_attention(text: dict[str, Any], layer_types: list[str], where: str) 
     return int(gdim), text.get("num_global_key_value_heads"), False
 
 
+def head_architecture(cfg: dict[str, Any]) -> str | None:
+    """The transformers class with an output head that loads this checkpoint: its `architectures` entry, a base
+    class's head class (BASE_CLASSES), or, without a known entry, the class its model_type implies; None when the
+    config is not Gemma 4's."""
+    for a in cfg.get("architectures") or []:
+        a = BASE_CLASSES.get(a, a)
+        if a in ARCHITECTURES:
+            return a
+    model_type = cfg.get("model_type")
+    if model_type in _TOP_MODEL_TYPES:
+        return "Gemma4ForConditionalGeneration" if _TOP_MODEL_TYPES[model_type] == "gemma4" \
+            else "Gemma4UnifiedForConditionalGeneration"
+    if model_type in _TEXT_MODEL_TYPES:
+        return "Gemma4ForCausalLM" if _TEXT_MODEL_TYPES[model_type] == "gemma4" else "Gemma4UnifiedForCausalLM"
+    return None
+
+
 def parse_config(cfg: dict[str, Any], source: str = "config.json") -> Gemma4Arch:
     """Normalise a Gemma 4 config (multimodal with text_config, or a text-only config) to a Gemma4Arch."""
     if not isinstance(cfg, dict):
         raise ConfigError(f"{source}: not a JSON object")
-    archs = cfg.get("architectures") or []
-    model_type = cfg.get("model_type")
-    family = None
-    architecture = None
-    for a in archs:
-        if a in ARCHITECTURES:
-            family, architecture = ARCHITECTURES[a], a
-            break
-    if family is None and model_type in _TOP_MODEL_TYPES:
-        family = _TOP_MODEL_TYPES[model_type]
-        architecture = "Gemma4ForConditionalGeneration" if family == "gemma4" else "Gemma4UnifiedForConditionalGeneration"
-    if family is None and model_type in _TEXT_MODEL_TYPES:
-        family = _TEXT_MODEL_TYPES[model_type]
-        architecture = "Gemma4ForCausalLM" if family == "gemma4" else "Gemma4UnifiedForCausalLM"
-    if family is None:
+    architecture = head_architecture(cfg)
+    if architecture is None:
         raise ConfigError(
-            f"{source}: not a Gemma 4 checkpoint (architectures={archs or None}, model_type={model_type!r}); "
-            f"supported: {', '.join(sorted(ARCHITECTURES))}"
+            f"{source}: not a Gemma 4 checkpoint (architectures={cfg.get('architectures') or None}, "
+            f"model_type={cfg.get('model_type')!r}); supported: {', '.join(sorted(ARCHITECTURES))} "
+            f"and the base classes {', '.join(sorted(BASE_CLASSES))}"
         )
+    family = ARCHITECTURES[architecture]
 
     text = cfg.get("text_config", cfg)
     if not isinstance(text, dict):

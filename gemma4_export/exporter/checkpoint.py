@@ -15,13 +15,13 @@ import queue
 import struct
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CheckpointError, CheckpointNotFoundError
-from .arch import Gemma4Arch, read_arch
+from .arch import Gemma4Arch, load_config, read_arch
 from .tensors import Role, TensorSpec, detect_text_prefix, expected_text_tensors, is_tower
 
 # safetensors dtype -> (numpy dtype used to view the bytes, bytes per element). bf16 is viewed as uint16 and widened
@@ -110,6 +110,27 @@ def _parse_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
+# transformers' base classes (Gemma4Model, Gemma4TextModel: what AutoModel builds and saves) name their tensors without
+# the "model." their head classes add (language_model.*, vision_tower.*; layers.*, embed_tokens.*); from_pretrained of
+# a head class loads such a checkpoint by adding it, and so does Checkpoint: every name below is the head class's.
+BASE_PREFIX = "model."
+_BASE_ROOTS = ("language_model.", "layers.", "embed_tokens.")
+
+
+def quantization_method(cfg: dict) -> str | None:
+    """The quant_method of a checkpoint saved from a quantized model (bitsandbytes, fp8, gptq, awq, mlx, ...)."""
+    for c in (cfg, cfg.get("text_config") or {}):
+        q = c.get("quantization_config") or c.get("quantization")
+        if isinstance(q, dict):
+            return str(q.get("quant_method") or q.get("mode") or "quantized")
+    return None
+
+
+def base_model_layout(names: set[str]) -> bool:
+    """Whether a checkpoint's tensor names are a base class's (no "model." prefix anywhere, a decoder at the root)."""
+    return not any(n.startswith(BASE_PREFIX) for n in names) and any(n.startswith(_BASE_ROOTS) for n in names)
+
+
 class Checkpoint:
     """A local Gemma 4 checkpoint directory: config, tokenizer files and lazily read safetensors shards."""
 
@@ -118,6 +139,24 @@ class Checkpoint:
         if not self.dir.is_dir():
             raise CheckpointNotFoundError(f"{self.dir}: no such checkpoint directory")
         self.arch: Gemma4Arch = read_arch(self.dir)
+        try:
+            self._read_tensors()
+        except CheckpointError as e:
+            method = quantization_method(load_config(self.dir))
+            if method is None and any("language_model.model.layers." in n for n in getattr(self, "tensors", ())):
+                raise CheckpointError(f"{self.dir}: an MLX directory (mlx-lm's tensor names, language_model.model.*), "
+                                      "not a transformers checkpoint: export from the checkpoint it was made "
+                                      "from") from None
+            if method is None:
+                raise
+            raise CheckpointError(
+                f"{self.dir}: the weights are quantized ({method}, the config's quantization_config), and "
+                "gemma4-export quantizes from the float weights. Export from the bf16/fp16/fp32 checkpoint (for a "
+                "QLoRA fine-tune: the float base with --adapter, or the adapter merged into the float base with "
+                f"peft's merge_and_unload and saved).\n  ({e})") from None
+        self._files: dict[Path, object] = {}
+
+    def _read_tensors(self) -> None:
         self.files = self._find_shards()
         self.tensors: dict[str, TensorInfo] = {}
         for f in self.files:
@@ -126,6 +165,9 @@ class Checkpoint:
                     raise CheckpointError(f"{f}: tensor '{name}' also appears in {self.tensors[name].file.name}")
                 self.tensors[name] = info
         self._check_index()
+        self.base_layout = base_model_layout(set(self.tensors))
+        if self.base_layout:  # named as the head class names them: from_pretrained adds the prefix the same way
+            self.tensors = {BASE_PREFIX + n: replace(i, name=BASE_PREFIX + n) for n, i in self.tensors.items()}
         self.text_prefix = detect_text_prefix(set(self.tensors))
         # KV-shared layers read their donor's cache: the hub's checkpoints carry their unused k/v weights, while
         # transformers' save_pretrained (every fine-tune) has no such modules to save. Either is accepted.
@@ -133,7 +175,6 @@ class Checkpoint:
             s for s in expected_text_tensors(self.arch, self.text_prefix)
             if s.role != Role.KV_SHARED_UNUSED or s.name in self.tensors]
         self._check_against_config()
-        self._files: dict[Path, object] = {}
 
     # ---- discovery -------------------------------------------------------------------------------------------
     def _find_shards(self) -> list[Path]:

@@ -237,7 +237,7 @@ _BASE_LAYER = ".base_layer.weight"
 def _candidates(path: str) -> list[str]:
     """Checkpoint names a module/tensor path of the adapter may have in the base: itself, then the same text-decoder
     path in the other Gemma 4 layout (Gemma4ForConditionalGeneration's model.language_model.* vs Gemma4ForCausalLM's
-    model.*, and Gemma4Model's language_model.*)."""
+    model.*, and the base classes': Gemma4Model's language_model.*, Gemma4TextModel's layers.*, embed_tokens*)."""
     out = [path]
     if path.startswith(TEXT_PREFIX):
         out.append(TEXT_ONLY_PREFIX + path[len(TEXT_PREFIX):])
@@ -245,6 +245,8 @@ def _candidates(path: str) -> list[str]:
         out.append(TEXT_PREFIX + path[len(TEXT_ONLY_PREFIX):])
     elif path.startswith("language_model."):
         out += [TEXT_PREFIX + path[len("language_model."):], TEXT_ONLY_PREFIX + path[len("language_model."):]]
+    elif path.startswith(("layers.", "embed_tokens", "norm.")):
+        out += [TEXT_ONLY_PREFIX + path, TEXT_PREFIX + path]
     return out
 
 
@@ -305,6 +307,7 @@ def _resolve(d: Path, cfg: dict[str, Any], w: _WeightsFile, base: Checkpoint
 
     modules: dict[str, LoraModule] = {}
     unselected: list[str] = []
+    untrained_towers: list[str] = []
     for mod, entry in pairs.items():
         kind = entry["kind"]
         if "A" not in entry or "B" not in entry:
@@ -313,7 +316,15 @@ def _resolve(d: Path, cfg: dict[str, Any], w: _WeightsFile, base: Checkpoint
                 missing = missing.replace("lora_", "lora_embedding_")
             problems.append(f"module '{mod}' has no {missing} tensor")
             continue
+        n_towers = len(towers)
         tensor, problem = locate(mod + ".weight", "LoRA module")
+        if len(towers) > n_towers and kind == "linear" and w.tensors[entry["B"]].dtype in FLOAT_DTYPES \
+                and not np.any(w.f32(entry["B"])):
+            # peft starts lora_B at zero and a text-only fine-tune never moves a tower's (target_modules
+            # "all-linear" wraps them too): B @ A is zero, the merge changes nothing, so there is nothing to refuse
+            towers.pop()
+            untrained_towers.append(mod)
+            continue
         if tensor is None:
             if problem:
                 problems.append(problem)
@@ -414,8 +425,12 @@ def _resolve(d: Path, cfg: dict[str, Any], w: _WeightsFile, base: Checkpoint
             continue
         replaced[tensor] = key
     if towers:
-        problems.insert(0, f"targets vision/audio tower modules, which are not supported (only the text decoder "
-                           f"can be adapted): {_short(sorted(towers), 3)}")
+        problems.insert(0, f"trains vision/audio tower modules, which are not supported (only the text decoder "
+                           f"can be adapted; tower modules whose lora_B is still zero are skipped): "
+                           f"{_short(sorted(towers), 3)}")
+    if untrained_towers:
+        warnings.append(f"{len(untrained_towers)} LoRA modules on the vision/audio towers were never trained (lora_B "
+                        "all zero, as peft starts them): nothing to merge there, skipped")
     problems = list(dict.fromkeys(problems))
     if problems:
         more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""

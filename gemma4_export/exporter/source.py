@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, Gemma4ExportError
-from .arch import Gemma4Arch, load_config, parse_config
+from .arch import Gemma4Arch, head_architecture, load_config, parse_config
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .tensors import Role, TensorSpec, expected_text_tensors, is_tower
 from .variants import Variant, get_variant
@@ -127,7 +127,7 @@ def _tower_specs(config_json: str) -> tuple[TensorSpec, ...]:
     import torch
     import transformers
 
-    arch_name = (config.get("architectures") or [""])[0]
+    arch_name = head_architecture(config) or (config.get("architectures") or [""])[0]
     cls = getattr(transformers, arch_name, None)
     if cls is None:
         raise ConfigError(f"transformers {transformers.__version__} has no class {arch_name}")

@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import Gemma4ExportError
+from ..exporter.arch import head_architecture
 from ..exporter.checkpoint import Checkpoint, to_f32
 from ..exporter.tensors import Tensor, hf_name, parse_hf_name
 from ..progress import Reporter
@@ -131,6 +132,7 @@ def mlx_config(src_config: dict[str, Any], arch, plan: Plan, quant_paths: dict[s
         text["model_type"] = "gemma4_text"
         cfg = {"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4", "text_config": text,
                "tie_word_embeddings": arch.tie_word_embeddings, "dtype": cfg.get("dtype")}
+    cfg["architectures"] = [head_architecture(cfg) or "Gemma4ForConditionalGeneration"]  # a base class's save too
     tc = cfg["text_config"]
     tc.pop("per_layer_config", None)
     tc.update(

@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import Gemma4ExportError
+from ..exporter.arch import head_architecture
 from ..exporter.checkpoint import Checkpoint, to_f32
 from ..exporter.source import ModelSource
 from ..exporter.tensors import Tensor as T
@@ -231,10 +232,11 @@ def hf_config(checkpoint_dir: Path, data_files: dict[str, int], towers: bool = F
         text = {k: v for k, v in cfg.items() if k not in ("architectures", "transformers.js_config")}
         cfg = {"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4", "text_config": text,
                **{k: cfg[k] for k in ("tie_word_embeddings", "dtype", "transformers_version") if k in cfg}}
-    elif cfg.get("model_type") != "gemma4" or cfg.get("architectures", [None])[0] != "Gemma4ForConditionalGeneration":
+    elif cfg.get("model_type") != "gemma4" or head_architecture(cfg) != "Gemma4ForConditionalGeneration":
         cfg = {k: v for k, v in cfg.items() if k not in ("vision_config", "audio_config")}
         cfg.update(architectures=["Gemma4ForConditionalGeneration"], model_type="gemma4")
         cfg["text_config"] = dict(cfg.get("text_config") or {}, model_type="gemma4_text")
+    cfg["architectures"] = ["Gemma4ForConditionalGeneration"]  # also for a base class's save (Gemma4Model)
     if not towers:
         cfg = {k: v for k, v in cfg.items() if k not in ("vision_config", "audio_config")}
     tjs = dict(cfg.get("transformers.js_config") or {})
@@ -458,7 +460,7 @@ class ONNXTarget(Target):
     def check_towers(self, config: dict) -> None:
         if not (config.get("vision_config") or config.get("audio_config")):
             raise ONNXExportError("this checkpoint has no vision or audio tower")
-        if (config.get("architectures") or [""])[0] != "Gemma4ForConditionalGeneration":
+        if head_architecture(config) != "Gemma4ForConditionalGeneration":
             raise ONNXExportError(f"{(config.get('architectures') or ['?'])[0]}'s embedders have no ONNX encoder "
                                   "form yet (transformers.js has no model for them)")
 

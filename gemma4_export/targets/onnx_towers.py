@@ -186,10 +186,10 @@ class EncoderExport:
 def towers_of(checkpoint_dir: str | Path) -> list[str]:
     """The towers a checkpoint's config declares ([], ['vision'], ['vision', 'audio']), before anything is loaded.
     Raises for an architecture whose towers this exporter does not know (the unified model)."""
-    from ..exporter.arch import load_config
+    from ..exporter.arch import head_architecture, load_config
 
     cfg = load_config(Path(checkpoint_dir))
-    arch = (cfg.get("architectures") or ["?"])[0]
+    arch = head_architecture(cfg) or (cfg.get("architectures") or ["?"])[0]
     parts = [p for p, key in ((VISION, "vision_config"), (AUDIO, "audio_config")) if cfg.get(key)]
     if parts and arch != "Gemma4ForConditionalGeneration":
         raise ONNXExportError(f"{checkpoint_dir}: {arch}'s towers cannot be exported as ONNX encoders (only "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..exporter.arch import load_config
+from ..exporter.arch import head_architecture, load_config
 from .streamed import pick_device
 
 
@@ -23,7 +23,7 @@ class WholeModelReference:
 
         self.dir = Path(directory)
         cfg = load_config(self.dir)
-        cls = getattr(transformers, (cfg.get("architectures") or ["Gemma4ForConditionalGeneration"])[0])
+        cls = getattr(transformers, head_architecture(cfg) or "Gemma4ForConditionalGeneration")
         self.device = pick_device(device)
         self.model = cls.from_pretrained(self.dir, dtype=torch.float32, use_safetensors=True)
         self.adapter = None

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..errors import CheckpointError, Gemma4ExportError
-from ..exporter.arch import load_config
+from ..exporter.arch import head_architecture, load_config
 from ..exporter.checkpoint import Checkpoint
 from ..exporter.processor import processor_config
 
@@ -105,7 +105,7 @@ class TowerReference:
 
         self.dir = Path(directory)
         raw = load_config(self.dir)
-        arch = (raw.get("architectures") or ["?"])[0]
+        arch = head_architecture(raw) or (raw.get("architectures") or ["?"])[0]
         if arch not in ("Gemma4ForConditionalGeneration", "Gemma4UnifiedForConditionalGeneration"):
             raise Gemma4ExportError(f"{self.dir}: {arch} has no towers")
         self.unified = arch.startswith("Gemma4Unified")
@@ -259,7 +259,7 @@ class MediaReference:
 
         self._torch = torch
         self.dir = Path(directory)
-        arch = (load_config(self.dir).get("architectures") or ["Gemma4ForConditionalGeneration"])[0]
+        arch = head_architecture(load_config(self.dir)) or "Gemma4ForConditionalGeneration"
         self.model = getattr(transformers, arch).from_pretrained(self.dir, dtype=torch.float32,
                                                                  use_safetensors=True).eval()
         self.unified = arch.startswith("Gemma4Unified")
