@@ -4,9 +4,10 @@ behave as on trained weights, not on random ones).
 
 Each layout is a recipe: which class saves it (Gemma4ForCausalLM: text only, `model.*`; the multimodal class:
 `model.language_model.*`, with towers, one of them, or none), tied or untied head, a vocabulary resized for added
-tokens, the dtype on disk, one file or shards, softcapping on or off, and the base classes' saves (Gemma4Model,
-Gemma4TextModel: what AutoModel gives, no head and no "model." prefix on the names). save_pretrained never writes the
-k/v weights of KV-shared layers (transformers has no such modules), unlike the hub's checkpoints.
+tokens (its rows padded to a multiple of 64), the dtype on disk, one file or shards, softcapping on or off, and the
+base classes' saves (Gemma4Model, Gemma4TextModel: what AutoModel gives, no head and no "model." prefix on the
+names). save_pretrained never writes the k/v weights of KV-shared layers (transformers has no such modules), unlike
+the hub's checkpoints.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Layout:
     towers: tuple[str, ...] | None = None  # None: as the base has them; () none; ("vision",) one
     tied: bool = True
     added_tokens: int = 0
+    pad_to: int | None = None  # resize_token_embeddings' pad_to_multiple_of
     dtype: str = "bfloat16"
     shard: str | None = None  # max_shard_size
     softcap: bool = True
@@ -37,7 +39,7 @@ LAYOUTS: dict[str, Layout] = {
     "vision-only": Layout(towers=("vision",)),
     "no-towers": Layout(towers=()),
     "untied-head": Layout(text_only=True, tied=False),
-    "resized-vocab": Layout(added_tokens=len(ADDED_TOKENS)),
+    "resized-vocab": Layout(added_tokens=len(ADDED_TOKENS), pad_to=64),
     "fp16": Layout(dtype="float16", text_only=True),
     "fp32-sharded": Layout(dtype="float32", shard="8MB"),
     "no-softcap": Layout(softcap=False, text_only=True),
@@ -91,13 +93,15 @@ def build(name: str, out: Path) -> Path:
     if missing:
         raise RuntimeError(f"layout {name}: weights not carried over: {missing[:5]}")
     if lay.added_tokens:
+        old = len(tok)
         tok.add_tokens(ADDED_TOKENS[: lay.added_tokens])
-        model.resize_token_embeddings(len(tok), mean_resizing=False)
+        # rows padded to a multiple of 64, as TRL and Unsloth resize: more rows than the tokenizer has tokens
+        model.resize_token_embeddings(len(tok), pad_to_multiple_of=lay.pad_to, mean_resizing=False)
         with torch.no_grad():  # new rows, as a fine-tune that taught the added tokens would leave them
             g = torch.Generator().manual_seed(1)
             for p in (model.get_input_embeddings().weight, *_ple_tables(model), *_untied_head(model)):
-                n = lay.added_tokens
-                p[-n:] = p[:-n].std() * torch.randn(p[-n:].shape, generator=g) + p[:-n].mean(0)
+                new = p[old:]
+                new.copy_(p[:old].std() * torch.randn(new.shape, generator=g) + p[:old].mean(0))
     model.generation_config = full.generation_config  # as from_pretrained + fine-tuning keeps it
     model = model.to(getattr(torch, lay.dtype))
     if lay.base_class:  # what AutoModel.from_pretrained(...).save_pretrained writes: the model without its head

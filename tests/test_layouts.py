@@ -170,8 +170,9 @@ def _added_tokens_match(target, path, preset, d, ref, tokens=ADDED_TOKENS):
     vocab = (cfg.get("text_config") or cfg)["vocab_size"]
     text = f"def f(x):{tokens[0]} return x{tokens[1]}{tokens[2]} done"
     ids = ref.tokenize(text)
-    new = [vocab - len(tokens) + i for i in range(len(tokens))]
-    assert set(new) <= set(ids), (ids, new)
+    added = ref.tokenizer.get_added_vocab()  # their ids: the rows after the tokenizer's, before any padding rows
+    new = [added[t] for t in tokens]
+    assert set(new) <= set(ids) and max(new) < vocab, (ids, new, vocab)
     t = get_target(target)
     runner = t.make_runner(path, EvalSpec(256, 1, 1, 8), "cpu", preset)
     try:
