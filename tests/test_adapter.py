@@ -18,7 +18,8 @@ from gemma4_export.exporter.variants import get_variant
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextModel  # noqa: E402
+from transformers import (  # noqa: E402
+    Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4Model, Gemma4TextModel)
 
 # peft's own advice (tied embeddings, save_embedding_layers, fan_in_fan_out) and transformers' deprecations
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -331,10 +332,12 @@ def test_refuses_trained_tower_modules(tmp_path):
     assert "language_model" not in msg.split("tower")[0]
 
 
-def test_untrained_tower_modules_are_skipped(tmp_path):
+@pytest.mark.parametrize("cls", [Gemma4ForConditionalGeneration, Gemma4Model])
+def test_untrained_tower_modules_are_skipped(tmp_path, cls):
     """all-linear after a text-only fine-tune: the towers' lora_B never left peft's zero start, so their merge is
-    the identity; the text modules merge as peft's merge_and_unload does, the towers stay as they are."""
-    model = Gemma4ForConditionalGeneration.from_pretrained(TINY_31B, dtype=torch.float32)
+    the identity; the text modules merge as peft's merge_and_unload does, the towers stay as they are. Also for an
+    adapter trained on the base class (Gemma4Model: module paths vision_tower.*, language_model.*)."""
+    model = cls.from_pretrained(TINY_31B, dtype=torch.float32)
     pm = get_peft_model(model, LoraConfig(target_modules="all-linear", r=2, lora_alpha=4))
     _randomize(pm, 3)
     with torch.no_grad():
@@ -344,7 +347,8 @@ def test_untrained_tower_modules_are_skipped(tmp_path):
     assert towers
     pm.save_pretrained(tmp_path)
     merged = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
-    with _check_merge(TINY_31B, tmp_path, merged) as ack:
+    rename = (lambda n: n) if cls is Gemma4ForConditionalGeneration else (lambda n: n.removeprefix("model."))
+    with _check_merge(TINY_31B, tmp_path, merged, rename=rename) as ack:
         assert ack.merged_names and all("language_model" in n for n in ack.merged_names)
         assert any("never trained" in w for w in ack.adapter.warnings)
         _check_untouched(ack)

@@ -228,18 +228,18 @@ def test_base_class_save_reads_as_the_head_class(ckdir, base_class):
     cfg = json.loads((ckdir / "config.json").read_text())
     if base_class == "Gemma4TextModel":
         cfg = dict(cfg["text_config"], architectures=[base_class], model_type="gemma4_text")
-        keep, cut, head = "model.language_model.", "model.language_model.", "Gemma4ForCausalLM"
+        keep, head = "model.language_model.", "Gemma4ForCausalLM"
         want = {"model." + n[len(keep):]: a for n, a in want.items() if n.startswith(keep)}
     else:
         cfg["architectures"] = [base_class]
-        keep, cut, head = "model.", "model.", "Gemma4ForConditionalGeneration"
+        keep, head = "model.", "Gemma4ForConditionalGeneration"
     (ckdir / "config.json").write_text(json.dumps(cfg))
 
     def strip(h):
         for n in [n for n in h if n != "__metadata__"]:
             meta = h.pop(n)
             if n.startswith(keep):
-                h[n[len(cut):]] = meta
+                h[n[len(keep):]] = meta
     _rewrite(ckdir / "model.safetensors", strip)
     raw = (ckdir / "model.safetensors").read_bytes()
     names = set(json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])) - {"__metadata__"}

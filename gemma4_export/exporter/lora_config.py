@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError
-from .checkpoint import DTYPES, FLOAT_DTYPES, Checkpoint, TensorInfo, _parse_header, to_f32
+from .checkpoint import BASE_PREFIX, DTYPES, FLOAT_DTYPES, Checkpoint, TensorInfo, _parse_header, to_f32
 from .tensors import TEXT_ONLY_PREFIX, TEXT_PREFIX, Tensor, is_tower, parse_hf_name
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -238,16 +238,18 @@ def _candidates(path: str) -> list[str]:
     """Checkpoint names a module/tensor path of the adapter may have in the base: itself, then the same text-decoder
     path in the other Gemma 4 layout (Gemma4ForConditionalGeneration's model.language_model.* vs Gemma4ForCausalLM's
     model.*, and the base classes': Gemma4Model's language_model.*, Gemma4TextModel's layers.*, embed_tokens*)."""
+    if not path.startswith(BASE_PREFIX):  # a base class's path: the head class adds the prefix (exporter/checkpoint.py)
+        return [path] + _candidates(BASE_PREFIX + path)
     out = [path]
     if path.startswith(TEXT_PREFIX):
         out.append(TEXT_ONLY_PREFIX + path[len(TEXT_PREFIX):])
     elif path.startswith(TEXT_ONLY_PREFIX) and not is_tower(path):
         out.append(TEXT_PREFIX + path[len(TEXT_ONLY_PREFIX):])
-    elif path.startswith("language_model."):
-        out += [TEXT_PREFIX + path[len("language_model."):], TEXT_ONLY_PREFIX + path[len("language_model."):]]
-    elif path.startswith(("layers.", "embed_tokens", "norm.")):
-        out += [TEXT_ONLY_PREFIX + path, TEXT_PREFIX + path]
     return out
+
+
+def _on_tower(path: str) -> bool:
+    return any(is_tower(c) for c in _candidates(path))
 
 
 def _resolve(d: Path, cfg: dict[str, Any], w: _WeightsFile, base: Checkpoint
@@ -288,15 +290,12 @@ def _resolve(d: Path, cfg: dict[str, Any], w: _WeightsFile, base: Checkpoint
 
     def locate(path: str, what: str) -> tuple[str | None, str | None]:
         """(base tensor, problem) for an adapter tensor path."""
-        for cand in _candidates(path):
-            if cand in base.tensors:
-                if is_tower(cand):
-                    towers.append(path)
-                    return None, ""
-                return cand, None
-        if is_tower(path):
+        if _on_tower(path):
             towers.append(path)
             return None, ""
+        for cand in _candidates(path):
+            if cand in base.tensors:
+                return cand, None
         mod = path.rsplit(".", 1)[0]
         if path.split(".")[0] == "lm_head" and a.tie_word_embeddings:
             return None, (f"{what} '{path}' targets lm_head, which this checkpoint ties to the token embedding "
@@ -316,15 +315,13 @@ def _resolve(d: Path, cfg: dict[str, Any], w: _WeightsFile, base: Checkpoint
                 missing = missing.replace("lora_", "lora_embedding_")
             problems.append(f"module '{mod}' has no {missing} tensor")
             continue
-        n_towers = len(towers)
-        tensor, problem = locate(mod + ".weight", "LoRA module")
-        if len(towers) > n_towers and kind == "linear" and w.tensors[entry["B"]].dtype in FLOAT_DTYPES \
+        if kind == "linear" and _on_tower(mod) and w.tensors[entry["B"]].dtype in FLOAT_DTYPES \
                 and not np.any(w.f32(entry["B"])):
             # peft starts lora_B at zero and a text-only fine-tune never moves a tower's (target_modules
             # "all-linear" wraps them too): B @ A is zero, the merge changes nothing, so there is nothing to refuse
-            towers.pop()
             untrained_towers.append(mod)
             continue
+        tensor, problem = locate(mod + ".weight", "LoRA module")
         if tensor is None:
             if problem:
                 problems.append(problem)

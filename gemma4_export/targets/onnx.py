@@ -234,9 +234,9 @@ def hf_config(checkpoint_dir: Path, data_files: dict[str, int], towers: bool = F
                **{k: cfg[k] for k in ("tie_word_embeddings", "dtype", "transformers_version") if k in cfg}}
     elif cfg.get("model_type") != "gemma4" or head_architecture(cfg) != "Gemma4ForConditionalGeneration":
         cfg = {k: v for k, v in cfg.items() if k not in ("vision_config", "audio_config")}
-        cfg.update(architectures=["Gemma4ForConditionalGeneration"], model_type="gemma4")
+        cfg["model_type"] = "gemma4"
         cfg["text_config"] = dict(cfg.get("text_config") or {}, model_type="gemma4_text")
-    cfg["architectures"] = ["Gemma4ForConditionalGeneration"]  # also for a base class's save (Gemma4Model)
+    cfg["architectures"] = ["Gemma4ForConditionalGeneration"]  # the unified model's and a base class's save too
     if not towers:
         cfg = {k: v for k, v in cfg.items() if k not in ("vision_config", "audio_config")}
     tjs = dict(cfg.get("transformers.js_config") or {})
