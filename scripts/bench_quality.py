@@ -23,7 +23,10 @@ For every variant (default: every tiny one) it makes, side by side:
         config's dtype: tiny-e2b-ft), whose float32 scales make its g32 as large as its 5-bit, also its g32 and
         5-bit with `--dtype bfloat16` (bf16 scales, as ours) and ours at that 5-bit's size;
         ours mixed against mlx-lm's `--quant-predicate mixed_4_6` (and mixed_3_6, smaller).
-  ONNX  ours int4 calibrated against int4 --no-calibrate, which is onnxruntime's own round-to-nearest quantizer.
+  ONNX  ours int4 calibrated against int4 --no-calibrate, which is onnxruntime's own round-to-nearest quantizer
+        (the baseline), and onnxruntime's HQQ (blocks of 64: float zero points, the same bytes), k-quant and GPTQ
+        (asymmetric blocks of 32, 2.5% larger) on the same graph from our fp32 export's weights
+        (scripts/bench_ort.py; GPTQ on the calibration tokens ours sees).
 
 Both calibrations see the same tokens: ours measures the streamed fp32 model on the shipped calibration set
 (quant/calibrate.py: 16 chunks of 1,024 tokens, cached under $GEMMA4_EXPORT_CACHE), and `llama-imatrix` gets that
@@ -97,7 +100,8 @@ MLX_ALL_RECIPES = {**MLX_RECIPES, **MLX_BF16_RECIPES}
 SAME_SIZE = 0.03
 CHUNK, CHUNKS = 1024, 16
 COLORS = {"gemma4-export": "#1f77b4", "gemma4-export --no-calibrate": "#aec7e8", "llama.cpp": "#ffbb78",
-          "llama.cpp + imatrix": "#ff7f0e", "mlx_lm.convert": "#d62728", "onnxruntime RTN": "#2ca02c"}
+          "llama.cpp + imatrix": "#ff7f0e", "mlx_lm.convert": "#d62728", "onnxruntime RTN": "#2ca02c",
+          "onnxruntime HQQ": "#98df8a", "onnxruntime k-quant": "#17becf", "onnxruntime GPTQ": "#9467bd"}
 
 
 @dataclass
@@ -296,8 +300,40 @@ class Bench:
         if "onnx" in only:
             g = "onnx int4"
             self.add(v, g, "ours int4", "gemma4-export", self.ours("onnx", v, "int4", "onnx-int4"), ref, params, True)
-            self.add(v, g, "onnxruntime int4 RTN (ours --no-calibrate)", "onnxruntime RTN",
-                     self.ours("onnx", v, "int4", "onnx-int4-rtn", calibrate=False), ref, params, True, baseline=True)
+            rtn = self.add(v, g, "onnxruntime int4 RTN (ours --no-calibrate)", "onnxruntime RTN",
+                           self.ours("onnx", v, "int4", "onnx-int4-rtn", calibrate=False), ref, params, True,
+                           baseline=True)
+            self.onnxruntime_quantizers(v, ref, params, rtn)
+
+    def onnxruntime_quantizers(self, v, ref, params, rtn: Row) -> None:
+        """onnxruntime's own HQQ, k-quant and GPTQ on the round-to-nearest artifact's graph, from our fp32 export's
+        weights (scripts/bench_ort.py); GPTQ calibrated on the tokens ours is."""
+        from bench_ort import quantize_with_onnxruntime
+
+        if rtn.error or not rtn.path:
+            self.skipped[f"{v}: onnxruntime HQQ, k-quant, GPTQ"] = "no round-to-nearest artifact to start from"
+            return
+        made: dict[str, Path] = {}
+
+        def fp32() -> Path:
+            if "fp32" not in made:
+                with Step(v, "ours onnx fp32: the float weights for onnxruntime's quantizers"):
+                    made["fp32"] = Path(self.ours("onnx", v, "fp32", "onnx-fp32")().path)
+            return made["fp32"]
+
+        def chunks() -> list[list[int]]:
+            from gemma4_export.quant.calibrate import calibration_set
+
+            src = api.open_source(variant=v)
+            return calibration_set(src.checkpoint.dir, src.arch.bos_token_id).chunks
+
+        for algo, label in (("hqq", "HQQ"), ("k_quant", "k-quant"), ("gptq", "GPTQ")):
+            out = self.work / v / "onnxruntime" / algo / Path(rtn.path).name
+            self.add(v, "onnx int4", f"onnxruntime int4 {label}" + (" (blocks of 64)" if algo == "hqq" else ""),
+                     f"onnxruntime {label}",
+                     lambda algo=algo, out=out: quantize_with_onnxruntime(
+                         algo, Path(rtn.path), fp32(), out, chunks() if algo == "gptq" else None),
+                     ref, params, False)
 
     def gguf(self, v, ck, ref, params) -> None:
         w = self.work / v / "llama.cpp"
