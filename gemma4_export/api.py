@@ -29,6 +29,7 @@ from .errors import Gemma4ExportError
 from .exporter.checkpoint import Checkpoint
 from .exporter.source import ModelSource
 from .exporter.tensors import Role
+from .exporter.tokenizer import tokenizer_file
 from .progress import Reporter, Silent
 from .quant.plan import Plan, build_plan
 from .quant.presets import Preset
@@ -254,6 +255,7 @@ def export(
     t0 = time.perf_counter()
     p = t.preset(preset, group_size)  # an unknown preset fails before any checkpoint is opened
     src = open_source(source, variant=variant, model_dir=model_dir, need_weights=True, adapter=adapter)
+    tokenizer_file(src.directory)  # before any work: the artifact, the calibration and the validation all need it
     ck = src.checkpoint
     try:
         lat = _lattice(src, p, qat, reporter)

@@ -328,3 +328,24 @@ def test_config_shape_mismatch_from_config_side(ckdir):
     (ckdir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="does not match its config.json"):
         Checkpoint(ckdir)
+
+
+def test_checkpoint_without_its_tokenizer_says_so(ckdir, tmp_path):
+    """A fine-tune saved with model.save_pretrained alone has no tokenizer. Every export, the calibration and the
+    reference stop on it with one message before any work (they failed deep in transformers' tokenizer loading, with
+    a traceback about sentencepiece); the plan, which needs no tokenizer, still works."""
+    from gemma4_export import api
+    from gemma4_export.quant.calibrate import calibration_set
+
+    for f in ckdir.iterdir():
+        if f.name.startswith("tokenizer"):
+            f.unlink()
+    for target in ("gguf", "mlx", "onnx"):
+        with pytest.raises(CheckpointError, match="no tokenizer.json.*tokenizer.save_pretrained"):
+            api.export(target, model_dir=ckdir, out=tmp_path / target)
+        assert not (tmp_path / target).exists() or not any((tmp_path / target).iterdir())
+    with pytest.raises(CheckpointError, match="no tokenizer.json"):
+        calibration_set(ckdir, 2)
+    with pytest.raises(CheckpointError, match="no tokenizer.json"):
+        api.reference(model_dir=ckdir)
+    assert api.plan(model_dir=ckdir, preset="q4_k_m").entries

@@ -46,11 +46,21 @@ def _json(path: Path) -> dict:
         raise CheckpointError(f"{path}: unreadable ({e})") from None
 
 
-def read_tokenizer(directory: str | Path, vocab_rows: int) -> TokenizerInfo:
+def tokenizer_file(directory: str | Path) -> Path:
+    """The checkpoint's tokenizer.json, which every artifact and the calibration and reference need."""
     d = Path(directory)
     tj = d / "tokenizer.json"
     if not tj.is_file():
-        raise CheckpointError(f"{d}: no tokenizer.json (Gemma 4 checkpoints ship one)")
+        raise CheckpointError(
+            f"{d}: no tokenizer.json. Gemma 4 checkpoints ship one; a fine-tune saved with model.save_pretrained "
+            "alone has none: save the tokenizer beside it (tokenizer.save_pretrained on the same directory, or "
+            "processor.save_pretrained for the multimodal model) or copy the base model's tokenizer files into it")
+    return tj
+
+
+def read_tokenizer(directory: str | Path, vocab_rows: int) -> TokenizerInfo:
+    d = Path(directory)
+    tj = tokenizer_file(d)
     data = _json(tj)
     model = data.get("model") or {}
     if model.get("type") != "BPE" or not model.get("byte_fallback"):

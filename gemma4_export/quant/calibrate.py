@@ -39,6 +39,7 @@ import numpy as np
 
 from ..atomic import Staging
 from ..errors import Gemma4ExportError
+from ..exporter.tokenizer import tokenizer_file
 from ..progress import Reporter, Silent
 
 CALIBRATION_DIR = Path(__file__).resolve().parent / "calibration"
@@ -142,6 +143,7 @@ def calibration_set(directory: Path, bos: int, text_file: str | Path | None = No
     BOS then chunk-1 tokens of text, as llama-imatrix cuts its input."""
     import transformers
 
+    tokenizer_file(directory)  # a clear error for a checkpoint saved without its tokenizer
     tok = transformers.AutoTokenizer.from_pretrained(directory)
     tok.model_max_length = 1 << 30
     if text_file is None:

@@ -126,12 +126,13 @@ class ReferenceData:
         import torch
         import transformers
 
-        from ..exporter.tokenizer import read_tokenizer
+        from ..exporter.tokenizer import read_tokenizer, tokenizer_file
         from ..quant.plan import text_parameters
         from .streamed import DEFAULT_KEEP_BYTES, StreamedModel
 
         reporter = reporter or Silent()
         t_all = time.perf_counter()
+        tokenizer_file(src.directory)  # a clear error for a checkpoint saved without its tokenizer
         tok = transformers.AutoTokenizer.from_pretrained(src.directory)
         tok.model_max_length = 1 << 30  # held-out text is tokenized whole, then cut into windows
         encode = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731

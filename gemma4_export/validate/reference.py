@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..exporter.arch import head_architecture, load_config
+from ..exporter.tokenizer import tokenizer_file
 from .streamed import pick_device
 
 
@@ -22,6 +23,7 @@ class WholeModelReference:
         import transformers
 
         self.dir = Path(directory)
+        tokenizer_file(self.dir)  # a clear error for a checkpoint saved without its tokenizer
         cfg = load_config(self.dir)
         cls = getattr(transformers, head_architecture(cfg) or "Gemma4ForConditionalGeneration")
         self.device = pick_device(device)
