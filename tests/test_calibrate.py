@@ -54,6 +54,31 @@ def test_calibration_set_mixes_code_prose_and_chat():
     assert all(x[0] == src.arch.bos_token_id for x in c.chunks)
 
 
+def test_a_tokenizer_without_a_chat_template_calibrates_on_plain_chat_text(tmp_path):
+    """A tokenizer saved without a chat template (a base model's, a raw-text fine-tune's) gets the chat turns as
+    their plain text; it used to stop the export in transformers' apply_chat_template."""
+    import transformers
+
+    from gemma4_export.exporter.variants import get_variant
+
+    d = tmp_path / "ck"
+    shutil.copytree(get_variant("tiny-31b").local_dir, d)
+    (d / "chat_template.jinja").unlink()
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    tok = transformers.AutoTokenizer.from_pretrained(d)
+    assert not tok.chat_template
+    text = cal.shipped_text(tok)
+    first = json.loads((cal.CALIBRATION_DIR / "chat.json").read_text())[0]
+    assert "\n\n".join(m["content"] for m in first) in text and "<|turn>" not in text
+    with_template = cal.shipped_text(transformers.AutoTokenizer.from_pretrained(get_variant("tiny-31b").local_dir))
+    assert "<|turn>user" in with_template and with_template != text
+    c = cal.calibration_set(d, 2, chunk=128, chunks=2)
+    other = cal.calibration_set(get_variant("tiny-31b").local_dir, 2, chunk=128, chunks=2)
+    assert len(c.chunks) == 2 and c.text_sha256 != other.text_sha256  # its own cache entry
+
+
 def test_statistics_equal_the_whole_models_own_activations(calib_e2b):
     """Every dense matrix's sums of squared inputs, from the streamed model's hooks, against the whole
     transformers model's forward with hooks on its own Linear modules."""

@@ -481,3 +481,34 @@ def test_streamed_model_gives_freed_tensor_memory_back():
                                      check=True, env=env).stdout.split()[-1]) for mode in ("plain", "streamed")}
     assert back["plain"] < 64  # the heap kept the 256 MB: what the model's setting is for
     assert back["streamed"] >= 200, back
+
+
+def test_a_tokenizer_without_a_chat_template_gets_plain_prompts(tmp_path):
+    """A tokenizer saved without a chat template (a base model's, a raw-text fine-tune's): the greedy prompts are the
+    plain text after BOS, said in the reference's meta, and an artifact validates against them (it used to stop in
+    transformers' apply_chat_template)."""
+    import transformers
+
+    pytest.importorskip("llama_cpp")
+    d = tmp_path / "ck"
+    shutil.copytree(get_variant("tiny-31b").local_dir, d)
+    (d / "chat_template.jinja").unlink()
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert not transformers.AutoTokenizer.from_pretrained(d).chat_template
+
+    ref = api.reference(model_dir=d, windows=1, prompts=2, new_tokens=64)  # the f32 thresholds ask for 64
+    assert ref.meta["prompt_format"].startswith("plain text")
+    tok = transformers.AutoTokenizer.from_pretrained(d)
+    bos = ModelSource.open(model_dir=d).arch.bos_token_id
+    assert [g.ids for g in ref.generations] == [[bos] + tok.encode(g.prompt, add_special_tokens=False)
+                                                for g in ref.generations]
+    r = api.export("gguf", model_dir=d, preset="f32", out=tmp_path / "out", towers=False)
+    rep = api.validate(r.path, model_dir=d, write=False, reference=ref)
+    assert rep.passed and rep.generation.exact_match_rate == 1.0
+
+    # with the template, the prompts are the template's rendering, as before
+    with_template = api.reference(variant="tiny-31b", windows=1, prompts=2, new_tokens=8)
+    assert with_template.meta["prompt_format"] == "chat template"
+    assert all(g.ids != [bos] + tok.encode(g.prompt, add_special_tokens=False) for g in with_template.generations)

@@ -88,7 +88,8 @@ class CalibrationError(Gemma4ExportError):
 
 
 def _documents(tokenizer) -> dict[str, list[str]]:
-    """The shipped set's documents by kind; chat turns rendered with the checkpoint's own chat template."""
+    """The shipped set's documents by kind; chat turns rendered with the checkpoint's own chat template, or, for a
+    tokenizer saved without one (a base model's, a raw-text fine-tune's), as their plain text."""
     with gzip.open(CALIBRATION_DIR / "code.txt.gz", "rb") as f:
         code = f.read().decode("utf-8")
     files = ["# file:" + p for p in code.split("# file:") if p.strip()]
@@ -98,6 +99,9 @@ def _documents(tokenizer) -> dict[str, list[str]]:
     bos = getattr(tokenizer, "bos_token", None) or ""
     rendered = []
     for conv in chats:
+        if not getattr(tokenizer, "chat_template", None):
+            rendered.append("\n\n".join(m["content"] for m in conv))
+            continue
         text = tokenizer.apply_chat_template(conv, tokenize=False)
         rendered.append(text[len(bos):] if bos and text.startswith(bos) else text)  # each chunk has its own BOS
     return {"code": files, "prose": prose, "chat": rendered}

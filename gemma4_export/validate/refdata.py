@@ -47,7 +47,7 @@ class ReferenceMismatch(Gemma4ExportError):
 @dataclass
 class Generation:
     prompt: str  # the user turn, before the chat template
-    ids: list[int]  # the prompt's token ids, template applied
+    ids: list[int]  # the prompt's token ids, template applied (BOS and the plain text where the tokenizer has none)
     tokens: list[int]  # the reference's greedy continuation (ends at EOS, or after new_tokens)
     margins: list[float]  # its first minus second logit at each step
     second: list[int]  # its second choice at each step
@@ -136,8 +136,14 @@ class ReferenceData:
         tok = transformers.AutoTokenizer.from_pretrained(src.directory)
         tok.model_max_length = 1 << 30  # held-out text is tokenized whole, then cut into windows
         encode = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
-        chat = lambda user: tok.apply_chat_template(  # noqa: E731
-            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+        bos = src.arch.bos_token_id
+        if tok.chat_template:  # the prompts as an application renders them: the checkpoint's own chat template
+            chat = lambda user: tok.apply_chat_template(  # noqa: E731
+                [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+            prompt_ids = lambda user: encode(chat(user))  # noqa: E731
+        else:  # a tokenizer saved without a template (a base model's, a raw-text fine-tune's): plain text after BOS
+            chat = lambda user: user  # noqa: E731
+            prompt_ids = lambda user: [bos] + encode(user)  # noqa: E731
         eos = read_tokenizer(src.directory, src.arch.vocab_size).eos_ids
 
         texts = list(PARITY_TEXTS) + [chat(p) for p in PROMPTS[:2]] + [heldout_text()[:4000]]
@@ -147,9 +153,8 @@ class ReferenceData:
         if len(ids) < spec.windows * body:
             raise Gemma4ExportError(f"held-out text gives {len(ids)} tokens, {spec.windows}x{body} needed")
         stride = len(ids) // spec.windows
-        bos = src.arch.bos_token_id
         windows = [Window([bos] + ids[w * stride: w * stride + body], (body + 1) // 2) for w in range(spec.windows)]
-        prompts = [(p, encode(chat(p))) for p in PROMPTS[: spec.prompts]]
+        prompts = [(p, prompt_ids(p)) for p in PROMPTS[: spec.prompts]]
 
         model = StreamedModel(src.directory, device, src.adapter,
                               DEFAULT_KEEP_BYTES if keep_bytes is None else keep_bytes)
@@ -211,6 +216,7 @@ class ReferenceData:
             "dtype": "float32",
             "device": model.device,
             "eos_ids": list(eos),
+            "prompt_format": "chat template" if tok.chat_template else "plain text after BOS (no chat template)",
             "vocab_size": int(src.arch.vocab_size),
             "text_parameters": text_parameters(src.arch),
             "coverage": COVERAGE,
