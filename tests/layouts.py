@@ -120,3 +120,18 @@ def _untied_head(model):
     if head is None or head.weight is model.get_input_embeddings().weight:
         return []
     return [head.weight]
+
+
+def without_chat_template(base: str, out: Path) -> Path:
+    """A copy of tiny checkpoint `base` whose tokenizer has no chat template, as a base model's or a raw-text
+    fine-tune's is saved (no chat_template.jinja, none in tokenizer_config.json)."""
+    import shutil
+
+    from gemma4_export.exporter.variants import get_variant
+
+    shutil.copytree(get_variant(base).local_dir, out)
+    (out / "chat_template.jinja").unlink()
+    tc = json.loads((out / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(tc))
+    return out

@@ -60,13 +60,9 @@ def test_a_tokenizer_without_a_chat_template_calibrates_on_plain_chat_text(tmp_p
     import transformers
 
     from gemma4_export.exporter.variants import get_variant
+    from layouts import without_chat_template
 
-    d = tmp_path / "ck"
-    shutil.copytree(get_variant("tiny-31b").local_dir, d)
-    (d / "chat_template.jinja").unlink()
-    tc = json.loads((d / "tokenizer_config.json").read_text())
-    tc.pop("chat_template", None)
-    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    d = without_chat_template("tiny-31b", tmp_path / "ck")
     tok = transformers.AutoTokenizer.from_pretrained(d)
     assert not tok.chat_template
     text = cal.shipped_text(tok)

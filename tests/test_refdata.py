@@ -489,13 +489,10 @@ def test_a_tokenizer_without_a_chat_template_gets_plain_prompts(tmp_path):
     transformers' apply_chat_template)."""
     import transformers
 
+    from layouts import without_chat_template
+
     pytest.importorskip("llama_cpp")
-    d = tmp_path / "ck"
-    shutil.copytree(get_variant("tiny-31b").local_dir, d)
-    (d / "chat_template.jinja").unlink()
-    cfg = json.loads((d / "tokenizer_config.json").read_text())
-    cfg.pop("chat_template", None)
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    d = without_chat_template("tiny-31b", tmp_path / "ck")
     assert not transformers.AutoTokenizer.from_pretrained(d).chat_template
 
     ref = api.reference(model_dir=d, windows=1, prompts=2, new_tokens=64)  # the f32 thresholds ask for 64
